@@ -1,0 +1,1 @@
+"""Benchmark harness: memory probes, timing, long-format results and reports."""

@@ -1,0 +1,1 @@
+"""VRAM-budget planner: per-phase, per-component estimates and what fits a GPU."""
