@@ -1,0 +1,621 @@
+"""Blockwise quantization with error feedback: ``quantize_blockwise`` / ``dequantize_blockwise``.
+
+The input is read as one flat buffer (a flat arena, or any contiguous tensor) of ``n``
+elements and cut into blocks of ``block`` consecutive elements (a power of two, 32..4096; the
+last block may be short). Each block gets one fp32 scale and each element a small code:
+
+======================  =======================================  ==================  ==========
+format                  value of code ``q`` in a block of scale s  codes               per byte
+======================  =======================================  ==================  ==========
+``int8``                ``q * (s / 127)``, s = absmax               -127..127 (int8)    1
+``int8_dynamic``        ``q**3 * (s / 127**3)``, s = absmax         -127..127 (int8)    1
+``int4``                ``q * (s / 7)``, s = absmax                 -7..7 (two's compl.) 2
+``ternary``             ``q * s``, s = alpha (see below)            -1, 0, +1           4
+======================  =======================================  ==================  ==========
+
+Rounding (deterministic): to the nearest code value, ties away from zero (``floor(|y| + 1/2)``
+for the linear formats; for ``int8_dynamic`` the nearer of the two code values around ``|x|``,
+compared in the linear domain, so the error is half the local gap).
+
+``int8_dynamic`` is a cubic (companding) code: its smallest non-zero magnitude is
+``s / 127**3`` (about 5e-7 of the block's absmax, against 8e-3 for ``int8``), so small values
+such as Adam's second moments are kept, with a relative step of about ``3 / (127 |y|^(1/3))``.
+
+``ternary`` follows ternary weight networks (Li & Liu, 2016): threshold
+``delta = 0.7 * mean(|v|)`` over the block, code ``sign(v)`` where ``|v| > delta`` else 0, and
+scale ``alpha = mean(|v| : |v| > delta)`` (0 when no element passes). Per-element error is at
+most ``max(delta, alpha - delta, absmax - alpha)``.
+
+Stochastic rounding (``stochastic=True``, seeded, reproducible for a given seed and size):
+each magnitude rounds up with probability equal to its distance from the code below, so the
+dequantized value is unbiased; the error is below one local step. Stochastic ``ternary`` uses
+scale ``s = absmax`` and code ``sign(v)`` with probability ``|v| / s`` (TernGrad, Wen et al.
+2017), which is unbiased for every element. The random stream is Philox (``tl.rand``) keyed by
+``seed`` and the element index; the torch reference draws from ``torch.Generator`` seeded with
+the same ``seed``, so the two are each reproducible but do not match each other element-wise.
+
+Error feedback (``error`` given, fp32, same number of elements): the kernel quantizes
+``v = x + error`` and writes ``error <- v - dequant(q)`` in the same pass, so what one step
+loses is carried into the next: over T steps ``sum_t dequant(q_t) = sum_t x_t + e_0 - e_T``.
+
+Non-finite input (inf or NaN anywhere in ``v`` of a block) is reported, never packed: the
+``found_inf`` flag (float32 [1]) is set to 1, the block's codes are 0, its scale is NaN (so a
+dequantization of that block gives NaN, loudly), and its part of ``error`` is left unchanged.
+
+Byte layout: codes are stored in element order; with several codes per byte, element
+``k * per_byte + j`` sits in bits ``[bits * j, bits * (j + 1))`` of byte ``k`` (lowest bits
+first) as a ``bits``-bit two's complement number; padding codes past ``n`` are 0.
+``data`` is int8 [n] for the 8-bit formats and uint8 [ceil(n / per_byte)] otherwise;
+``scales`` is float32 [ceil(n / block)].
+
+References: bitsandbytes blockwise quantization (Dettmers et al., 8-bit optimizers via
+block-wise quantization, 2022); error feedback (Seide et al. 2014, 1-bit SGD; Karimireddy et
+al. 2019, EF-SGD).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._alloc import empty
+from ._checks import FLOAT_DTYPES, KernelInputError, check_flag, check_tensor
+from ._dispatch import use_triton
+
+
+@dataclass(frozen=True)
+class Format:
+    """A quantization format: its id in the kernels, code width and number of code levels."""
+
+    name: str
+    kernel_id: int
+    bits: int
+    per_byte: int
+    levels: int  # largest code magnitude
+    storage: torch.dtype
+
+
+FORMATS: dict[str, Format] = {
+    "int8": Format("int8", 0, 8, 1, 127, torch.int8),
+    "int8_dynamic": Format("int8_dynamic", 1, 8, 1, 127, torch.int8),
+    "int4": Format("int4", 2, 4, 2, 7, torch.uint8),
+    "ternary": Format("ternary", 3, 2, 4, 1, torch.uint8),
+}
+MIN_BLOCK, MAX_BLOCK, DEFAULT_BLOCK = 32, 4096, 256
+TWN_THRESHOLD = 0.7  # ternary threshold, as a multiple of the block's mean |v| (TWN)
+DYNAMIC_CUBE = 127.0**3  # 2048383: largest cubed code, exact in fp32
+
+# Tuning knobs (measured on the GPU by benchmarks/kernels_quantize.py): elements per program
+# (several blocks per program amortize the per-program scale work) and warps per program.
+DEFAULT_TILE = 4096
+DEFAULT_WARPS = 8
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A blockwise-quantized tensor.
+
+    data:   int8 [n] (``int8``, ``int8_dynamic``) or uint8 [ceil(n / per_byte)] (packed)
+    scales: float32 [ceil(n / block)], one per block (NaN for a block that held inf/NaN)
+    fmt, block: the format name and the block size
+    shape, dtype: the shape and dtype of the quantized input (dequantization restores them)
+    """
+
+    data: torch.Tensor
+    scales: torch.Tensor
+    fmt: str
+    block: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of codes plus scales."""
+        return self.data.numel() * self.data.element_size() + self.scales.numel() * 4
+
+    def validate(self, op: str) -> Format:
+        """Raise :class:`KernelInputError` unless data and scales agree with fmt/block/shape."""
+        fmt = _format(op, self.fmt)
+        _check_block(op, self.block)
+        n = self.numel
+        check_tensor(
+            op,
+            "q.data",
+            self.data,
+            dtypes=(fmt.storage,),
+            numel=packed_numel(n, self.fmt),
+        )
+        check_tensor(
+            op,
+            "q.scales",
+            self.scales,
+            dtypes=(torch.float32,),
+            device=self.data.device,
+            numel=num_blocks(n, self.block),
+        )
+        if self.dtype not in FLOAT_DTYPES:
+            raise KernelInputError(f"{op}: q.dtype is {self.dtype}; expected a float dtype")
+        return fmt
+
+
+def num_blocks(numel: int, block: int) -> int:
+    return -(-numel // block)
+
+
+def packed_numel(numel: int, fmt: str) -> int:
+    """Number of stored code elements (bytes) for ``numel`` values in format ``fmt``."""
+    return -(-numel // FORMATS[fmt].per_byte)
+
+
+def _format(op: str, fmt: object) -> Format:
+    if fmt not in FORMATS:
+        raise KernelInputError(f"{op}: fmt={fmt!r}; expected one of: {', '.join(FORMATS)}")
+    return FORMATS[fmt]
+
+
+def _check_block(op: str, block: object) -> None:
+    if (
+        not isinstance(block, int)
+        or isinstance(block, bool)
+        or block < MIN_BLOCK
+        or block > MAX_BLOCK
+        or block & (block - 1)
+    ):
+        raise KernelInputError(
+            f"{op}: block={block!r}; expected a power of two from {MIN_BLOCK} to {MAX_BLOCK}"
+        )
+
+
+@triton.jit
+def _quantize_blockwise_kernel(
+    x_ptr,
+    err_ptr,
+    data_ptr,
+    scale_ptr,
+    flag_ptr,
+    numel,
+    seed,
+    FMT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    GROUPS: tl.constexpr,
+    PER_BYTE: tl.constexpr,
+    BITS: tl.constexpr,
+    LEVELS: tl.constexpr,
+    HAS_ERROR: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    HAS_FLAG: tl.constexpr,
+):
+    # One program quantizes GROUPS consecutive blocks, held as a [GROUPS, BLOCK] tile.
+    pid = tl.program_id(0).to(tl.int64)
+    blk = pid * GROUPS + tl.arange(0, GROUPS).to(tl.int64)  # [G]
+    offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # [G, BLOCK], int64
+    in_range = offs < numel
+    v = tl.load(x_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
+    if HAS_ERROR:
+        v += tl.load(err_ptr + offs, mask=in_range, other=0.0)
+    mag = tl.abs(v)
+    finite = mag < float("inf")  # False for +-inf and NaN
+    block_ok = tl.min(finite.to(tl.int32), axis=1) > 0  # [G]
+    mag = tl.where(finite, mag, 0.0)  # keeps the reductions below well defined
+    absmax = tl.max(mag, axis=1)  # [G]
+    denom = tl.where(absmax > 0.0, absmax, 1.0)
+    if STOCHASTIC:
+        u = tl.rand(seed, offs)  # uniform [0, 1), Philox keyed by (seed, element index)
+
+    if FMT == 3:  # ternary
+        if STOCHASTIC:
+            # TernGrad: scale absmax, P(code = sign) = |v| / absmax, unbiased.
+            code = tl.where(u < mag / denom[:, None], 1.0, 0.0)
+            scale = absmax
+        else:
+            # TWN: threshold 0.7 * mean|v|, scale = mean of the magnitudes above it.
+            count = tl.minimum(tl.maximum(numel - blk * BLOCK, 0), BLOCK).to(tl.float32)
+            mean = tl.sum(mag, axis=1) / tl.maximum(count, 1.0)
+            delta = 0.7 * mean
+            above = mag > delta[:, None]
+            n_above = tl.sum(above.to(tl.float32), axis=1)
+            scale = tl.sum(tl.where(above, mag, 0.0), axis=1) / tl.maximum(n_above, 1.0)
+            code = tl.where(above, 1.0, 0.0)
+        deq_mag = code * scale[:, None]
+    elif FMT == 1:  # int8_dynamic: cubic code
+        y3 = mag / denom[:, None] * 2048383.0
+        c = tl.floor(tl.exp2(tl.log2(tl.maximum(y3, 1e-30)) * (1.0 / 3.0)))
+        # The cube root above is approximate; fix c to the exact floor (c**3 <= y3 < (c+1)**3).
+        c = tl.where((c + 1.0) * (c + 1.0) * (c + 1.0) <= y3, c + 1.0, c)
+        c = tl.where(c * c * c > y3, c - 1.0, c)
+        lo = c * c * c
+        hi = (c + 1.0) * (c + 1.0) * (c + 1.0)
+        if STOCHASTIC:
+            up = u * (hi - lo) < y3 - lo
+        else:
+            up = y3 - lo >= hi - y3
+        code = tl.minimum(tl.where(up, c + 1.0, c), 127.0)
+        scale = absmax
+        deq_mag = (code * code * code) * (scale / 2048383.0)[:, None]
+    else:  # int8, int4: linear code
+        y = mag / denom[:, None] * LEVELS
+        if STOCHASTIC:
+            code = tl.floor(y + u)
+        else:
+            code = tl.floor(y + 0.5)
+        code = tl.minimum(code, LEVELS)
+        scale = absmax
+        deq_mag = code * (scale / LEVELS)[:, None]
+
+    ok = block_ok[:, None]
+    negative = v < 0.0
+    code = tl.where(ok, tl.where(negative, -code, code), 0.0)
+    scale = tl.where(block_ok, scale, float("nan"))
+
+    if HAS_ERROR:
+        deq = tl.where(negative, -deq_mag, deq_mag)
+        tl.store(err_ptr + offs, v - deq, mask=in_range & ok)
+
+    blk_mask = blk * BLOCK < numel
+    tl.store(scale_ptr + blk, scale, mask=blk_mask)
+    if HAS_FLAG:
+        any_bad = tl.max((blk_mask & (block_ok == 0)).to(tl.int32), axis=0)
+        tl.store(flag_ptr, 1.0, mask=any_bad > 0)
+
+    qi = code.to(tl.int32)
+    if PER_BYTE == 1:
+        tl.store(data_ptr + offs, qi.to(tl.int8), mask=in_range)
+    else:
+        BYTES: tl.constexpr = BLOCK // PER_BYTE
+        nib = tl.reshape(qi & ((1 << BITS) - 1), [GROUPS, BYTES, PER_BYTE])
+        shift = tl.arange(0, PER_BYTE) * BITS
+        packed = tl.sum(nib << shift[None, None, :], axis=2)  # bit fields do not overlap
+        boffs = blk[:, None] * BYTES + tl.arange(0, BYTES)[None, :]
+        n_bytes = (numel + PER_BYTE - 1) // PER_BYTE
+        tl.store(data_ptr + boffs, packed.to(tl.uint8), mask=boffs < n_bytes)
+
+
+def _launch_shape(block: int, tile: int | None) -> tuple[int, int]:
+    groups = max(1, (tile or DEFAULT_TILE) // block)
+    return groups, groups * block
+
+
+def quantize_blockwise(
+    x: torch.Tensor,
+    fmt: str = "int8",
+    block: int = DEFAULT_BLOCK,
+    *,
+    error: torch.Tensor | None = None,
+    stochastic: bool = False,
+    seed: int = 0,
+    found_inf: torch.Tensor | None = None,
+    out: QuantizedTensor | None = None,
+    tile: int | None = None,
+    num_warps: int | None = None,
+) -> QuantizedTensor:
+    """Quantize ``x`` (any contiguous fp32/bf16/fp16 tensor, read flat) blockwise.
+
+    error: optional fp32 buffer with ``x.numel()`` elements; ``x + error`` is quantized and
+        ``error`` is overwritten with what quantization lost (error feedback).
+    stochastic, seed: stochastic rounding, reproducible for a given seed (an int < 2**31).
+    found_inf: optional float32 [1] device flag, set to 1 when a block holds inf or NaN.
+    out: an existing QuantizedTensor of the same format, block and size to write into.
+    tile, num_warps: launch tuning (elements per program, warps); defaults are measured.
+    """
+    op = "quantize_blockwise"
+    f = _format(op, fmt)
+    _check_block(op, block)
+    check_tensor(op, "x", x, dtypes=FLOAT_DTYPES)
+    n = x.numel()
+    if error is not None:
+        check_tensor(op, "error", error, dtypes=(torch.float32,), device=x.device, numel=n)
+    if found_inf is not None:
+        check_flag(op, "found_inf", found_inf, x.device)
+    if not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise KernelInputError(f"{op}: seed={seed!r}; expected an int in [0, 2**31)")
+    if out is not None:
+        if not isinstance(out, QuantizedTensor):
+            raise KernelInputError(f"{op}: out must be a QuantizedTensor, got {type(out)}")
+        if out.fmt != fmt or out.block != block or out.numel != n:
+            raise KernelInputError(
+                f"{op}: out is fmt={out.fmt!r}, block={out.block}, numel={out.numel}; expected "
+                f"fmt={fmt!r}, block={block}, numel={n}"
+            )
+        out.validate(op)
+        check_tensor(op, "out.data", out.data, device=x.device)
+    if not use_triton(x):
+        return quantize_blockwise_ref(
+            x,
+            fmt,
+            block,
+            error=error,
+            stochastic=stochastic,
+            seed=seed,
+            found_inf=found_inf,
+            out=out,
+        )
+
+    if out is None:
+        data = empty(packed_numel(n, fmt), dtype=f.storage, device=x.device)
+        scales = empty(num_blocks(n, block), dtype=torch.float32, device=x.device)
+        out = QuantizedTensor(data, scales, fmt, block, tuple(x.shape), x.dtype)
+    elif out.shape != tuple(x.shape) or out.dtype != x.dtype:
+        out = QuantizedTensor(out.data, out.scales, fmt, block, tuple(x.shape), x.dtype)
+    if n == 0:
+        return out
+    groups, per_program = _launch_shape(block, tile)
+    grid = (triton.cdiv(n, per_program),)
+    _quantize_blockwise_kernel[grid](
+        x,
+        error if error is not None else x,
+        out.data,
+        out.scales,
+        found_inf if found_inf is not None else out.scales,
+        n,
+        seed,
+        FMT=f.kernel_id,
+        BLOCK=block,
+        GROUPS=groups,
+        PER_BYTE=f.per_byte,
+        BITS=f.bits,
+        LEVELS=f.levels,
+        HAS_ERROR=error is not None,
+        STOCHASTIC=bool(stochastic),
+        HAS_FLAG=found_inf is not None,
+        num_warps=num_warps or DEFAULT_WARPS,
+        # No fma contraction: error = v - dequant(q) must equal what dequantize gives.
+        enable_fp_fusion=False,
+    )
+    return out
+
+
+@triton.jit
+def _unpack_codes(
+    data_ptr,
+    blk,
+    numel,
+    BLOCK: tl.constexpr,
+    GROUPS: tl.constexpr,
+    PER_BYTE: tl.constexpr,
+    BITS: tl.constexpr,
+):
+    """Load the codes of GROUPS blocks as an int32 [GROUPS, BLOCK] tile in element order."""
+    BYTES: tl.constexpr = BLOCK // PER_BYTE
+    boffs = blk[:, None] * BYTES + tl.arange(0, BYTES)[None, :]
+    n_bytes = (numel + PER_BYTE - 1) // PER_BYTE
+    raw = tl.load(data_ptr + boffs, mask=boffs < n_bytes, other=0).to(tl.int32)
+    if PER_BYTE == 1:
+        codes = raw
+    elif PER_BYTE == 2:
+        lo = raw & 15
+        hi = (raw >> 4) & 15
+        # Sign-extend the 4-bit two's complement fields.
+        codes = tl.interleave(lo - ((lo & 8) << 1), hi - ((hi & 8) << 1))
+    else:
+        c0 = raw & 3
+        c1 = (raw >> 2) & 3
+        c2 = (raw >> 4) & 3
+        c3 = (raw >> 6) & 3
+        c0 = c0 - ((c0 & 2) << 1)
+        c1 = c1 - ((c1 & 2) << 1)
+        c2 = c2 - ((c2 & 2) << 1)
+        c3 = c3 - ((c3 & 2) << 1)
+        # interleave(interleave(c0, c2), interleave(c1, c3)) = c0, c1, c2, c3 per byte.
+        codes = tl.interleave(tl.interleave(c0, c2), tl.interleave(c1, c3))
+    return codes
+
+
+@triton.jit
+def _dequantize_values(codes, scale, FMT: tl.constexpr, LEVELS: tl.constexpr):
+    """fp32 values of an int32 [G, BLOCK] code tile with per-block scales [G]."""
+    q = codes.to(tl.float32)
+    if FMT == 1:
+        return (q * q * q) * (scale / 2048383.0)[:, None]
+    else:
+        return q * (scale / LEVELS)[:, None]
+
+
+@triton.jit
+def _dequantize_blockwise_kernel(
+    data_ptr,
+    scale_ptr,
+    out_ptr,
+    numel,
+    FMT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    GROUPS: tl.constexpr,
+    PER_BYTE: tl.constexpr,
+    BITS: tl.constexpr,
+    LEVELS: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    blk = pid * GROUPS + tl.arange(0, GROUPS).to(tl.int64)
+    codes = _unpack_codes(data_ptr, blk, numel, BLOCK, GROUPS, PER_BYTE, BITS)
+    scale = tl.load(scale_ptr + blk, mask=blk * BLOCK < numel, other=0.0)
+    val = _dequantize_values(codes, scale, FMT, LEVELS)
+    offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=offs < numel)
+
+
+def dequantize_blockwise(
+    q: QuantizedTensor,
+    out: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    tile: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """Values of ``q`` as a tensor of ``q.shape`` and ``dtype`` (default: ``q.dtype``).
+
+    out: optional contiguous float tensor with ``q.numel`` elements to write into (its dtype
+    wins over ``dtype``). Values are computed in fp32 and rounded once to the output dtype.
+    """
+    op = "dequantize_blockwise"
+    if not isinstance(q, QuantizedTensor):
+        raise KernelInputError(f"{op}: q must be a QuantizedTensor, got {type(q).__name__}")
+    f = q.validate(op)
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise KernelInputError(f"{op}: dtype={dtype}; expected one of fp32, bf16, fp16")
+    if out is not None:
+        check_tensor(op, "out", out, dtypes=FLOAT_DTYPES, device=q.device, numel=q.numel)
+    if not use_triton(q.data):
+        return dequantize_blockwise_ref(q, out=out, dtype=dtype)
+    if out is None:
+        out = empty(*q.shape, dtype=dtype or q.dtype, device=q.device)
+    n = q.numel
+    if n == 0:
+        return out
+    groups, per_program = _launch_shape(q.block, tile)
+    _dequantize_blockwise_kernel[(triton.cdiv(n, per_program),)](
+        q.data,
+        q.scales,
+        out,
+        n,
+        FMT=f.kernel_id,
+        BLOCK=q.block,
+        GROUPS=groups,
+        PER_BYTE=f.per_byte,
+        BITS=f.bits,
+        LEVELS=f.levels,
+        num_warps=num_warps or DEFAULT_WARPS,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Torch references (plain torch, same formulas; used by the tests and as the CPU fallback).
+
+
+def _blocks_ref(t: torch.Tensor, block: int) -> torch.Tensor:
+    """fp32 [n_blocks, block] view of a flat tensor, zero padded."""
+    flat = t.reshape(-1).float()
+    pad = num_blocks(flat.numel(), block) * block - flat.numel()
+    return torch.nn.functional.pad(flat, (0, pad)).view(-1, block)
+
+
+def _unpack_ref(q: QuantizedTensor) -> torch.Tensor:
+    """int32 [n_blocks * block] codes of ``q`` in element order (padding codes included)."""
+    f = FORMATS[q.fmt]
+    raw = q.data.to(torch.int32)
+    if f.per_byte > 1:
+        shifts = torch.arange(f.per_byte, device=raw.device, dtype=torch.int32) * f.bits
+        fields = (raw[:, None] >> shifts) & ((1 << f.bits) - 1)
+        sign_bit = 1 << (f.bits - 1)
+        raw = (fields - ((fields & sign_bit) << 1)).reshape(-1)
+    total = num_blocks(q.numel, q.block) * q.block
+    return torch.nn.functional.pad(raw, (0, total - raw.numel()))
+
+
+def _pack_ref(codes: torch.Tensor, f: Format, n: int) -> torch.Tensor:
+    codes = codes.reshape(-1)[: packed_numel(n, f.name) * f.per_byte]
+    if f.per_byte == 1:
+        return codes.to(torch.int8)
+    fields = (codes.to(torch.int32) & ((1 << f.bits) - 1)).view(-1, f.per_byte)
+    shifts = torch.arange(f.per_byte, device=codes.device, dtype=torch.int32) * f.bits
+    return (fields << shifts).sum(dim=1).to(torch.uint8)
+
+
+def _dequant_ref(codes: torch.Tensor, scales: torch.Tensor, f: Format) -> torch.Tensor:
+    """fp32 values of int codes [n_blocks, block] with scales [n_blocks]."""
+    q = codes.float()
+    if f.name == "int8_dynamic":
+        return (q * q * q) * (scales / DYNAMIC_CUBE)[:, None]
+    return q * (scales / f.levels)[:, None]
+
+
+def quantize_blockwise_ref(
+    x: torch.Tensor,
+    fmt: str = "int8",
+    block: int = DEFAULT_BLOCK,
+    *,
+    error: torch.Tensor | None = None,
+    stochastic: bool = False,
+    seed: int = 0,
+    found_inf: torch.Tensor | None = None,
+    out: QuantizedTensor | None = None,
+) -> QuantizedTensor:
+    """Plain-torch reference of :func:`quantize_blockwise` (same contract and formulas; the
+    stochastic stream comes from ``torch.Generator(seed)`` instead of Philox)."""
+    f = FORMATS[fmt]
+    n = x.numel()
+    nb = num_blocks(n, block)
+    v = _blocks_ref(x, block)
+    if error is not None:
+        v = v + _blocks_ref(error, block)
+    valid = (torch.arange(nb * block, device=x.device) < n).view(nb, block)
+    mag_raw = v.abs()
+    finite = mag_raw < float("inf")
+    block_ok = finite.all(dim=1)
+    mag = torch.where(finite, mag_raw, torch.zeros_like(mag_raw))
+    absmax = mag.amax(dim=1) if nb else mag.new_zeros(0)
+    denom = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    if stochastic:
+        gen = torch.Generator(device=x.device).manual_seed(seed)
+        u = torch.rand(v.shape, generator=gen, device=x.device)
+
+    if fmt == "ternary":
+        if stochastic:
+            code = (u < mag / denom[:, None]).float()
+            scale = absmax
+        else:
+            count = valid.sum(dim=1).float()
+            delta = TWN_THRESHOLD * (mag.sum(dim=1) / count.clamp_min(1.0))
+            above = mag > delta[:, None]
+            n_above = above.sum(dim=1).float()
+            scale = torch.where(above, mag, 0.0).sum(dim=1) / n_above.clamp_min(1.0)
+            code = above.float()
+        deq_mag = code * scale[:, None]
+    elif fmt == "int8_dynamic":
+        y3 = mag / denom[:, None] * DYNAMIC_CUBE
+        c = torch.floor(torch.exp2(torch.log2(y3.clamp_min(1e-30)) * (1.0 / 3.0)))
+        c = torch.where((c + 1) * (c + 1) * (c + 1) <= y3, c + 1, c)
+        c = torch.where(c * c * c > y3, c - 1, c)
+        lo, hi = c * c * c, (c + 1) * (c + 1) * (c + 1)
+        up = u * (hi - lo) < y3 - lo if stochastic else y3 - lo >= hi - y3
+        code = torch.where(up, c + 1, c).clamp_max(127.0)
+        scale = absmax
+        deq_mag = (code * code * code) * (scale / DYNAMIC_CUBE)[:, None]
+    else:
+        y = mag / denom[:, None] * f.levels
+        code = torch.floor(y + (u if stochastic else 0.5)).clamp_max(float(f.levels))
+        scale = absmax
+        deq_mag = code * (scale / f.levels)[:, None]
+
+    ok = block_ok[:, None]
+    negative = v < 0
+    code = torch.where(ok, torch.where(negative, -code, code), torch.zeros_like(code))
+    scale = torch.where(block_ok, scale, torch.full_like(scale, float("nan")))
+    if error is not None:
+        new_error = v - torch.where(negative, -deq_mag, deq_mag)
+        keep = ok & valid
+        flat_err = error.view(-1)
+        flat_err.copy_(torch.where(keep, new_error, _blocks_ref(error, block)).view(-1)[:n])
+    if found_inf is not None:
+        found_inf.copy_(torch.where((~block_ok).any(), torch.ones_like(found_inf), found_inf))
+
+    data = _pack_ref(code.to(torch.int32), f, n)
+    if out is None:
+        return QuantizedTensor(data, scale.contiguous(), fmt, block, tuple(x.shape), x.dtype)
+    out.data.copy_(data)
+    out.scales.copy_(scale)
+    return QuantizedTensor(out.data, out.scales, fmt, block, tuple(x.shape), x.dtype)
+
+
+def dequantize_blockwise_ref(
+    q: QuantizedTensor, out: torch.Tensor | None = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Plain-torch reference of :func:`dequantize_blockwise`."""
+    f = FORMATS[q.fmt]
+    codes = _unpack_ref(q).view(-1, q.block)
+    values = _dequant_ref(codes, q.scales, f).reshape(-1)[: q.numel]
+    if out is None:
+        return values.to(dtype or q.dtype).view(q.shape)
+    out.view(-1).copy_(values)
+    return out
