@@ -29,7 +29,12 @@ def __getattr__(name: str):
     op = name[: -len("_ref")] if name.endswith("_ref") else name
     if op in OPS:
         module = importlib.import_module(f"{__name__}.{OPS[op]}")
-        return getattr(module, name)
+        value = getattr(module, name)
+        # Where an op is named like its module (cast_scale, unscale), importing the submodule
+        # binds the module under that name; bind the function instead, so that
+        # ``from hybrid_triton.kernels import cast_scale`` gives the op, not the module.
+        globals()[name] = value
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
