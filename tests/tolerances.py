@@ -26,6 +26,34 @@ TOLERANCES: dict[tuple[str, torch.dtype], tuple[float, float, str]] = {
     ("sumsq", torch.float32): (1e-6, 2e-5, "block-wise reduction order differs from torch's"),
     # AdamW over many steps against torch.optim.AdamW (fp32 state).
     ("adamw", torch.float32): (1e-6, 1e-5, "sqrt/div rounding and fma differ; grows slowly"),
+    # blockwise quantization (kernels/quantize.py, kernels/dequantize_add.py).
+    ("quantize", torch.float32): (0.0, 0.0, "same fp32 formulas, no fma: codes/scales/error exact"),
+    ("quantize_ternary", torch.float32): (
+        0.0,
+        2e-6,
+        "TWN delta/alpha are block sums in another order: scales and error to a few fp32 ulps "
+        "(atol is this rtol times the block scale); a code may flip only where |v| ~ delta",
+    ),
+    ("dequantize_add", torch.float32): (0.0, 0.0, "t + alpha*v in fp32 without fma: exact"),
+    ("dequantize_add", torch.float16): (0.0, 0.0, "fp32 sum then one round-to-nearest cast"),
+    ("dequantize_add", torch.bfloat16): (0.0, 0.0, "exact on the GPU; 1 bf16 ulp on CPU"),
+}
+
+# Signal-to-noise floors (dB) of dequantize(quantize(x)) against x, blocks of 256, 2^16
+# elements: (format, input, stochastic) -> (floor, reason). "normal": N(0, 1); "adam_v":
+# exp(2 N(0, 1)), heavy-tailed and positive like Adam's second moment. Floors sit ~0.7 dB
+# under values measured with the torch reference (CPU, 2026-11-24).
+QUANT_SNR_FLOOR_DB: dict[tuple[str, str, bool], tuple[float, str]] = {
+    ("int8", "normal", False): (42.4, "uniform step absmax/127; measured 43.2"),
+    ("int8", "normal", True): (39.4, "stochastic: error variance x2 (about -3 dB); measured 40.2"),
+    ("int8_dynamic", "normal", False): (40.3, "cubic code, coarser near absmax; measured 41.0"),
+    ("int8_dynamic", "normal", True): (37.4, "measured 38.1"),
+    ("int8_dynamic", "adam_v", False): (46.9, "keeps small values; measured 47.7"),
+    ("int8", "adam_v", False): (33.5, "small values lost to the uniform step; measured 34.2"),
+    ("int4", "normal", False): (17.3, "step absmax/7; measured 18.0"),
+    ("int4", "normal", True): (14.4, "measured 15.1"),
+    ("ternary", "normal", False): (6.5, "TWN, optimum for a Gaussian is about 7.3; measured 7.2"),
+    ("ternary", "normal", True): (-3.2, "TernGrad: unbiased but high variance; measured -2.5"),
 }
 
 
