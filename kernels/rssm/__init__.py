@@ -1,1 +1,23 @@
 """RSSM ensemble rollout: one launch for all members and all steps (see rollout.py)."""
+
+from .rollout import (
+    RolloutResult,
+    RSSMFeedback,
+    RSSMWeights,
+    default_split,
+    gru_cell_batched,
+    make_workspace,
+    rssm_rollout,
+    rssm_rollout_ref,
+)
+
+__all__ = [
+    "RSSMFeedback",
+    "RSSMWeights",
+    "RolloutResult",
+    "default_split",
+    "gru_cell_batched",
+    "make_workspace",
+    "rssm_rollout",
+    "rssm_rollout_ref",
+]

@@ -1,0 +1,529 @@
+"""RSSM ensemble rollout: K GRU members x T steps in one Triton launch.
+
+Math, per member k and batch row b (weights of member k; shapes in brackets):
+
+    inp_s   = [x_s, z_{s-1}]                                    [I + S]
+    gi, gh  = W_ih inp_s + b_ih,  W_hh h_{s-1} + b_hh           [3H] each, gate order (r, u, n)
+    r, u    = sigmoid(gi_r + gh_r), sigmoid(gi_u + gh_u)
+    n       = tanh(gi_n + r * gh_n)                             (torch.nn.GRUCell convention)
+    h_s     = (1 - u) * n + u * h_{s-1}                         [H]
+    z_s     = W_prior h_s + b_prior                             [S]  mean of the learned prior
+    y_s     = W_head [h_s, z_s] + b_head + SKIP x_s             [O]  heads (+ shared residual)
+    x_{s+1} = MIX x_s + FEED y_s + DRIFT                        [I]  prediction fed back
+
+for s = 0..T-1, starting from (x_0 [B, I], h_{-1} = h0 [K, B, H], z_{-1} = z0 [K, B, S]).
+Outputs: the trajectories ``traj [K, T, B, O]`` and, over the K members, ``mean [T, B, O]``
+and the population variance ``var [T, B, O]`` (divides by K, so K=1 gives 0).
+SKIP [O, I], MIX [I, I], FEED [I, O] and DRIFT [I] are shared by the members: they say how the
+heads' outputs become the next step's input features (hybrid_triton/dynamics.py builds them).
+
+Kernel layout. The sequential dependency over T sets the latency floor, so the kernel keeps
+the whole rollout in one launch. Each (member, batch row) pair is a *group* of ``SPLIT``
+programs; each program owns hidden tiles ``part, part+SPLIT, ...`` of BLOCK_H rows, so its
+weight slice (3 gates x BLOCK_H x (H + I + S)) stays hot in its SM's L1 across all T steps.
+Each step the programs of a group publish their slice of h_s to a double-buffered scratch in
+global memory (L2) and meet at a global-memory barrier (an atomic counter per group, spun on
+with acquire loads); after it every program reads the full h_s and computes the latent and the
+heads redundantly (they are small), so no second barrier is needed. SPLIT > 1 requires all
+programs to be co-resident (the launcher keeps the grid <= the SM count). With SPLIT = 1 one
+program loops over all tiles and the barrier is a plain ``debug_barrier``: this is the path
+the Triton interpreter runs (it executes programs one after another, so a spin would hang).
+The member reduction (mean, variance) is done by whichever program finishes last (an atomic
+"done" counter, the CUDA threadFenceReduction pattern), which also resets the counters so
+the workspace can be reused by the next call without a memset launch.
+
+References: Hafner et al., DreamerV3 (RSSM); PyTorch ``nn.GRUCell``; CUDA cooperative-groups
+grid sync (same arrive/spin/fence structure, written with Triton atomics).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .._alloc import empty
+from .._checks import KernelInputError, check_tensor
+from .._dispatch import impl_for_device, use_triton
+
+OP = "rssm_rollout"
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+BLOCK_H = 16  # hidden rows per tile: 16 x 3 gates x (H+I+S) fp32 = 60 KB at H=256: fits L1
+MAX_BLOCK_C = 128  # columns per chunk of the recurrent matvec
+BLOCK_R = 256  # elements per chunk of the final member reduction
+
+
+class RSSMWeights(NamedTuple):
+    """Per-member weights, stacked over the K members (fp32 or bf16, one dtype for all)."""
+
+    w_ih: torch.Tensor  # [K, 3H, I+S]  GRU input weights, input = [features, previous latent]
+    w_hh: torch.Tensor  # [K, 3H, H]
+    b_ih: torch.Tensor  # [K, 3H]
+    b_hh: torch.Tensor  # [K, 3H]
+    w_prior: torch.Tensor  # [K, S, H]  mean of the latent prior p(z | h)
+    b_prior: torch.Tensor  # [K, S]
+    w_head: torch.Tensor  # [K, O, H+S]  heads on [h, z]
+    b_head: torch.Tensor  # [K, O]
+
+
+class RSSMFeedback(NamedTuple):
+    """How outputs become next inputs; shared by all members, always fp32."""
+
+    skip: torch.Tensor  # [O, I]  residual from the features into the heads
+    mix: torch.Tensor  # [I, I]  features carried to the next step
+    feed: torch.Tensor  # [I, O]  heads' outputs written into the next features
+    drift: torch.Tensor  # [I]     constant per-step change (e.g. the step counter)
+
+
+class RolloutResult(NamedTuple):
+    traj: torch.Tensor  # [K, T, B, O] fp32
+    mean: torch.Tensor  # [T, B, O]
+    var: torch.Tensor  # [T, B, O] population variance over members
+
+
+@triton.jit
+def _group_barrier(counter_ptr, target, SPLIT: tl.constexpr):
+    # Every thread of this program has issued its stores before thread 0 arrives.
+    tl.debug_barrier()
+    if SPLIT > 1:
+        # release: our h slice is visible before the count; acquire: theirs before our reads.
+        tl.atomic_add(counter_ptr, 1, sem="release")
+        seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
+        while seen < target:
+            seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
+        tl.debug_barrier()
+
+
+@triton.jit
+def _rssm_rollout_kernel(
+    x0_ptr,
+    h0_ptr,
+    z0_ptr,
+    w_ih_ptr,
+    w_hh_ptr,
+    b_ih_ptr,
+    b_hh_ptr,
+    w_prior_ptr,
+    b_prior_ptr,
+    w_head_ptr,
+    b_head_ptr,
+    skip_ptr,
+    mix_ptr,
+    feed_ptr,
+    drift_ptr,
+    traj_ptr,
+    mean_ptr,
+    var_ptr,
+    h_buf_ptr,
+    sync_ptr,
+    K,
+    B,
+    T,
+    H,
+    I,
+    S,
+    O,
+    SPLIT: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    I_PAD: tl.constexpr,
+    S_PAD: tl.constexpr,
+    O_PAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    STATIC_BOUNDS: tl.constexpr,
+    K_C: tl.constexpr,
+    B_C: tl.constexpr,
+    T_C: tl.constexpr,
+    H_C: tl.constexpr,
+    O_C: tl.constexpr,
+):
+    # The interpreter rewrites every assignment into a 1-element array, which range() rejects
+    # under numpy >= 2.4, so loop bounds are written inline, from constexpr copies when
+    # STATIC_BOUNDS (interpreter only); compiled code keeps them runtime (one binary for all
+    # T and H).
+    pid = tl.program_id(0)
+    group = pid // SPLIT
+    part = pid % SPLIT
+    k64 = (group // B).to(tl.int64)
+    b64 = (group % B).to(tl.int64)
+    kb = k64 * B + b64
+    IS = I + S
+    HS = H + S
+    # int64 member offsets: K * 3H * (H+I+S) passes 2^31 for large ensembles.
+    w_ih = w_ih_ptr + k64 * 3 * H * IS
+    w_hh = w_hh_ptr + k64 * 3 * H * H
+    b_ih = b_ih_ptr + k64 * 3 * H
+    b_hh = b_hh_ptr + k64 * 3 * H
+    w_prior = w_prior_ptr + k64 * S * H
+    b_prior = b_prior_ptr + k64 * S
+    w_head = w_head_ptr + k64 * O * HS
+    b_head = b_head_ptr + k64 * O
+    h_buf = h_buf_ptr + kb * 2 * H
+    counter = sync_ptr + group
+
+    offs_i = tl.arange(0, I_PAD)
+    offs_s = tl.arange(0, S_PAD)
+    offs_o = tl.arange(0, O_PAD)
+    offs_r = tl.arange(0, BLOCK_H)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_i = offs_i < I
+    mask_s = offs_s < S
+    mask_o = offs_o < O
+
+    x = tl.load(x0_ptr + b64 * I + offs_i, mask=mask_i, other=0.0)
+    z = tl.load(z0_ptr + kb * S + offs_s, mask=mask_s, other=0.0)
+    # Shared (member-independent) feedback maps and the member's small head biases.
+    skip = tl.load(
+        skip_ptr + offs_o[:, None] * I + offs_i[None, :],
+        mask=mask_o[:, None] & mask_i[None, :],
+        other=0.0,
+    )
+    mix = tl.load(
+        mix_ptr + offs_i[:, None] * I + offs_i[None, :],
+        mask=mask_i[:, None] & mask_i[None, :],
+        other=0.0,
+    )
+    feed_t = tl.load(  # FEED [I, O] read transposed, as [O_PAD, I_PAD]
+        feed_ptr + offs_i[None, :] * O + offs_o[:, None],
+        mask=mask_o[:, None] & mask_i[None, :],
+        other=0.0,
+    )
+    drift = tl.load(drift_ptr + offs_i, mask=mask_i, other=0.0)
+    bias_prior = tl.load(b_prior + offs_s, mask=mask_s, other=0.0).to(tl.float32)
+    bias_head = tl.load(b_head + offs_o, mask=mask_o, other=0.0).to(tl.float32)
+
+    for tile in range(
+        0 if SPLIT == 1 else part,
+        ((H_C if STATIC_BOUNDS else H) + BLOCK_H - 1) // BLOCK_H,
+        SPLIT,
+    ):
+        rows = tile * BLOCK_H + offs_r
+        m_r = rows < H
+        h_init = tl.load(h0_ptr + kb * H + rows, mask=m_r, other=0.0)
+        tl.store(h_buf + rows, h_init, mask=m_r)
+    _group_barrier(counter, SPLIT, SPLIT)
+
+    for s in range(T_C if STATIC_BOUNDS else T):
+        h_cur = h_buf + (s % 2) * H
+        h_nxt = h_buf + ((s + 1) % 2) * H
+        for tile in range(
+            0 if SPLIT == 1 else part,
+            ((H_C if STATIC_BOUNDS else H) + BLOCK_H - 1) // BLOCK_H,
+            SPLIT,
+        ):
+            rows = tile * BLOCK_H + offs_r
+            m_r = rows < H
+            # Input part: features x and previous latent z.
+            m_x = m_r[:, None] & mask_i[None, :]
+            p_x = w_ih + rows[:, None] * IS + offs_i[None, :]
+            gi_r = tl.sum(tl.load(p_x, mask=m_x, other=0.0).to(tl.float32) * x[None, :], axis=1)
+            gi_u = tl.sum(
+                tl.load(p_x + H * IS, mask=m_x, other=0.0).to(tl.float32) * x[None, :], axis=1
+            )
+            gi_n = tl.sum(
+                tl.load(p_x + 2 * H * IS, mask=m_x, other=0.0).to(tl.float32) * x[None, :], axis=1
+            )
+            m_z = m_r[:, None] & mask_s[None, :]
+            p_z = w_ih + rows[:, None] * IS + I + offs_s[None, :]
+            gi_r += tl.sum(tl.load(p_z, mask=m_z, other=0.0).to(tl.float32) * z[None, :], axis=1)
+            gi_u += tl.sum(
+                tl.load(p_z + H * IS, mask=m_z, other=0.0).to(tl.float32) * z[None, :], axis=1
+            )
+            gi_n += tl.sum(
+                tl.load(p_z + 2 * H * IS, mask=m_z, other=0.0).to(tl.float32) * z[None, :], axis=1
+            )
+            # Recurrent part, chunked over the columns of h.
+            gh_r = tl.zeros([BLOCK_H], dtype=tl.float32)
+            gh_u = tl.zeros([BLOCK_H], dtype=tl.float32)
+            gh_n = tl.zeros([BLOCK_H], dtype=tl.float32)
+            for c0 in range(0, H_C if STATIC_BOUNDS else H, BLOCK_C):
+                cols = c0 + offs_c
+                m_c = cols < H
+                # volatile: h was written by other SMs; a stale L1 line would be wrong.
+                hv = tl.load(h_cur + cols, mask=m_c, other=0.0, volatile=True)
+                m_h = m_r[:, None] & m_c[None, :]
+                p_h = w_hh + rows[:, None] * H + cols[None, :]
+                gh_r += tl.sum(tl.load(p_h, mask=m_h, other=0.0).to(tl.float32) * hv[None, :], 1)
+                gh_u += tl.sum(
+                    tl.load(p_h + H * H, mask=m_h, other=0.0).to(tl.float32) * hv[None, :], 1
+                )
+                gh_n += tl.sum(
+                    tl.load(p_h + 2 * H * H, mask=m_h, other=0.0).to(tl.float32) * hv[None, :], 1
+                )
+            gi_r += tl.load(b_ih + rows, mask=m_r, other=0.0).to(tl.float32)
+            gi_u += tl.load(b_ih + H + rows, mask=m_r, other=0.0).to(tl.float32)
+            gi_n += tl.load(b_ih + 2 * H + rows, mask=m_r, other=0.0).to(tl.float32)
+            gh_r += tl.load(b_hh + rows, mask=m_r, other=0.0).to(tl.float32)
+            gh_u += tl.load(b_hh + H + rows, mask=m_r, other=0.0).to(tl.float32)
+            gh_n += tl.load(b_hh + 2 * H + rows, mask=m_r, other=0.0).to(tl.float32)
+            reset = tl.sigmoid(gi_r + gh_r)
+            update = tl.sigmoid(gi_u + gh_u)
+            pre_n = gi_n + reset * gh_n
+            # tanh(a) = 2 sigmoid(2a) - 1: stable for large |a|, no tl.tanh in every version.
+            cand = 2.0 * tl.sigmoid(2.0 * pre_n) - 1.0
+            h_old = tl.load(h_cur + rows, mask=m_r, other=0.0, volatile=True)
+            h_new = (1.0 - update) * cand + update * h_old
+            tl.store(h_nxt + rows, h_new, mask=m_r)
+        _group_barrier(counter, (s + 2) * SPLIT, SPLIT)
+
+        # Latent prior mean and heads from the full h_s (redundant per program: small).
+        z_acc = tl.zeros([S_PAD], dtype=tl.float32)
+        y_acc = tl.zeros([O_PAD], dtype=tl.float32)
+        for c0 in range(0, H_C if STATIC_BOUNDS else H, BLOCK_C):
+            cols = c0 + offs_c
+            m_c = cols < H
+            hv = tl.load(h_nxt + cols, mask=m_c, other=0.0, volatile=True)
+            w_p = tl.load(
+                w_prior + offs_s[:, None] * H + cols[None, :],
+                mask=mask_s[:, None] & m_c[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            z_acc += tl.sum(w_p * hv[None, :], axis=1)
+            w_y = tl.load(
+                w_head + offs_o[:, None] * HS + cols[None, :],
+                mask=mask_o[:, None] & m_c[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            y_acc += tl.sum(w_y * hv[None, :], axis=1)
+        z = z_acc + bias_prior
+        w_yz = tl.load(
+            w_head + offs_o[:, None] * HS + H + offs_s[None, :],
+            mask=mask_o[:, None] & mask_s[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        y = y_acc + tl.sum(w_yz * z[None, :], axis=1) + bias_head
+        y += tl.sum(skip * x[None, :], axis=1)
+        if part == 0:
+            tl.store(traj_ptr + ((k64 * T + s) * B + b64) * O + offs_o, y, mask=mask_o)
+        x_next = tl.sum(mix * x[None, :], axis=1) + tl.sum(feed_t * y[:, None], axis=0)
+        x = x_next + drift
+
+    # The last program to finish reduces over the members and resets the counters.
+    tl.debug_barrier()
+    done = tl.atomic_add(sync_ptr + K * B, 1, sem="acq_rel")
+    if done == K * B * SPLIT - 1:
+        offs = tl.arange(0, BLOCK_R)
+        for g0 in range(0, K_C * B_C if STATIC_BOUNDS else K * B, BLOCK_R):
+            tl.store(
+                sync_ptr + g0 + offs, tl.zeros([BLOCK_R], dtype=tl.int32), mask=g0 + offs < K * B
+            )
+        tl.store(sync_ptr + K * B, 0)
+        n = T * B * O
+        for e0 in range(0, T_C * B_C * O_C if STATIC_BOUNDS else T * B * O, BLOCK_R):
+            idx = e0 + offs
+            m = idx < n
+            acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+            for kk in range(K_C if STATIC_BOUNDS else K):
+                acc += tl.load(traj_ptr + kk * n + idx, mask=m, other=0.0, volatile=True)
+            mean = acc / K
+            # Two passes (mean, then squared deviations): no cancellation when members agree.
+            acc2 = tl.zeros([BLOCK_R], dtype=tl.float32)
+            for kk in range(K_C if STATIC_BOUNDS else K):
+                d = tl.load(traj_ptr + kk * n + idx, mask=m, other=0.0, volatile=True) - mean
+                acc2 += d * d
+            tl.store(mean_ptr + idx, mean, mask=m)
+            tl.store(var_ptr + idx, acc2 / K, mask=m)
+
+
+def _check_inputs(
+    x0: torch.Tensor,
+    h0: torch.Tensor,
+    z0: torch.Tensor,
+    weights: RSSMWeights,
+    feedback: RSSMFeedback,
+    steps: int,
+) -> tuple[int, int, int, int, int, int]:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise KernelInputError(f"{OP}: steps must be an int >= 1, got {steps!r}")
+    if not isinstance(weights, RSSMWeights) or not isinstance(feedback, RSSMFeedback):
+        raise KernelInputError(f"{OP}: weights must be RSSMWeights and feedback RSSMFeedback")
+    check_tensor(OP, "h0", h0, dtypes=(torch.float32,))
+    if h0.dim() != 3 or min(h0.shape) < 1:
+        raise KernelInputError(
+            f"{OP}: h0 must be [K, B, H] with K, B, H >= 1, got {tuple(h0.shape)}"
+        )
+    K, B, H = h0.shape
+    device = h0.device
+    check_tensor(OP, "x0", x0, dtypes=(torch.float32,), device=device)
+    if x0.dim() != 2 or x0.shape[0] != B or x0.shape[1] < 1:
+        raise KernelInputError(f"{OP}: x0 must be [B={B}, I>=1], got {tuple(x0.shape)}")
+    I = x0.shape[1]
+    check_tensor(OP, "z0", z0, dtypes=(torch.float32,), device=device)
+    if z0.dim() != 3 or tuple(z0.shape[:2]) != (K, B) or z0.shape[2] < 1:
+        raise KernelInputError(f"{OP}: z0 must be [K={K}, B={B}, S>=1], got {tuple(z0.shape)}")
+    S = z0.shape[2]
+    if weights.w_head.dim() != 3 or weights.w_head.shape[1] < 1:
+        raise KernelInputError(
+            f"{OP}: w_head must be [K, O, H+S], got {tuple(weights.w_head.shape)}"
+        )
+    O = weights.w_head.shape[1]
+    wdtype = weights.w_ih.dtype
+    expected = {
+        "w_ih": (K, 3 * H, I + S),
+        "w_hh": (K, 3 * H, H),
+        "b_ih": (K, 3 * H),
+        "b_hh": (K, 3 * H),
+        "w_prior": (K, S, H),
+        "b_prior": (K, S),
+        "w_head": (K, O, H + S),
+        "b_head": (K, O),
+    }
+    for name, shape in expected.items():
+        t = getattr(weights, name)
+        check_tensor(OP, name, t, dtypes=WEIGHT_DTYPES, device=device)
+        if t.dtype != wdtype:
+            raise KernelInputError(f"{OP}: {name} is {t.dtype} but w_ih is {wdtype}; use one dtype")
+        if tuple(t.shape) != shape:
+            raise KernelInputError(
+                f"{OP}: {name} has shape {tuple(t.shape)}; expected {shape} "
+                f"(K={K}, H={H}, I={I}, S={S}, O={O})"
+            )
+    for name, shape in {"skip": (O, I), "mix": (I, I), "feed": (I, O), "drift": (I,)}.items():
+        t = getattr(feedback, name)
+        check_tensor(OP, name, t, dtypes=(torch.float32,), device=device)
+        if tuple(t.shape) != shape:
+            raise KernelInputError(
+                f"{OP}: feedback.{name} has shape {tuple(t.shape)}; expected {shape}"
+            )
+    return K, B, H, I, S, O
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def default_split(K: int, B: int, H: int, device: torch.device) -> int:
+    """Programs per (member, batch row): as many as the SMs allow, at most one per tile."""
+    if device.type != "cuda":
+        return 1
+    groups = K * B
+    return max(1, min(triton.cdiv(H, BLOCK_H), _sm_count(device) // groups))
+
+
+def make_workspace(K: int, B: int, H: int, device: torch.device | str) -> torch.Tensor:
+    """Scratch for ``rssm_rollout``: h double buffers and barrier counters (zeroed once; the
+    kernel leaves the counters at zero when it ends, so the workspace can be reused)."""
+    h_words = K * B * 2 * H
+    return torch.zeros(h_words + K * B + 1, dtype=torch.int32, device=device)
+
+
+def rssm_rollout(
+    x0: torch.Tensor,
+    h0: torch.Tensor,
+    z0: torch.Tensor,
+    weights: RSSMWeights,
+    feedback: RSSMFeedback,
+    steps: int,
+    *,
+    split: int | None = None,
+    workspace: torch.Tensor | None = None,
+) -> RolloutResult:
+    """Roll K RSSM members forward ``steps`` steps in one launch; see the module docstring.
+
+    ``split`` forces the programs per (member, batch row) (1 = the interpreter-safe path);
+    ``workspace`` (from :func:`make_workspace`) avoids a zero-fill per call. Neither is needed.
+    Stream-ordered: a reused workspace must not be shared by concurrent launches.
+    """
+    K, B, H, I, S, O = _check_inputs(x0, h0, z0, weights, feedback, steps)
+    device = h0.device
+    if not use_triton(h0):
+        return rssm_rollout_ref(x0, h0, z0, weights, feedback, steps)
+    if split is None:
+        split = default_split(K, B, H, device)
+    if not isinstance(split, int) or split < 1 or split > triton.cdiv(H, BLOCK_H):
+        raise KernelInputError(f"{OP}: split must be an int in [1, {triton.cdiv(H, BLOCK_H)}]")
+    if split > 1:
+        if impl_for_device(device) != "triton":
+            raise KernelInputError(f"{OP}: split > 1 spins on a barrier; the interpreter needs 1")
+        if K * B * split > _sm_count(device):
+            raise KernelInputError(
+                f"{OP}: split={split} needs {K * B * split} co-resident programs; "
+                f"the GPU has {_sm_count(device)} SMs"
+            )
+    need = K * B * 2 * H + K * B + 1
+    if workspace is None:
+        workspace = make_workspace(K, B, H, device)
+    else:
+        check_tensor(OP, "workspace", workspace, dtypes=(torch.int32,), device=device)
+        if workspace.numel() < need:
+            raise KernelInputError(f"{OP}: workspace has {workspace.numel()} words; needs {need}")
+    h_buf = workspace[: K * B * 2 * H].view(torch.float32)
+    sync = workspace[K * B * 2 * H : need]
+    static = impl_for_device(device) == "triton-interpreter"
+    traj = empty(K, steps, B, O, dtype=torch.float32, device=device)
+    mean = empty(steps, B, O, dtype=torch.float32, device=device)
+    var = empty(steps, B, O, dtype=torch.float32, device=device)
+    _rssm_rollout_kernel[(K * B * split,)](
+        x0, h0, z0, *weights, *feedback, traj, mean, var, h_buf, sync,
+        K, B, steps, H, I, S, O,
+        SPLIT=split,
+        BLOCK_H=BLOCK_H,
+        BLOCK_C=min(MAX_BLOCK_C, triton.next_power_of_2(H)),
+        I_PAD=triton.next_power_of_2(I),
+        S_PAD=triton.next_power_of_2(S),
+        O_PAD=triton.next_power_of_2(O),
+        BLOCK_R=BLOCK_R,
+        STATIC_BOUNDS=static,
+        K_C=K if static else 0,
+        B_C=B if static else 0,
+        T_C=steps if static else 0,
+        H_C=H if static else 0,
+        O_C=O if static else 0,
+        num_warps=4,
+    )  # fmt: skip
+    return RolloutResult(traj, mean, var)
+
+
+def gru_cell_batched(
+    inp: torch.Tensor,
+    h: torch.Tensor,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    b_ih: torch.Tensor,
+    b_hh: torch.Tensor,
+) -> torch.Tensor:
+    """K GRU cells at once: inp [K, B, In], h [K, B, H] -> [K, B, H] (nn.GRUCell math)."""
+    gi = torch.baddbmm(b_ih.unsqueeze(1), inp, w_ih.transpose(1, 2))
+    gh = torch.baddbmm(b_hh.unsqueeze(1), h, w_hh.transpose(1, 2))
+    i_r, i_u, i_n = gi.chunk(3, dim=-1)
+    h_r, h_u, h_n = gh.chunk(3, dim=-1)
+    reset = torch.sigmoid(i_r + h_r)
+    update = torch.sigmoid(i_u + h_u)
+    cand = torch.tanh(i_n + reset * h_n)
+    return (1 - update) * cand + update * h
+
+
+def rssm_rollout_ref(
+    x0: torch.Tensor,
+    h0: torch.Tensor,
+    z0: torch.Tensor,
+    weights: RSSMWeights,
+    feedback: RSSMFeedback,
+    steps: int,
+) -> RolloutResult:
+    """The batched torch form (baddbmm over members). Computes in float64 when x0 is float64,
+    else float32 (bf16 weights are upcast, as the kernel does)."""
+    dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    w = RSSMWeights(*(t.to(dtype) for t in weights))
+    f = RSSMFeedback(*(t.to(dtype) for t in feedback))
+    K, B, _ = h0.shape
+    x = x0.to(dtype).unsqueeze(0).expand(K, *x0.shape)
+    h, z = h0.to(dtype), z0.to(dtype)
+    outputs = []
+    for _ in range(steps):
+        h = gru_cell_batched(torch.cat([x, z], dim=-1), h, w.w_ih, w.w_hh, w.b_ih, w.b_hh)
+        z = torch.baddbmm(w.b_prior.unsqueeze(1), h, w.w_prior.transpose(1, 2))
+        y = torch.baddbmm(w.b_head.unsqueeze(1), torch.cat([h, z], -1), w.w_head.transpose(1, 2))
+        y = y + x @ f.skip.T
+        outputs.append(y)
+        x = x @ f.mix.T + y @ f.feed.T + f.drift
+    traj = torch.stack(outputs, dim=1)  # [K, T, B, O]
+    return RolloutResult(traj, traj.mean(0), traj.var(0, unbiased=False))
