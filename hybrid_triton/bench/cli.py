@@ -1,0 +1,94 @@
+"""``hybrid-triton bench SUITE|all [--quick] [--out reports] [--cases PATTERN]``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    from hybrid_triton.bench.runner import SUITES
+
+    p = argparse.ArgumentParser(
+        prog="hybrid-triton bench",
+        description="Run a benchmark suite and write reports/<suite>/<date>_<device>/.",
+    )
+    p.add_argument("suite", choices=[*SUITES, "all"], help="which suite ('all': every one)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes that finish in minutes on a CPU-only machine (tiny models)",
+    )
+    p.add_argument("--out", default=None, help="reports folder (default: reports/ of the checkout)")
+    p.add_argument(
+        "--cases",
+        default=None,
+        metavar="PATTERN",
+        help="only cases whose label matches (substring, or a glob with * ? [])",
+    )
+    p.add_argument("--suites-dir", default=None, help="folder holding the suite modules")
+    p.add_argument(
+        "--memory-cap",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="cap CUDA allocations at GIB (set_per_process_memory_fraction) for fit checks",
+    )
+    p.add_argument(
+        "--snapshot-dir",
+        default=None,
+        help="memory suite: dump a CUDA allocator snapshot per phase here (slow; deep dives)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        # Without a GPU the Triton kernels run through the interpreter (slow, but the same
+        # code); it must be set before triton is first imported.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from hybrid_triton.bench.probes import set_memory_cap
+    from hybrid_triton.bench.results import machine_info
+    from hybrid_triton.bench.runner import SUITES, SuiteNotFoundError, default_suites_dir, run_suite
+
+    suites_dir = Path(args.suites_dir) if args.suites_dir else default_suites_dir()
+    out = Path(args.out) if args.out else (suites_dir.parent / "reports" if suites_dir else None)
+    if out is None:
+        out = Path("reports")
+    if args.memory_cap is not None:
+        try:
+            fraction = set_memory_cap(args.memory_cap)
+        except RuntimeError as err:
+            print(f"hybrid-triton bench: {err}", file=sys.stderr)
+            return 2
+        print(f"memory cap: {args.memory_cap} GiB ({fraction:.3f} of the device)")
+    machine = machine_info()
+    print(machine.line())
+    suites = SUITES if args.suite == "all" else (args.suite,)
+    try:
+        for suite in suites:
+            run_suite(
+                suite,
+                quick=args.quick,
+                out=out,
+                pattern=args.cases,
+                suites_dir=suites_dir,
+                memory_cap_gib=args.memory_cap,
+                progress=not args.no_progress,
+                snapshot_dir=args.snapshot_dir,
+                machine=machine,
+            )
+    except SuiteNotFoundError as err:
+        print(f"hybrid-triton bench: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

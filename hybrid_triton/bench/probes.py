@@ -1,0 +1,284 @@
+"""Memory probes: peak memory per phase, usable around any training loop.
+
+On CUDA, each phase starts with ``torch.cuda.reset_peak_memory_stats`` and ends by reading
+the peak allocated and reserved bytes, the allocator's fragmentation figures
+(``memory_stats``: inactive split bytes, allocation retries, OOMs) and, when NVML is
+installed, the device-level memory in use (which includes the CUDA context and other
+processes). ``snapshot=True`` records the allocator history and dumps a snapshot that
+https://pytorch.org/memory_viz reads, for deep dives.
+
+On CPU there is no allocator to ask. The probe then tracks tensor storages as ops create them
+(a ``TorchDispatchMode``) and frees them through weak references, which gives the peak of
+tensor bytes live during the phase, on top of the bytes already resident at its start
+(``resident=`` modules, optimizers and tensors). What it cannot measure there (reserved
+memory, fragmentation, device-level use) is reported as not measured, with the reason.
+
+    probe = MemoryProbe()
+    with probe.phase("Full", resident=[model, optimizer]):
+        loss = model(x).sum(); loss.backward(); optimizer.step()
+    probe.results["Full"].peak_allocated   # bytes
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import weakref
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CPU_NOT_MEASURED = (
+    "not measured on cpu: no caching allocator (reserved memory, fragmentation) and no NVML"
+)
+
+
+@dataclass
+class PhaseMemory:
+    """What one phase measured (bytes). ``None`` means not measurable on this device."""
+
+    phase: str
+    peak_allocated: int
+    peak_reserved: int | None = None
+    allocated_at_start: int = 0
+    allocated_at_end: int = 0
+    # Fragmentation: bytes in cached blocks that are split but not in use, at their peak.
+    inactive_split_peak: int | None = None
+    alloc_retries: int | None = None  # cudaMalloc retries after freeing the cache
+    num_ooms: int | None = None
+    device_used: int | None = None  # NVML: the whole device (context, other processes)
+    method: str = ""  # "cuda caching allocator" or "cpu tensor-storage tracking"
+    note: str = ""
+    snapshot_path: str | None = None
+
+    def as_metrics(self) -> list[tuple[str, str, float | None, str]]:
+        """``(metric, unit, value, note)`` rows for a ``Recorder``; values in GiB."""
+        gib = 2**30
+
+        def g(v: int | None) -> float | None:
+            return None if v is None else v / gib
+
+        not_measured = self.note if self.note else ""
+        return [
+            ("peak_allocated", "GiB", g(self.peak_allocated), self.method),
+            ("peak_reserved", "GiB", g(self.peak_reserved), not_measured or self.method),
+            ("allocated_at_start", "GiB", g(self.allocated_at_start), self.method),
+            ("inactive_split_peak", "GiB", g(self.inactive_split_peak), not_measured),
+            ("alloc_retries", "count", self.alloc_retries, not_measured),
+            ("device_used", "GiB", g(self.device_used), not_measured or "nvml"),
+        ]
+
+
+def _nvml_used(index: int = 0) -> int | None:
+    try:
+        import pynvml  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return None
+
+
+def _storages(objects: Iterable[object]) -> Iterator[torch.UntypedStorage]:
+    for obj in objects:
+        if obj is None:
+            continue
+        if isinstance(obj, torch.Tensor):
+            yield obj.untyped_storage()
+            if obj.grad is not None:
+                yield obj.grad.untyped_storage()
+        elif isinstance(obj, torch.nn.Module):
+            yield from _storages(obj.parameters())
+            yield from _storages(obj.buffers())
+        elif isinstance(obj, torch.optim.Optimizer):
+            for state in obj.state.values():
+                yield from _storages(v for v in state.values() if isinstance(v, torch.Tensor))
+        elif isinstance(obj, dict):
+            yield from _storages(obj.values())
+        elif isinstance(obj, (list, tuple, set)) or hasattr(obj, "__iter__"):
+            yield from _storages(obj)
+
+
+def resident_bytes(objects: Iterable[object]) -> int:
+    """Bytes of the distinct storages held by ``objects`` (tensors and their grads, modules'
+    parameters and buffers, optimizers' state), each storage counted once."""
+    seen: dict[tuple[str, int], int] = {}
+    for s in _storages(objects):
+        if s.device.type == "meta":
+            continue
+        seen[(str(s.device), s.data_ptr())] = s.nbytes()
+    return sum(seen.values())
+
+
+class _StorageTracker:
+    """Counts bytes of tensor storages created by ops while active (CPU probe)."""
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+        self.live = 0
+        self.peak = 0
+        self._known: set[int] = set()
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                tracker._observe(args, kwargs, out)
+                return out
+
+        self.mode = _Mode()
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._known.discard(key)
+        self.live -= nbytes
+
+    def _observe(self, args, kwargs, out) -> None:
+        from torch.utils._pytree import tree_leaves
+
+        inputs = {
+            id(t.untyped_storage())
+            for t in tree_leaves((args, kwargs or {}))
+            if isinstance(t, torch.Tensor)
+        }
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            key = id(storage)
+            if key in inputs or key in self._known:
+                continue  # a view or an in-place result: no new memory
+            nbytes = storage.nbytes()
+            self._known.add(key)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, key, nbytes)
+
+
+class MemoryProbe:
+    """Per-phase peak memory. ``with probe.phase(name): ...`` measures one phase; the
+    latest measurement of each phase is kept in ``results`` (and every one in ``history``).
+
+    ``snapshot_dir``: on CUDA, record the allocator history during each phase and dump a
+    ``<phase>.pickle`` snapshot there (costly: for deep dives, not for timing).
+    """
+
+    def __init__(self, device: str | torch.device | None = None, snapshot_dir: str | None = None):
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type not in ("cuda", "cpu"):
+            raise ValueError(f"MemoryProbe measures cuda or cpu devices, not {self.device}")
+        self.snapshot_dir = snapshot_dir
+        self.results: dict[str, PhaseMemory] = {}
+        self.history: list[PhaseMemory] = []
+
+    @property
+    def measures_allocator(self) -> bool:
+        return self.device.type == "cuda"
+
+    @contextlib.contextmanager
+    def phase(self, name: str, resident: Iterable[object] = ()) -> Iterator[None]:
+        if self.device.type == "cuda":
+            with self._cuda_phase(name):
+                yield
+        else:
+            with self._cpu_phase(name, list(resident)):
+                yield
+
+    @contextlib.contextmanager
+    def _cuda_phase(self, name: str) -> Iterator[None]:
+        dev = self.device
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        start_alloc = torch.cuda.memory_allocated(dev)
+        stats0 = torch.cuda.memory_stats(dev)
+        snap_path = None
+        if self.snapshot_dir:
+            torch.cuda.memory._record_memory_history(max_entries=100_000)
+        try:
+            yield
+        finally:
+            torch.cuda.synchronize(dev)
+            stats = torch.cuda.memory_stats(dev)
+            if self.snapshot_dir:
+                Path(self.snapshot_dir).mkdir(parents=True, exist_ok=True)
+                safe = "".join(c if c.isalnum() else "_" for c in name)
+                snap_path = os.path.join(self.snapshot_dir, f"{safe}.pickle")
+                torch.cuda.memory._dump_snapshot(snap_path)
+                torch.cuda.memory._record_memory_history(enabled=None)
+            result = PhaseMemory(
+                phase=name,
+                peak_allocated=torch.cuda.max_memory_allocated(dev),
+                peak_reserved=torch.cuda.max_memory_reserved(dev),
+                allocated_at_start=start_alloc,
+                allocated_at_end=torch.cuda.memory_allocated(dev),
+                inactive_split_peak=int(stats.get("inactive_split_bytes.all.peak", 0)),
+                alloc_retries=int(stats.get("num_alloc_retries", 0))
+                - int(stats0.get("num_alloc_retries", 0)),
+                num_ooms=int(stats.get("num_ooms", 0)) - int(stats0.get("num_ooms", 0)),
+                device_used=_nvml_used(dev.index or 0),
+                method="cuda caching allocator",
+                snapshot_path=snap_path,
+            )
+            self._keep(result)
+
+    @contextlib.contextmanager
+    def _cpu_phase(self, name: str, resident: list[object]) -> Iterator[None]:
+        start = resident_bytes(resident)
+        tracker = _StorageTracker()
+        try:
+            with tracker.mode:
+                yield
+        finally:
+            result = PhaseMemory(
+                phase=name,
+                peak_allocated=start + tracker.peak,
+                allocated_at_start=start,
+                allocated_at_end=start + tracker.live,
+                method="cpu tensor-storage tracking",
+                note=CPU_NOT_MEASURED,
+            )
+            self._keep(result)
+
+    def _keep(self, result: PhaseMemory) -> None:
+        self.history.append(result)
+        self.results[result.phase] = result
+
+
+def is_oom(err: BaseException) -> bool:
+    """True for an out-of-memory error from any device (CUDA, or a CPU allocator)."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, (RuntimeError, MemoryError)) and (
+        "out of memory" in text or isinstance(err, MemoryError)
+    )
+
+
+def free_device_memory() -> None:
+    """Drop cached blocks after a case so the next one starts clean (and after an OOM)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def set_memory_cap(gib: float, device: int = 0) -> float:
+    """Cap this process's CUDA allocations at ``gib`` GiB (for "fits under 8/16/24 GiB"
+    checks) via ``torch.cuda.set_per_process_memory_fraction``; returns the fraction set."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("--memory-cap needs a CUDA device: there is no allocator to cap on CPU")
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = min(1.0, gib * 2**30 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return fraction

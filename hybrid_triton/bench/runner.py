@@ -1,0 +1,177 @@
+"""Run a suite from ``benchmarks/`` and write its report.
+
+A suite is a module ``benchmarks/<suite>.py`` with ``run(ctx: SuiteContext) -> None`` (it
+records rows into ``ctx.recorder``) and optionally ``summary(df) -> str`` (a short table
+printed at the end). ``benchmarks/`` is not installed: it is found next to the
+``hybrid_triton`` package directory (a repository checkout), or given with ``suites_dir``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import os
+import sys
+import time
+import traceback
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import TypeVar
+
+import torch
+
+from hybrid_triton.bench.report import problems, write_report
+from hybrid_triton.bench.results import MachineInfo, Recorder, machine_info
+
+SUITES: tuple[str, ...] = ("kernels", "memory", "training")
+SUITES_DIR_ENV = "HYBRID_TRITON_SUITES_DIR"
+
+T = TypeVar("T")
+
+
+class SuiteNotFoundError(FileNotFoundError):
+    """The suites folder or a suite module is missing."""
+
+
+def default_suites_dir() -> Path | None:
+    """``$HYBRID_TRITON_SUITES_DIR``, else ``benchmarks/`` beside the package directory."""
+    env = os.environ.get(SUITES_DIR_ENV)
+    if env:
+        return Path(env)
+    candidate = Path(__file__).resolve().parents[2] / "benchmarks"
+    return candidate if candidate.is_dir() else None
+
+
+def load_module(path: Path, name: str) -> ModuleType:
+    """Import a file as a module. Its folder's parent goes on ``sys.path`` so that suites
+    can import their siblings as ``benchmarks.<module>``."""
+    parent = str(path.parent.parent)
+    if parent not in sys.path:
+        sys.path.append(parent)
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+@dataclass
+class SuiteContext:
+    """What a suite gets: the recorder, its size, filters, device and options."""
+
+    suite: str
+    recorder: Recorder
+    quick: bool = False
+    pattern: str | None = None
+    suites_dir: Path = Path("benchmarks")
+    device: torch.device = field(
+        default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    memory_cap_gib: float | None = None
+    progress: bool = True
+    snapshot_dir: str | None = None
+
+    @property
+    def machine(self) -> MachineInfo:
+        return self.recorder.machine
+
+    def selected(self, label: str) -> bool:
+        """Does ``label`` match ``--cases``? A glob (``*?[``) matches the whole label, any
+        other text is a case-insensitive substring."""
+        if not self.pattern:
+            return True
+        pat = self.pattern.lower()
+        label = label.lower()
+        if any(ch in pat for ch in "*?["):
+            return fnmatch.fnmatchcase(label, pat)
+        return pat in label
+
+    def bar(self, items: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
+        """A tqdm progress bar over ``items`` (on stderr), or the plain items."""
+        if not self.progress:
+            yield from items
+            return
+        from tqdm.auto import tqdm
+
+        yield from tqdm(items, total=total, desc=desc or self.suite, leave=False, file=sys.stderr)
+
+    def log(self, message: str) -> None:
+        print(f"[{self.suite}] {message}", file=sys.stderr, flush=True)
+
+
+def run_suite(
+    suite: str,
+    *,
+    quick: bool = False,
+    out: str | os.PathLike = "reports",
+    pattern: str | None = None,
+    suites_dir: str | os.PathLike | None = None,
+    memory_cap_gib: float | None = None,
+    progress: bool = True,
+    snapshot_dir: str | None = None,
+    machine: MachineInfo | None = None,
+) -> Path:
+    """Run one suite and write its report; return the report directory.
+
+    An exception inside the suite is recorded as an error row and the report of what was
+    measured is still written; KeyboardInterrupt propagates and writes nothing.
+    """
+    folder = Path(suites_dir) if suites_dir else default_suites_dir()
+    if folder is None or not folder.is_dir():
+        raise SuiteNotFoundError(
+            f"no benchmark suites folder at {folder or '<repository>/benchmarks'}: the suites "
+            "live in the repository's benchmarks/ (not installed); run from a checkout or "
+            f"pass --suites-dir (or set {SUITES_DIR_ENV})"
+        )
+    path = folder / f"{suite}.py"
+    if not path.is_file():
+        available = sorted(p.stem for p in folder.glob("*.py") if p.stem in SUITES)
+        raise SuiteNotFoundError(f"no suite {suite!r} in {folder} (found: {available})")
+    machine = machine or machine_info()
+    recorder = Recorder(suite, machine)
+    ctx = SuiteContext(
+        suite=suite,
+        recorder=recorder,
+        quick=quick,
+        pattern=pattern,
+        suites_dir=folder,
+        memory_cap_gib=memory_cap_gib,
+        progress=progress,
+        snapshot_dir=snapshot_dir,
+    )
+    start = time.perf_counter()
+    module = None
+    try:
+        module = load_module(path, f"_hybrid_triton_suite_{suite}")
+        module.run(ctx)
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:
+        ctx.log(f"suite failed: {err}\n{traceback.format_exc()}")
+        recorder.status(suite, "-", "error", message=f"suite failed: {type(err).__name__}: {err}")
+    recorder.add(suite, "-", "suite_wall_time", "s", time.perf_counter() - start,
+                 note="quick" if quick else "full")  # fmt: skip
+    df = recorder.frame()
+    report_dir = write_report(df, out, suite)
+    print(f"\n== {suite} ({'quick' if quick else 'full'}) ==  {machine.line()}")
+    summary = getattr(module, "summary", None)
+    if summary is not None:
+        try:
+            print(summary(df))
+        except Exception as err:
+            print(f"(summary failed: {err})")
+    bad = problems(df)
+    if not bad.empty:
+        print(f"{len(bad)} problem row(s) (errors / out-of-memory / skipped): see table.md")
+        for row in bad.head(10).itertuples():
+            print(f"  {row.case} | {row.provider} | {row.note[:160]}")
+    print(f"report: {report_dir}")
+    return report_dir
