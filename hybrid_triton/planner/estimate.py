@@ -1,0 +1,702 @@
+"""Per-phase, per-component VRAM estimate of one training step, by replaying its allocations.
+
+How it works: instead of one closed formula, :func:`estimate` replays the step as PyTorch runs
+it, as a sequence of allocations and frees (forward op by op, the loss, backward node by node
+in reverse, the optimizer step), each rounded as the caching allocator rounds it, and records
+the live bytes per component at the highest point. The peak therefore lands where it really
+does (for GPT-2 with a 50k vocabulary that is the cross-entropy backward, where the fp32
+log-softmax output, its gradient and the gradient of the logits are alive at once with every
+saved activation), and the breakdown says what is alive there.
+
+What is modelled (per token of a micro-batch, ``N = micro_batch * seq_len``, width ``d``):
+
+- Saved activations per block (flash attention, dropout 0): the block input and the
+  post-attention residual (residual dtype: the parameter dtype), the two norm outputs as the
+  matmuls' inputs (compute dtype), q/k/v (one fused tensor for GPT-2), the attention output
+  (shared with the output projection's input: flash returns it in [B, T, H, D] layout so the
+  ``transpose().contiguous()`` is free), the fp32 logsumexp (4 B per head), the fp32 norm
+  statistics (mean and rstd, 8 B), and the MLP hidden tensors (GELU: input and output; SwiGLU:
+  gate, up, silu(gate), product).
+- Autocast (fp32 parameters): a bf16 copy of every linear weight and bias is cached during
+  forward; weight copies stay alive (saved by the matmul) until that layer's backward, bias
+  copies until autocast exits; the residual stream and norms stay fp32. Cross-entropy runs
+  in fp32 (autocast casts the bf16 logits up), so its saved log-softmax output is fp32.
+- Activation checkpointing (per block, non-reentrant): only each block's input is kept; in
+  backward one block is recomputed at a time (with its weight copies under autocast).
+- Gradients: "full" mode allocates each ``.grad`` as backward produces it (``AccumulateGrad``
+  steals the first gradient, adds later ones in place); "hook" mode keeps one flat fp32
+  accumulator and at most one parameter's gradient at a time. Under autocast a weight's bf16
+  gradient exists briefly beside its fp32 copy.
+- Optimizer state: AdamW 2 moments, SGD 1; 32-bit fp32, 16-bit bf16, 8-bit 1 B + one fp32
+  scale per ``STATE_BLOCK``, 4-bit 0.5 B + one scale per block; the step is fused (no
+  temporaries). Offloaded state is not on the GPU.
+- Predict phase: forward under ``no_grad`` (nothing saved), no gradients, moments per policy,
+  plus the compact update direction (int8 blockwise: 1 B + fp32 scale per ``STATE_BLOCK``).
+- Allocator: every block is rounded up to ``ALLOC_ROUND`` bytes (``allocator_rounding``).
+  ``segment_slack_bytes`` (reported apart, not in the allocated peak) is what rounding the
+  live large blocks to the allocator's 2 MiB segment granularity adds: a floor for
+  ``max_memory_reserved`` minus allocated; real fragmentation can be higher.
+- Not counted in the allocated peak: the CUDA context (``cuda_context_bytes``, reported apart)
+  and anything the caller allocates besides the batch.
+
+Calibration constants (few, named, to be checked by the memory suite): ``CUBLAS_WORKSPACE``
+and ``CUDA_CONTEXT``. Everything else is counted from shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from hybrid_triton.planner.setup import DTYPE_BYTES, TrainSetup
+from hybrid_triton.planner.specs import ModelSpec, ParamTensor, PlannerError
+
+GiB = 1024**3
+MiB = 1024**2
+ALLOC_ROUND = 512  # the caching allocator rounds every block up to a multiple of 512 B
+SEGMENT_ROUND = 2 * MiB  # large blocks (> 1 MiB) live in segments rounded to 2 MiB
+LARGE_BLOCK = 1 * MiB
+STATE_BLOCK = 256  # elements per fp32 scale in blockwise-quantized state / update direction
+# NVIDIA's recommended cuBLAS workspace on Hopper; PyTorch allocates it through the caching
+# allocator on the first matmul, so it shows in max_memory_allocated. Calibration constant.
+CUBLAS_WORKSPACE = 32 * MiB
+# CUDA context + kernels loaded by torch (lazy loading): outside the caching allocator, shown
+# by nvidia-smi / NVML only. Reported apart; the memory suite measures it (NVML used minus
+# reserved). Calibration constant.
+CUDA_CONTEXT = 512 * MiB
+
+COMPONENTS = (
+    "weights",
+    "master_weights",
+    "gradients",
+    "optimizer_state",
+    "update_direction",
+    "activations",
+    "autocast_cache",
+    "logits_and_loss",
+    "workspace",
+    "inputs",
+    "allocator_rounding",
+)
+
+
+def _round(nbytes: int) -> int:
+    return 0 if nbytes <= 0 else -(-nbytes // ALLOC_ROUND) * ALLOC_ROUND
+
+
+@dataclass
+class PhaseEstimate:
+    """One phase: the allocated peak, where it happens and what is alive there."""
+
+    phase: str
+    peak_bytes: int
+    peak_at: str  # e.g. "backward: cross-entropy"
+    components: dict[str, int]  # bytes per component at the peak (sums to peak_bytes)
+    stage_peaks: dict[str, int]  # "forward", "backward", "optimizer" -> allocated peak
+    segment_slack_bytes: int  # floor of reserved - allocated at the peak (2 MiB segments)
+
+    def to_dict(self) -> dict:
+        return dict(
+            phase=self.phase,
+            peak_bytes=self.peak_bytes,
+            peak_at=self.peak_at,
+            components=dict(self.components),
+            stage_peaks=dict(self.stage_peaks),
+            segment_slack_bytes=self.segment_slack_bytes,
+        )
+
+
+@dataclass
+class Estimate:
+    """The estimate for one model and setup. ``phase_peak_bytes["full"]`` etc. are the
+    allocated peaks (``torch.cuda.max_memory_allocated`` reset at phase boundaries);
+    ``peak_bytes`` is the maximum over the phase plan; ``cuda_context_bytes`` is apart."""
+
+    spec: ModelSpec
+    setup: TrainSetup
+    phases: dict[str, PhaseEstimate]
+    cuda_context_bytes: int = CUDA_CONTEXT
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def phase_peak_bytes(self) -> dict[str, int]:
+        return {name: p.peak_bytes for name, p in self.phases.items()}
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=lambda name: self.phases[name].peak_bytes)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.phases[self.peak_phase].peak_bytes
+
+    @property
+    def components(self) -> dict[str, int]:
+        """The breakdown at the run's peak."""
+        return self.phases[self.peak_phase].components
+
+    def device_bytes(self) -> int:
+        """What the GPU must hold: the allocated peak plus the segment slack plus the context."""
+        phase = self.phases[self.peak_phase]
+        return phase.peak_bytes + phase.segment_slack_bytes + self.cuda_context_bytes
+
+    def to_dict(self) -> dict:
+        return dict(
+            model=self.spec.name,
+            family=self.spec.family,
+            num_params=self.spec.num_params,
+            setup=self.setup.to_dict(),
+            phase_peak_bytes=self.phase_peak_bytes,
+            peak_phase=self.peak_phase,
+            peak_bytes=self.peak_bytes,
+            cuda_context_bytes=self.cuda_context_bytes,
+            device_bytes=self.device_bytes(),
+            phases={name: p.to_dict() for name, p in self.phases.items()},
+            notes=list(self.notes),
+        )
+
+
+# --------------------------------------------------------------------------- the replay
+
+
+class _Timeline:
+    """Live allocations by component; records the peak, its place and its breakdown."""
+
+    def __init__(self) -> None:
+        self._live: dict[int, tuple[str, int, int]] = {}  # handle -> (component, bytes, rounded)
+        self._next = 0
+        self.exact: dict[str, int] = defaultdict(int)
+        self.rounding = 0
+        self.slack = 0
+        self.total = 0
+        self.stage = "setup"
+        self.where = ""
+        self.peak = -1
+        self.peak_at = ""
+        self.peak_components: dict[str, int] = {}
+        self.peak_slack = 0
+        self.stage_peaks: dict[str, int] = {}
+
+    def alloc(self, component: str, nbytes: int | float) -> int:
+        nbytes = int(nbytes)
+        rounded = _round(nbytes)
+        handle = self._next
+        self._next += 1
+        self._live[handle] = (component, nbytes, rounded)
+        self.exact[component] += nbytes
+        self.rounding += rounded - nbytes
+        if rounded > LARGE_BLOCK:
+            self.slack += -(-rounded // SEGMENT_ROUND) * SEGMENT_ROUND - rounded
+        self.total += rounded
+        self._observe()
+        return handle
+
+    def free(self, *handles: int | None) -> None:
+        for handle in handles:
+            if handle is None:
+                continue
+            component, nbytes, rounded = self._live.pop(handle)
+            self.exact[component] -= nbytes
+            self.rounding -= rounded - nbytes
+            if rounded > LARGE_BLOCK:
+                self.slack -= -(-rounded // SEGMENT_ROUND) * SEGMENT_ROUND - rounded
+            self.total -= rounded
+
+    def at(self, stage: str, where: str) -> None:
+        self.stage, self.where = stage, where
+
+    def _observe(self) -> None:
+        if self.stage != "setup":
+            self.stage_peaks[self.stage] = max(self.stage_peaks.get(self.stage, 0), self.total)
+        if self.total > self.peak:
+            self.peak = self.total
+            self.peak_at = f"{self.stage}: {self.where}" if self.where else self.stage
+            self.peak_components = {c: v for c, v in self.exact.items() if v}
+            self.peak_components["allocator_rounding"] = self.rounding
+            self.peak_slack = self.slack
+
+    def result(self, phase: str) -> PhaseEstimate:
+        components = {c: self.peak_components.get(c, 0) for c in COMPONENTS}
+        return PhaseEstimate(
+            phase, self.peak, self.peak_at, components, dict(self.stage_peaks), self.peak_slack
+        )
+
+
+def _state_tensor_bytes(numel: int, bits: int) -> list[int]:
+    """Bytes of one moment tensor (and its scales) at ``bits`` bits."""
+    if bits == 32:
+        return [4 * numel]
+    if bits == 16:
+        return [2 * numel]
+    scales = 4 * math.ceil(numel / STATE_BLOCK)
+    return [math.ceil(numel * bits / 8), scales]
+
+
+class _Step:
+    """Replays one phase's steps for a transformer family on a _Timeline."""
+
+    def __init__(self, spec: ModelSpec, setup: TrainSetup, phase: str) -> None:
+        self.spec, self.setup, self.phase = spec, setup, phase
+        self.tl = _Timeline()
+        self.r = DTYPE_BYTES[setup.param_dtype]  # parameters, residual stream, .grad
+        self.c = DTYPE_BYTES[setup.compute_dtype]  # matmul inputs/outputs, attention
+        self.autocast = setup.autocast is not None
+        self.N = setup.tokens_per_micro_batch
+        self.train = phase != "predict"
+        self.arena = setup.grad_mode == "hook" or setup.master_weights  # flat buffers
+        self.grads: dict[str, int] = {}  # param name -> handle of its .grad (full mode)
+        self.cache: dict[str, int] = {}  # param name -> handle of its autocast copy
+        self.logits: int | None = None
+        by_block: dict[int, list[ParamTensor]] = defaultdict(list)
+        self.outside: list[ParamTensor] = []
+        for p in spec.params:
+            parts = p.name.split(".")
+            if parts[0] in ("h", "layers") and parts[1].isdigit():
+                by_block[int(parts[1])].append(p)
+            else:
+                self.outside.append(p)
+        self.block_params = [by_block[i] for i in range(spec.n_layer)]
+        self.lm_head = (
+            next(p for p in spec.params if p.name in ("wte", "lm_head.weight"))
+            if spec.family == "gpt2"
+            else next(
+                p
+                for p in spec.params
+                if p.name == ("embed_tokens" if spec.tied_embeddings else "lm_head.weight")
+            )
+        )
+
+    # ---- model state -------------------------------------------------------------------
+
+    def model_state(self) -> None:
+        tl, s, P = self.tl, self.setup, self.spec.num_params
+        tl.at("setup", "model state")
+        for p in self.spec.params:
+            tl.alloc("weights", p.numel * self.r)
+        if s.master_weights:
+            tl.alloc("master_weights", 4 * P)
+        moments = {"adamw": 2, "sgd": 1, "none": 0}[s.optimizer]
+        bits = s.state_bits
+        on_gpu = s.offload == "none"
+        if not self.train:
+            policy = s.predict_moments
+            on_gpu = on_gpu and policy in ("keep", "compress")
+            if policy == "compress":
+                bits = min(bits, 8)
+        if moments and on_gpu:
+            if self.arena:  # flat buffers over the whole model
+                for _ in range(moments):
+                    for nbytes in _state_tensor_bytes(P, bits):
+                        tl.alloc("optimizer_state", nbytes)
+            else:  # torch optimizer: per-parameter state and a device step counter
+                for p in self.spec.params:
+                    for _ in range(moments):
+                        for nbytes in _state_tensor_bytes(p.numel, bits):
+                            tl.alloc("optimizer_state", nbytes)
+                    if s.optimizer == "adamw":
+                        tl.alloc("optimizer_state", 4)
+        if not self.train:
+            tl.alloc("update_direction", P)  # int8 blockwise direction
+            tl.alloc("update_direction", 4 * math.ceil(P / STATE_BLOCK))
+        elif s.grad_mode == "hook":
+            tl.alloc("gradients", 4 * P)  # the fp32 accumulator
+        tl.alloc("workspace", CUBLAS_WORKSPACE)
+        tl.alloc("inputs", 8 * self.N)  # idx
+        tl.alloc("inputs", 8 * self.N)  # targets: the Predict forward still computes the loss
+        if s.logits_lifetime == "next_forward" and self.train:
+            # the previous step's logits, held by the caller until this forward returns
+            self.logits = tl.alloc("logits_and_loss", self.c * self.N * self.spec.vocab_size)
+
+    # ---- helpers -----------------------------------------------------------------------
+
+    def act(self, width: int | float, nbytes: int, component: str = "activations") -> int:
+        return self.tl.alloc(component, nbytes * width * self.N)
+
+    def weight_copy(self, p: ParamTensor) -> None:
+        """Autocast casts a linear weight/bias to the compute dtype once per forward."""
+        if self.autocast and p.kind == "linear" and p.name not in self.cache:
+            self.cache[p.name] = self.tl.alloc("autocast_cache", self.c * p.numel)
+
+    def param_grad(self, p: ParamTensor, from_matmul: bool = True) -> None:
+        """Backward produced ``p``'s gradient: store, accumulate or fold it."""
+        tl, r = self.tl, self.r
+        low = None
+        if self.autocast and from_matmul and p.kind == "linear":
+            low = tl.alloc("workspace", self.c * p.numel)  # the matmul's bf16 gradient
+        incoming = tl.alloc("workspace", r * p.numel)  # cast back to the parameter dtype
+        tl.free(low)
+        if self.setup.grad_mode == "hook":
+            tl.free(incoming)  # folded into the fp32 accumulator by the hook, then dropped
+        elif p.name in self.grads:
+            tl.free(incoming)  # added in place to the existing .grad
+        else:
+            tl.free(incoming)  # AccumulateGrad steals it: it becomes the .grad
+            self.grads[p.name] = tl.alloc("gradients", r * p.numel)
+        if p.name in self.cache and from_matmul:
+            tl.free(self.cache.pop(p.name))  # the saved weight copy dies with its node
+
+    # ---- one transformer block ---------------------------------------------------------
+
+    def _dims(self) -> tuple[int, int, int, int]:
+        sp = self.spec
+        q = sp.n_head * (sp.head_dim if sp.family == "gpt2" else self._llama_head_dim())
+        kv = sp.n_kv_head * (q // sp.n_head)
+        return sp.d_model, q, kv, sp.d_ff
+
+    def _llama_head_dim(self) -> int:
+        for p in self.spec.params:
+            if p.name.endswith("attn.q_proj.weight"):
+                return p.numel // self.spec.d_model // self.spec.n_head
+        return self.spec.head_dim
+
+    def block_forward(self, i: int, x: int, save: bool) -> tuple[int, dict[str, int]]:
+        """Forward of block ``i`` on the residual ``x`` (a handle). Returns the output handle
+        and the handles it saved (empty when ``save`` is false: no_grad or checkpointed)."""
+        tl, r, c, sp = self.tl, self.r, self.c, self.spec
+        d, q, kv, f = self._dims()
+        H = sp.n_head
+        gelu = sp.family == "gpt2"
+        saved: dict[str, int] = {}
+        tl.at(tl.stage, f"block {i} attention")
+        for p in self.block_params[i]:
+            self.weight_copy(p)
+        norm_out = self.act(d, r)  # norm output in the parameter dtype
+        stats = self.act(1, 8) if save else None  # fp32 mean + rstd (RMSNorm: rstd only)
+        if self.autocast:
+            a_in = self.act(d, c)
+            tl.free(norm_out)
+        else:
+            a_in = norm_out
+        qkv = self.act(q + 2 * kv, c)
+        if not gelu:  # RoPE writes rotated q, k; the unrotated ones are not saved
+            rot = self.act(q + kv, c)
+            tl.free(qkv)
+            qkv = rot
+            v = self.act(kv, c)
+        else:
+            v = None
+        if not save:
+            tl.free(a_in)
+        math_probs = None
+        if self.setup.attention == "math":
+            scores = self.act(H * self.setup.seq_len, c, "workspace")
+            math_probs = self.act(H * self.setup.seq_len, c)
+            tl.free(scores)
+        out = self.act(q, c)
+        lse = self.act(H, 4) if self.setup.attention == "flash" else None
+        if self.setup.attention == "math":
+            proj_in = self.act(q, c)  # transpose().contiguous() copies [B, H, T, D]
+            tl.free(out)
+            out = None
+        else:
+            proj_in = None  # flash's output already has the [B, T, H, D] layout
+        if not save:
+            tl.free(qkv, v, lse, math_probs)
+        y = self.act(d, c, "workspace")
+        tl.free(out if not save else None, proj_in if not save else None)
+        x1 = self.act(d, r)
+        tl.free(y)
+        if not save:
+            tl.free(x)  # the block input is only kept when saved (or by the checkpoint)
+        tl.at(tl.stage, f"block {i} MLP")
+        norm2 = self.act(d, r)
+        stats2 = self.act(1, 8) if save else None
+        if self.autocast:
+            m_in = self.act(d, c)
+            tl.free(norm2)
+        else:
+            m_in = norm2
+        hidden = [self.act(f, c)]  # c_fc out (GELU) / gate (SwiGLU)
+        if not gelu:
+            hidden.append(self.act(f, c))  # up
+        hidden.append(self.act(f, c))  # gelu(h) / silu(gate)
+        if not gelu:
+            hidden.append(self.act(f, c))  # silu(gate) * up
+        if not save:
+            tl.free(m_in, *hidden[:-1])
+        z = self.act(d, c, "workspace")
+        if not save:
+            tl.free(hidden[-1])
+        x2 = self.act(d, r)
+        tl.free(z)
+        if save:
+            saved = dict(
+                x=x,
+                stats=stats,
+                a_in=a_in,
+                qkv=qkv,
+                v=v,
+                probs=math_probs,
+                out=out,
+                lse=lse,
+                proj_in=proj_in,
+                x1=x1,
+                stats2=stats2,
+                m_in=m_in,
+            )
+            saved.update({f"hidden{k}": h for k, h in enumerate(hidden)})
+        else:
+            tl.free(x1)
+        return x2, saved
+
+    def block_backward(self, i: int, g: int, saved: dict[str, int]) -> int:
+        """Backward of block ``i``: ``g`` is the gradient of its output; returns the gradient
+        of its input. Frees each saved tensor once its node has run."""
+        tl, r, c, sp = self.tl, self.r, self.c, self.spec
+        d, q, kv, f = self._dims()
+        H = sp.n_head
+        gelu = sp.family == "gpt2"
+        params = {p.name.split(".", 2)[2]: p for p in self.block_params[i]}
+        mlp_p = [p for k, p in params.items() if k.startswith("mlp.")]
+        norm2_p = [p for k, p in params.items() if k.startswith(("ln_2", "post_attention"))]
+        attn_p = [p for k, p in params.items() if k.startswith("attn.")]
+        norm1_p = [p for k, p in params.items() if k.startswith(("ln_1", "input_layernorm"))]
+        tl.at("backward", f"block {i} MLP")
+        gm = self.act(d, c, "workspace") if self.autocast else None  # grad cast to bf16
+        hidden = [saved.pop(f"hidden{k}") for k in range(2 if gelu else 4)]
+        gh = self.act(f, c, "workspace")  # grad of the down projection's input
+        for p in mlp_p:
+            if p.name.endswith(("c_proj.weight", "c_proj.bias", "down_proj.weight")):
+                self.param_grad(p)
+        tl.free(gm, hidden[-1])
+        if gelu:
+            gh2 = self.act(f, c, "workspace")  # GELU backward
+            tl.free(gh, hidden[0])
+        else:
+            g_up = self.act(f, c, "workspace")  # grad of up: gh * silu(gate)
+            g_silu = self.act(f, c, "workspace")  # grad of silu(gate): gh * up
+            tl.free(gh, hidden[2], hidden[1])
+            gh2 = self.act(f, c, "workspace")  # silu backward -> grad of gate
+            tl.free(g_silu, hidden[0])
+            gh2b = g_up
+        g_min = self.act(d, c, "workspace")  # grad of the MLP input
+        for p in mlp_p:
+            if not p.name.endswith(("c_proj.weight", "c_proj.bias", "down_proj.weight")):
+                self.param_grad(p)
+        tl.free(gh2, None if gelu else gh2b, saved.pop("m_in"))
+        if self.autocast:
+            g_norm = self.act(d, r, "workspace")
+            tl.free(g_min)
+        else:
+            g_norm = g_min
+        g_x1 = self.act(d, r, "workspace")  # norm backward
+        for p in norm2_p:
+            self.param_grad(p, from_matmul=False)
+        tl.free(g_norm, saved.pop("stats2"), saved.pop("x1"))
+        # the residual's gradient and the MLP branch's are summed in place into one buffer
+        tl.free(g)
+        tl.at("backward", f"block {i} attention")
+        ga = self.act(d, c, "workspace") if self.autocast else None
+        g_out = self.act(q, c, "workspace")  # grad of the attention output
+        for p in attn_p:
+            if p.name.endswith(("c_proj.weight", "c_proj.bias", "o_proj.weight")):
+                self.param_grad(p)
+        tl.free(ga, saved.pop("proj_in"))
+        if self.setup.attention == "flash":
+            g_qkv = self.act(q + 2 * kv, c, "workspace")  # dq, dk, dv
+            # flash attention 2 accumulates dq in fp32, plus a [B, H, T] fp32 softmax term
+            accum = self.act(q, 4, "workspace") if c < 4 else None
+            delta = self.act(H, 4, "workspace")
+            tl.free(accum, delta)
+        else:
+            gp = self.act(H * self.setup.seq_len, c, "workspace")
+            gs = self.act(H * self.setup.seq_len, c, "workspace")
+            g_qkv = self.act(q + 2 * kv, c, "workspace")
+            tl.free(gp, gs)
+        tl.free(
+            g_out,
+            saved.pop("qkv"),
+            saved.pop("v"),
+            saved.pop("out"),
+            saved.pop("lse"),
+            saved.pop("probs"),
+        )
+        if gelu:  # split's backward concatenates dq, dk, dv into the fused grad
+            cat = self.act(q + 2 * kv, c, "workspace")
+            tl.free(g_qkv)
+            g_qkv = cat
+        else:  # RoPE backward on dq, dk
+            rot = self.act(q + kv, c, "workspace")
+            tl.free(rot)
+        g_ain = self.act(d, c, "workspace")
+        for p in attn_p:
+            if not p.name.endswith(("c_proj.weight", "c_proj.bias", "o_proj.weight")):
+                self.param_grad(p)
+        tl.free(g_qkv, saved.pop("a_in"))
+        if self.autocast:
+            g_norm = self.act(d, r, "workspace")
+            tl.free(g_ain)
+        else:
+            g_norm = g_ain
+        g_x = self.act(d, r, "workspace")
+        for p in norm1_p:
+            self.param_grad(p, from_matmul=False)
+        tl.free(g_norm, saved.pop("stats"), saved.pop("x"))
+        tl.free(g_x1)  # summed in place into g_x
+        return g_x
+
+    # ---- one micro-batch ---------------------------------------------------------------
+
+    def micro_batch(self) -> None:
+        tl, s, sp, r, c = self.tl, self.setup, self.spec, self.r, self.c
+        V, d = sp.vocab_size, sp.d_model
+        train = self.train
+        ckpt = s.checkpointing and train
+        tl.at("forward", "embedding")
+        for p in self.outside:
+            if p is self.lm_head:
+                continue
+            self.weight_copy(p)
+        emb = self.act(d, r)
+        x = self.act(d, r)  # token + position embedding (Llama: the lookup itself)
+        tl.free(emb)
+        saved_blocks: list[dict[str, int]] = []
+        kept_inputs: list[int] = []
+        for i in range(sp.n_layer):
+            if ckpt:
+                kept_inputs.append(x)  # the checkpoint keeps the block input alive
+                x_next, _ = self.block_forward(i, self._alias(x), save=False)
+            else:
+                x_next, saved = self.block_forward(i, x, save=train)
+                saved_blocks.append(saved)
+            x = x_next
+        tl.at("forward", "final norm and logits")
+        self.weight_copy(self.lm_head)
+        norm_out = self.act(d, r)
+        stats = self.act(1, 8) if train else None
+        if self.autocast:
+            head_in = self.act(d, c)
+            tl.free(norm_out)
+        else:
+            head_in = norm_out
+        if not train:
+            tl.free(x)
+        logits = self.act(V, c, "logits_and_loss")
+        if not train:
+            tl.free(head_in)
+        tl.at("forward", "cross-entropy")
+        ls_bytes = 4 if self.autocast else c
+        up = self.act(V, 4, "logits_and_loss") if self.autocast else None  # fp32 cast
+        log_probs = self.act(V, ls_bytes, "logits_and_loss")
+        tl.free(up)
+        if self.logits is not None:  # the previous step's logits die when forward returns
+            tl.free(self.logits)
+            self.logits = None
+        tl.free(*(h for name, h in self.cache.items() if name.endswith(".bias")))
+        self.cache = {k: h for k, h in self.cache.items() if not k.endswith(".bias")}
+        if ckpt:  # autocast's cache is cleared on exit; checkpointed blocks saved no copies
+            for p in (q for blk in self.block_params for q in blk):
+                if p.name in self.cache:
+                    tl.free(self.cache.pop(p.name))
+        if not train:
+            tl.free(log_probs, logits)
+            for h in self.cache.values():
+                tl.free(h)
+            self.cache = {}
+            return
+        if s.logits_lifetime == "loss_only":
+            tl.free(logits)
+            logits = None
+        # ---- backward
+        tl.at("backward", "cross-entropy")
+        g_nll = self.act(V, ls_bytes, "logits_and_loss")
+        g_ls = self.act(V, ls_bytes, "logits_and_loss")
+        tl.free(g_nll, log_probs)
+        if self.autocast:
+            g_logits = self.act(V, c, "logits_and_loss")
+            tl.free(g_ls)
+        else:
+            g_logits = g_ls
+        tl.at("backward", "output head")
+        g_head = self.act(d, c, "workspace")
+        self.param_grad(self.lm_head)
+        tl.free(g_logits, head_in)
+        if self.autocast:
+            g_norm = self.act(d, r, "workspace")
+            tl.free(g_head)
+        else:
+            g_norm = g_head
+        g = self.act(d, r, "workspace")
+        for p in self.outside:
+            if p.kind == "norm":
+                self.param_grad(p, from_matmul=False)
+        tl.free(g_norm, stats, x)
+        for i in reversed(range(sp.n_layer)):
+            if ckpt:
+                tl.at("backward", f"block {i} recompute")
+                for p in self.block_params[i]:
+                    self.weight_copy(p)
+                x_in = kept_inputs.pop()
+                _, saved = self._recompute(i, x_in)
+            else:
+                saved = saved_blocks.pop()
+            g = self.block_backward(i, g, saved)
+        tl.at("backward", "embeddings")
+        for p in self.outside:
+            if p.kind == "norm" or p.name == "lm_head.weight":
+                continue
+            self.param_grad(p, from_matmul=False)  # dense embedding gradient, then stored
+        tl.free(g)
+        self.logits = logits  # None for "loss_only"; freed by the next forward or the step
+
+    def _alias(self, handle: int) -> int:
+        """A second reference to a live tensor (the checkpoint keeps the original)."""
+        return self.tl.alloc(self.tl._live[handle][0], 0)
+
+    def _recompute(self, i: int, x_in: int) -> tuple[int, dict[str, int]]:
+        x_out, saved = self.block_forward(i, x_in, save=True)
+        self.tl.free(x_out)  # the recomputed output is not needed
+        return x_out, saved
+
+    def optimizer_step(self) -> None:
+        tl = self.tl
+        tl.at("optimizer", "step")
+        tl.alloc("workspace", 0)  # a point on the timeline: the fused step has no temporaries
+        for h in self.grads.values():  # zero_grad(set_to_none=True)
+            tl.free(h)
+        self.grads = {}
+        if self.logits is not None and self.setup.logits_lifetime == "step":
+            tl.free(self.logits)
+            self.logits = None
+
+    def run(self) -> PhaseEstimate:
+        self.model_state()
+        steps = 1 if not self.train else min(self.setup.accum_steps, 2)
+        for _ in range(2 if self.train else 1):  # the second step sees the first's leftovers
+            for _ in range(steps):
+                self.micro_batch()
+            if self.train:
+                self.optimizer_step()
+        return self.tl.result(self.phase)
+
+
+def estimate(spec: ModelSpec, setup: TrainSetup) -> Estimate:
+    """Per-phase, per-component allocated peak of training ``spec`` with ``setup``.
+
+    ``estimate(spec, setup).phase_peak_bytes["full"]`` is what
+    ``torch.cuda.max_memory_allocated()`` should read over a Full phase (reset at its start).
+    """
+    if not isinstance(spec, ModelSpec):
+        raise PlannerError(f"estimate expects a ModelSpec, got {type(spec).__name__}")
+    if not isinstance(setup, TrainSetup):
+        raise PlannerError(f"estimate expects a TrainSetup, got {type(setup).__name__}")
+    if not spec.has_activation_model:
+        raise PlannerError(
+            f"{spec.name}: the formulas know GPT-2 and Llama-style models only; measure this "
+            "module with hybrid_triton.planner.traced.trace_step (fake tensors, no GPU)"
+        )
+    if setup.seq_len > spec.max_seq_len:
+        raise PlannerError(
+            f"seq_len {setup.seq_len} exceeds {spec.name}'s maximum {spec.max_seq_len}"
+        )
+    phases = {}
+    for phase in dict.fromkeys(setup.phases):
+        phases[phase] = _Step(spec, setup, phase).run()
+    notes = []
+    if spec.family == "llama":
+        notes.append(
+            "Llama activations assume fused RMSNorm/RoPE and SDPA with grouped kv "
+            "heads (no repeat_kv copies); Hugging Face's eager modules save more."
+        )
+    return Estimate(spec, setup, phases, CUDA_CONTEXT, notes)

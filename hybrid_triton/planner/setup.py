@@ -1,0 +1,184 @@
+"""Training setups: everything besides the model that decides how much memory a step takes.
+
+A :class:`TrainSetup` is immutable and validated on construction (nonsense such as batch 0,
+an unknown dtype or 5-bit state raises :class:`~hybrid_triton.planner.specs.PlannerError`
+with what was expected). ``SETUP_PRESETS`` names the configurations the memory suite runs:
+
+| name | parameters | compute | master | gradients | optimizer state |
+| --- | --- | --- | --- | --- | --- |
+| fp32 | fp32 | fp32 | - | fp32 in ``.grad`` | AdamW, 2 fp32 moments |
+| bf16-autocast | fp32 | bf16 autocast | - | fp32 in ``.grad`` | AdamW, 2 fp32 moments |
+| bf16-master | bf16 | bf16 | fp32 | hook-folded into an fp32 accumulator | AdamW |
+| hybrid | bf16 | bf16 | fp32 | hook-folded into fp32 | AdamW 8-bit, checkpointing |
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from hybrid_triton.planner.specs import PlannerError, unknown_name_error
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+_DTYPE_ALIASES = {
+    "float32": "fp32",
+    "float": "fp32",
+    "bfloat16": "bf16",
+    "float16": "fp16",
+    "half": "fp16",
+}
+PHASES = ("warmup", "full", "predict", "correct")
+GRAD_MODES = ("full", "hook")
+OPTIMIZERS = ("adamw", "sgd", "none")
+STATE_BITS = (32, 16, 8, 4)
+OFFLOAD = ("none", "cpu")
+PREDICT_MOMENTS = ("keep", "offload", "compress", "drop")
+ATTENTION = ("flash", "math")
+LOGITS_LIFETIME = ("loss_only", "step", "next_forward")
+
+
+def _dtype(value: str | None, what: str, allow_none: bool = False) -> str | None:
+    if value is None and allow_none:
+        return None
+    key = _DTYPE_ALIASES.get(str(value).lower(), str(value).lower())
+    if key not in DTYPE_BYTES:
+        raise unknown_name_error(what, value, DTYPE_BYTES)
+    return key
+
+
+def _choice(value, allowed, what: str):
+    if value not in allowed:
+        raise unknown_name_error(what, value, [str(a) for a in allowed])
+    return value
+
+
+def _count(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PlannerError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    """One training configuration.
+
+    - ``param_dtype``: dtype of the model's parameters ("fp32", "bf16", "fp16").
+    - ``autocast``: None, or the autocast dtype ("bf16"/"fp16") the forward runs under.
+    - ``master_weights``: an fp32 master copy kept by the optimizer (for low-precision params).
+    - ``grad_mode``: "full" (a ``.grad`` per parameter, in the parameter dtype) or "hook"
+      (post-accumulate-grad hooks fold each gradient into one fp32 accumulator and drop it).
+    - ``optimizer``: "adamw" (2 moments), "sgd" (1 momentum buffer) or "none"; ``state_bits``
+      32 / 16 / 8 / 4 (8 and 4: blockwise with an fp32 scale per ``STATE_BLOCK`` elements).
+    - ``micro_batch``, ``seq_len``, ``accum_steps``: sequences per micro-batch, tokens per
+      sequence, micro-batches per optimizer step.
+    - ``checkpointing``: activation checkpointing per transformer block.
+    - ``offload``: "none", or "cpu" (optimizer moments live in host memory in every phase).
+    - ``predict_moments``: what the Predict phase does with the moments ("keep", "offload",
+      "compress" to 8-bit, "drop").
+    - ``phases``: the phase plan (a subset of warmup, full, predict, correct, in run order).
+    - ``attention``: "flash" (fused SDPA: saves q, k, v, out, logsumexp) or "math" (the T x T
+      scores and probabilities are materialized).
+    - ``logits_lifetime``: how long the caller holds the returned logits: "loss_only" (``_,
+      loss = model(x, y)``), "step" (held through backward and the optimizer step), or
+      "next_forward" (``logits, loss = model(x, y)`` in a loop: the old logits live until the
+      next forward returns, as in nanoGPT).
+    """
+
+    param_dtype: str = "fp32"
+    autocast: str | None = None
+    master_weights: bool = False
+    grad_mode: str = "full"
+    optimizer: str = "adamw"
+    state_bits: int = 32
+    micro_batch: int = 1
+    seq_len: int = 1024
+    accum_steps: int = 1
+    checkpointing: bool = False
+    offload: str = "none"
+    predict_moments: str = "offload"
+    phases: tuple[str, ...] = PHASES
+    attention: str = "flash"
+    logits_lifetime: str = "next_forward"
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalize in place once
+        set_(self, "param_dtype", _dtype(self.param_dtype, "param dtype"))
+        set_(self, "autocast", _dtype(self.autocast, "autocast dtype", allow_none=True))
+        if self.autocast == "fp32":
+            set_(self, "autocast", None)
+        _choice(self.grad_mode, GRAD_MODES, "gradient mode")
+        _choice(self.optimizer, OPTIMIZERS, "optimizer")
+        _choice(self.state_bits, STATE_BITS, "optimizer state bits")
+        _choice(self.offload, OFFLOAD, "offload strategy")
+        _choice(self.predict_moments, PREDICT_MOMENTS, "Predict moments policy")
+        _choice(self.attention, ATTENTION, "attention implementation")
+        _choice(self.logits_lifetime, LOGITS_LIFETIME, "logits lifetime")
+        _count(self.micro_batch, "micro_batch")
+        _count(self.seq_len, "seq_len")
+        _count(self.accum_steps, "accum_steps")
+        phases = tuple(self.phases)
+        if not phases:
+            raise PlannerError("phases must name at least one phase")
+        for phase in phases:
+            _choice(phase, PHASES, "phase")
+        set_(self, "phases", phases)
+        if self.master_weights and self.param_dtype == "fp32":
+            raise PlannerError(
+                "master_weights needs low-precision parameters (bf16/fp16): "
+                "fp32 parameters are their own master copy"
+            )
+        if self.autocast is not None and DTYPE_BYTES[self.param_dtype] <= 2:
+            raise PlannerError(
+                f"autocast to {self.autocast} with {self.param_dtype} parameters "
+                "changes nothing; use autocast with fp32 parameters"
+            )
+
+    @property
+    def compute_dtype(self) -> str:
+        return self.autocast or self.param_dtype
+
+    @property
+    def tokens_per_micro_batch(self) -> int:
+        return self.micro_batch * self.seq_len
+
+    def replace(self, **changes) -> TrainSetup:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["phases"] = list(self.phases)
+        return out
+
+    def describe(self) -> str:
+        parts = [f"{self.param_dtype} params"]
+        if self.autocast:
+            parts.append(f"{self.autocast} autocast")
+        if self.master_weights:
+            parts.append("fp32 master")
+        parts.append("hook-folded fp32 grads" if self.grad_mode == "hook" else "full grads")
+        if self.optimizer != "none":
+            parts.append(f"{self.optimizer} {self.state_bits}-bit state")
+        if self.offload != "none":
+            parts.append(f"state offloaded to {self.offload}")
+        if self.checkpointing:
+            parts.append("checkpointing")
+        parts.append(f"batch {self.micro_batch}x{self.seq_len}")
+        if self.accum_steps > 1:
+            parts.append(f"accum {self.accum_steps}")
+        return ", ".join(parts)
+
+
+SETUP_PRESETS: dict[str, dict] = {
+    "fp32": dict(param_dtype="fp32"),
+    "bf16-autocast": dict(param_dtype="fp32", autocast="bf16"),
+    "bf16-master": dict(param_dtype="bf16", master_weights=True, grad_mode="hook"),
+    "hybrid": dict(
+        param_dtype="bf16", master_weights=True, grad_mode="hook", state_bits=8, checkpointing=True
+    ),
+}
+
+
+def setup_preset(name: str, **overrides) -> TrainSetup:
+    """A setup by preset name (``SETUP_PRESETS``) with fields overridden by keyword."""
+    if name not in SETUP_PRESETS:
+        raise unknown_name_error("setup preset", name, SETUP_PRESETS)
+    return TrainSetup(**{**SETUP_PRESETS[name], **overrides})
