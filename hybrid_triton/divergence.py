@@ -1,0 +1,138 @@
+"""Divergence monitor: is a Predict step's real loss still where it should be?
+
+Every Predict step still runs the forward pass, so its real loss is known. The monitor compares
+it, with relative (scale-free) measures only, against
+
+- the loss the dynamics model predicted for that step: ``|loss - predicted| / |predicted|``;
+- the recent history of real losses from Full/Correct steps (``observe``): the rise above the
+  history mean, in units of the larger of the history's standard deviation and a relative floor
+  (``rel_warning`` of the mean), so a perfectly flat history does not make every wiggle a
+  divergence.
+
+A non-finite loss is critical at once. ``escalate_after`` warnings in a row are critical. On a
+critical level the trainer rolls back to the Predict entry snapshot and forces a Full phase.
+
+The seed checked the previous step's loss against the prediction *error* passed where the
+predicted loss was expected (seed-digest 8.1); here ``check`` receives the step's own loss and
+its prediction, after the forward pass of that step.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+
+class Level(enum.IntEnum):
+    OK = 0
+    CAUTION = 1
+    WARNING = 2
+    CRITICAL = 3
+
+
+@dataclass(frozen=True)
+class Verdict:
+    level: Level
+    reason: str
+    rel_error: float  # |loss - predicted| / |predicted| (nan without a prediction)
+    rise: float  # (loss - history mean) / max(history std, rel_warning * |mean|)
+
+    @property
+    def critical(self) -> bool:
+        return self.level is Level.CRITICAL
+
+
+class DivergenceMonitor:
+    def __init__(
+        self,
+        rel_warning: float = 0.15,
+        rel_critical: float = 0.5,
+        sigma: float = 4.0,
+        history: int = 50,
+        escalate_after: int = 3,
+    ) -> None:
+        if not 0 < rel_warning < rel_critical:
+            raise ValueError(
+                f"DivergenceMonitor: need 0 < rel_warning < rel_critical, got {rel_warning}, "
+                f"{rel_critical}"
+            )
+        self.rel_warning = float(rel_warning)
+        self.rel_critical = float(rel_critical)
+        self.sigma = float(sigma)
+        self.history: deque[float] = deque(maxlen=int(history))
+        self.escalate_after = int(escalate_after)
+        self.consecutive_warnings = 0
+        self.counts = {level.name.lower(): 0 for level in Level}
+        self.last: Verdict | None = None
+
+    def observe(self, loss: float) -> None:
+        """A real loss from a step whose weights came from the optimizer (Full/Correct)."""
+        if math.isfinite(loss):
+            self.history.append(float(loss))
+
+    def _rise(self, loss: float) -> float:
+        if len(self.history) < 2:
+            return 0.0
+        n = len(self.history)
+        mean = sum(self.history) / n
+        std = math.sqrt(sum((x - mean) ** 2 for x in self.history) / (n - 1))
+        scale = max(std, self.rel_warning * abs(mean), 1e-12)
+        return (loss - mean) / scale
+
+    def check(self, loss: float, predicted: float | None = None) -> Verdict:
+        """Judge one Predict step: its real ``loss`` and the ``predicted`` loss for it."""
+        if not math.isfinite(loss):
+            verdict = Verdict(Level.CRITICAL, f"non-finite loss {loss}", math.nan, math.inf)
+        else:
+            rel = math.nan
+            if predicted is not None and math.isfinite(predicted):
+                rel = abs(loss - predicted) / max(abs(predicted), 1e-12)
+            rise = self._rise(loss)
+            level, reasons = Level.OK, []
+            if not math.isnan(rel):
+                if rel > self.rel_critical:
+                    level = Level.CRITICAL
+                    reasons.append(f"loss {loss:.4g} is {rel:.1%} off the prediction")
+                elif rel > self.rel_warning:
+                    level = max(level, Level.WARNING)
+                    reasons.append(f"loss {loss:.4g} is {rel:.1%} off the prediction")
+                elif rel > self.rel_warning / 2:
+                    level = max(level, Level.CAUTION)
+            if rise > 2 * self.sigma:
+                level = Level.CRITICAL
+                reasons.append(f"loss rose {rise:.1f} scales above its recent history")
+            elif rise > self.sigma:
+                level = max(level, Level.WARNING)
+                reasons.append(f"loss rose {rise:.1f} scales above its recent history")
+            if level is Level.WARNING:
+                self.consecutive_warnings += 1
+                if self.consecutive_warnings >= self.escalate_after:
+                    level = Level.CRITICAL
+                    reasons.append(f"{self.consecutive_warnings} warnings in a row")
+            elif level < Level.WARNING:
+                self.consecutive_warnings = 0
+            verdict = Verdict(level, "; ".join(reasons) or "ok", rel, rise)
+        if verdict.critical:
+            self.consecutive_warnings = 0
+        self.counts[verdict.level.name.lower()] += 1
+        self.last = verdict
+        return verdict
+
+    def reset_streak(self) -> None:
+        self.consecutive_warnings = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": list(self.history),
+            "consecutive_warnings": self.consecutive_warnings,
+            "counts": dict(self.counts),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history.clear()
+        self.history.extend(float(x) for x in state["history"])
+        self.consecutive_warnings = int(state["consecutive_warnings"])
+        self.counts = dict(state["counts"])

@@ -1,0 +1,922 @@
+"""``HybridTrainer``: the phase-aware training loop (Warmup -> Full -> Predict <-> Correct).
+
+It wraps any ``nn.Module``, a loss function ``loss_fn(model, micro_batch) -> scalar loss`` and
+the toolkit's :class:`~hybrid_triton.optim.FusedAdamW` (built for you when not given), and runs
+every step under the :class:`~hybrid_triton.scheduler.PhasePlan` of its phase.
+
+Backward phases (Warmup, Full, Correct): the batch is split into ``micro_batches`` pieces along
+dim 0; each piece's backward folds its gradients into the fp32 accumulator from
+post-accumulate-grad hooks (:class:`~hybrid_triton.accumulation.GradAccumulator`, kernel
+``accumulate_grads``) with weight ``n_i / B``, so the accumulator holds the gradient of the whole
+batch's mean loss whatever the split (no full-size low-precision gradient ever exists). The
+optimizer then takes one step from it. Learning rate: ``optimizer.param_groups[0]["lr"]`` is the
+rate per optimizer step (per effective batch); it is not divided by the micro-batch count,
+because the accumulated gradient is already a mean. LR schedulers that set that value work.
+
+Precision per phase: ``fp32`` (no autocast), ``bf16`` or ``fp16`` (``torch.autocast``); in fp16
+backward phases the loss is scaled by a device-side :class:`~hybrid_triton.precision.
+DynamicLossScaler`, the accumulate kernel unscales and flags non-finite gradients in the same
+pass, the optimizer skips on that flag on the device, and the scaler updates on the device.
+
+Predict (no backward): at entry the trainer snapshots the master weights to host memory (for
+rollback), frees the gradient accumulator, builds the optimizer's own AdamW direction
+``m_hat / (sqrt(v_hat) + eps) + weight_decay * w`` and keeps it quantized on the device (one
+``quantize_blockwise`` payload per segment group), and moves the optimizer moments by the
+chosen strategy (:mod:`hybrid_triton.offload`). Each Predict step runs the forward under
+``no_grad`` and applies exactly one step's update, ``master += -lr * scale_g * correction_g *
+dequant(dir_g)`` (``dequantize_add``), then refreshes low-precision shadow weights
+(``cast_scale``). The restore of the moments starts ``lookahead`` steps before the phase is
+planned to end.
+
+Correct: real steps; each one's residual (actual minus predicted update, per element) is
+stored quantized with error feedback (:class:`~hybrid_triton.residuals.ResidualStore`) and the
+per-group least-squares fit of the prediction updates the corrector.
+
+Divergence: every Predict step's real loss is checked against its predicted loss and the recent
+history (:class:`~hybrid_triton.divergence.DivergenceMonitor`); a critical verdict rolls the
+weights back to the Predict entry snapshot, brings the optimizer state back and forces Full.
+
+Host reads: device values (loss, gradient norm, loss scale) are copied to the host without
+blocking and read ``host_lag`` steps later, so no step waits for the GPU. Decisions that need
+them (divergence, confidence) therefore act ``host_lag`` steps late; a rollback undoes those
+steps too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from hybrid_triton.accumulation import GradAccumulator
+from hybrid_triton.arena import FlatArena
+from hybrid_triton.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from hybrid_triton.divergence import DivergenceMonitor, Level
+from hybrid_triton.metrics import MetricsCollector
+from hybrid_triton.offload import StateOffloader
+from hybrid_triton.optim import FusedAdamW
+from hybrid_triton.residuals import Corrector, ResidualStore
+from hybrid_triton.scheduler import Phase, PhaseController, PhasePlan, TrainerConfig
+
+TRAINER_FORMAT = "hybrid_triton.HybridTrainer/1"
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------- dynamics
+@dataclass
+class Prediction:
+    """What the dynamics model says about the next ``T`` steps."""
+
+    loss_mean: list[float]  # [T] predicted loss before each step's update
+    loss_var: list[float]  # [T]
+    scales: torch.Tensor  # float32 [G] per-group step-size multipliers (device)
+    confidence: float
+
+
+class TrendDynamics:
+    """A small host-side stand-in for the RSSM dynamics model (used when none is given).
+
+    An ensemble of K linear loss trends fitted on windows of different lengths over the recent
+    real losses. Prediction = ensemble mean; disagreement = ensemble spread relative to the
+    loss. Confidence is calibrated on Full steps: the share of recent Full-step losses that fell
+    inside the band the model predicted for them one step ahead (mean +- 2 sigma of its recent
+    relative errors), times ``exp(-disagreement / rel_tol)``. Per-group scales are 1 (the frozen
+    Adam direction at its own step size); the corrector adjusts them.
+    """
+
+    def __init__(
+        self,
+        num_groups: int,
+        device: torch.device | str,
+        windows: tuple[int, ...] = (8, 16, 32),
+        calibration: int = 20,
+        min_observations: int = 8,
+        rel_tol: float = 0.05,
+    ) -> None:
+        self.num_groups = num_groups
+        self.device = torch.device(device)
+        self.windows = tuple(windows)
+        self.calibration = int(calibration)
+        self.min_observations = int(min_observations)
+        self.rel_tol = float(rel_tol)
+        self.losses: deque[float] = deque(maxlen=max(self.windows))
+        self.rel_errors: deque[float] = deque(maxlen=self.calibration)
+        self.hits: deque[float] = deque(maxlen=self.calibration)
+        self.observations = 0
+
+    def _members(self, horizon: int) -> list[list[float]]:
+        out = []
+        hist = list(self.losses)
+        for w in self.windows:
+            xs = hist[-w:]
+            n = len(xs)
+            if n < 2:
+                out.append([xs[-1] if xs else math.nan] * horizon)
+                continue
+            mx, my = (n - 1) / 2, sum(xs) / n
+            sxx = sum((i - mx) ** 2 for i in range(n))
+            slope = sum((i - mx) * (y - my) for i, y in enumerate(xs)) / sxx
+            out.append([my + slope * (n - 1 - mx + t + 1) for t in range(horizon)])
+        return out
+
+    def _band(self) -> float:
+        if len(self.rel_errors) < 2:
+            return math.inf
+        m = sum(self.rel_errors) / len(self.rel_errors)
+        return m + 2 * math.sqrt(sum((e - m) ** 2 for e in self.rel_errors) / len(self.rel_errors))
+
+    def observe(self, loss: float, phase: str) -> None:
+        """A real loss (host float) of a step whose weights came from the optimizer."""
+        if not math.isfinite(loss):
+            return
+        if phase == Phase.FULL.value and len(self.losses) >= 2:
+            expected = sum(m[0] for m in self._members(1)) / len(self.windows)
+            rel = abs(loss - expected) / max(abs(expected), 1e-12)
+            band = self._band()
+            self.hits.append(1.0 if rel <= band else 0.0)
+            self.rel_errors.append(rel)
+        self.losses.append(float(loss))
+        self.observations += 1
+
+    def confidence(self) -> float:
+        if self.observations < self.min_observations or len(self.hits) < self.min_observations:
+            return 0.0
+        members = self._members(1)
+        preds = [m[0] for m in members]
+        mean = sum(preds) / len(preds)
+        spread = math.sqrt(sum((p - mean) ** 2 for p in preds) / len(preds))
+        disagreement = spread / max(abs(mean), 1e-12)
+        coverage = sum(self.hits) / len(self.hits)
+        return float(coverage * math.exp(-disagreement / self.rel_tol))
+
+    def predict(self, horizon: int) -> Prediction:
+        members = self._members(horizon)
+        k = len(members)
+        mean = [sum(m[t] for m in members) / k for t in range(horizon)]
+        var = [sum((m[t] - mean[t]) ** 2 for m in members) / k for t in range(horizon)]
+        scales = torch.ones(self.num_groups, dtype=torch.float32, device=self.device)
+        return Prediction(mean, var, scales, self.confidence())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "losses": list(self.losses),
+            "rel_errors": list(self.rel_errors),
+            "hits": list(self.hits),
+            "observations": self.observations,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.losses.clear()
+        self.losses.extend(state["losses"])
+        self.rel_errors.clear()
+        self.rel_errors.extend(state["rel_errors"])
+        self.hits.clear()
+        self.hits.extend(state["hits"])
+        self.observations = int(state["observations"])
+
+
+# --------------------------------------------------------------------------------- helpers
+def segment_groups(table, max_groups: int = 16) -> list[tuple[int, int, list[int]]]:
+    """Contiguous groups of arena segments, by module prefix (``transformer.h.3.`` and the
+    like), merged down to at most ``max_groups``: ``(start, end, segment ids)`` in elements."""
+
+    def key(name: str) -> str:
+        parts = name.split(".")
+        for i, p in enumerate(parts):
+            if p.isdigit():
+                return ".".join(parts[: i + 1])
+        return parts[0] if len(parts) > 1 else name
+
+    groups: list[list[int]] = []
+    last = None
+    for i, seg in enumerate(table):
+        k = key(seg.name)
+        if k != last:
+            groups.append([])
+            last = k
+        groups[-1].append(i)
+    while len(groups) > max_groups:  # merge the two smallest neighbours
+        sizes = [sum(table[i].numel for i in g) for g in groups]
+        j = min(range(len(groups) - 1), key=lambda i: sizes[i] + sizes[i + 1])
+        groups[j : j + 2] = [groups[j] + groups[j + 1]]
+    out = []
+    for gi, g in enumerate(groups):
+        start = table[g[0]].offset if gi else 0
+        out.append((start, -1, g))
+    for gi in range(len(out)):
+        end = out[gi + 1][0] if gi + 1 < len(out) else None
+        out[gi] = (out[gi][0], end, out[gi][2])
+    return out
+
+
+def _split(batch: Any, n: int) -> list[tuple[Any, int]]:
+    """``batch`` (a tensor, or a tuple/list/dict of tensors with one leading dim) in ``n``
+    near-equal pieces along dim 0, with their sizes."""
+    if isinstance(batch, torch.Tensor):
+        pieces = torch.tensor_split(batch, n) if n > 1 else (batch,)
+        return [(p, p.shape[0]) for p in pieces]
+    if isinstance(batch, dict):
+        keys = list(batch)
+        split = {k: _split(batch[k], n) for k in keys}
+        return [({k: split[k][i][0] for k in keys}, split[keys[0]][i][1]) for i in range(n)]
+    if isinstance(batch, (tuple, list)):
+        parts = [_split(t, n) for t in batch]
+        first = parts[0]
+        return [(type(batch)(p[i][0] for p in parts), first[i][1]) for i in range(len(first))]
+    raise TypeError(
+        f"HybridTrainer: a batch must be a tensor or a tuple/list/dict of tensors, got "
+        f"{type(batch).__name__}"
+    )
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, dict):
+        return _batch_size(next(iter(batch.values())))
+    if isinstance(batch, (tuple, list)) and batch:
+        sizes = {_batch_size(t) for t in batch}
+        if len(sizes) != 1:
+            raise ValueError(f"HybridTrainer: batch parts have different sizes {sorted(sizes)}")
+        return sizes.pop()
+    raise TypeError(
+        f"HybridTrainer: a batch must be a tensor or a tuple/list/dict of tensors, got "
+        f"{type(batch).__name__}"
+    )
+
+
+@dataclass
+class _Pending:
+    """Device values of one step on their way to the host (read ``host_lag`` steps later)."""
+
+    step: int
+    phase: str
+    episode: int
+    values: torch.Tensor  # host float64 [3] (loss, grad_norm, loss_scale) once copied
+    event: Any
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def floats(self) -> list[float]:
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+        return [float(v) for v in self.values.tolist()]
+
+
+# --------------------------------------------------------------------------------- trainer
+class HybridTrainer:
+    """Phase-aware trainer. See the module docstring and ``docs/trainer.md``.
+
+    Args:
+        model: any ``nn.Module`` whose trainable parameters share one dtype and device.
+        loss_fn: ``loss_fn(model, micro_batch) -> scalar loss`` (the mean over the micro-batch).
+        optimizer: a :class:`FusedAdamW` over the model's arena; default: one built with
+            ``lr`` (and ``optimizer_kwargs``).
+        config: a :class:`TrainerConfig`, a preset name, a mapping, or a path to a
+            ``.toml``/``.json``/``.yaml`` file.
+        dynamics: a dynamics model (``observe``/``predict``/``confidence``); default
+            :class:`TrendDynamics`.
+        max_groups: segment groups for per-group scales and corrections.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        optimizer: FusedAdamW | None = None,
+        config: TrainerConfig | str | dict | None = None,
+        *,
+        lr: float = 1e-3,
+        optimizer_kwargs: dict[str, Any] | None = None,
+        dynamics: Any | None = None,
+        max_groups: int = 16,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"HybridTrainer: model must be an nn.Module, got {type(model).__name__}"
+            )
+        if not callable(loss_fn):
+            raise TypeError("HybridTrainer: loss_fn must be callable as loss_fn(model, batch)")
+        self.cfg = self._resolve_config(config)
+        self.model = model
+        self.loss_fn = loss_fn
+        if optimizer is None:
+            arena = FlatArena.from_module(model)
+            optimizer = FusedAdamW(arena, lr=lr, **(optimizer_kwargs or {}))
+        elif not isinstance(optimizer, FusedAdamW):
+            raise TypeError(
+                f"HybridTrainer: optimizer must be a hybrid_triton FusedAdamW, got "
+                f"{type(optimizer).__name__}"
+            )
+        self.optimizer = optimizer
+        self.group = optimizer.arena_group
+        self.device = self.group.device
+        self.master = optimizer.master
+        cfg = self.cfg
+        self.controller = PhaseController(cfg)
+        self.groups = segment_groups(self.group.table, max_groups)
+        self.num_groups = len(self.groups)
+        self.found_inf = torch.zeros(1, dtype=torch.float32, device=self.device)
+        self.scaler = None
+        if any(cfg.precision_for(p) == "fp16" for p in Phase):
+            from hybrid_triton.precision import DynamicLossScaler
+
+            self.scaler = DynamicLossScaler(device=self.device)
+        self.accum = GradAccumulator(self.group, cfg.micro_batches, found_inf=self.found_inf)
+        self.offloader = StateOffloader(
+            cfg.offload, async_restore=cfg.async_restore, quant_block=cfg.quant_block
+        )
+        self.residuals = ResidualStore(
+            cfg.residual_capacity,
+            cfg.residual_format,
+            cfg.quant_block,
+            cfg.residual_error_feedback,
+            device="cpu" if self.device.type == "cuda" else self.device,
+        )
+        self.corrector = Corrector(
+            self.num_groups, self.device, cfg.corrector_decay, cfg.corrector_max_adjust
+        )
+        self.divergence = DivergenceMonitor(
+            cfg.divergence_rel_warning,
+            cfg.divergence_rel_critical,
+            cfg.divergence_sigma,
+            cfg.divergence_history,
+            cfg.divergence_escalate_after,
+        )
+        self.dynamics = (
+            dynamics
+            if dynamics is not None
+            else TrendDynamics(self.num_groups, self.device, **cfg.dynamics)
+        )
+        self.metrics = MetricsCollector(cfg.metrics_path, cfg.progress, device=self.device)
+        self.metrics.note_precision(self.controller.plan.precision)
+        self.confidence = 0.0
+        self._pending: deque[_Pending] = deque()
+        # Predict episode state.
+        self.episode = 0
+        self._snapshot: torch.Tensor | None = None
+        self._direction: list[Any] | None = None  # one QuantizedTensor per group
+        self._alphas: torch.Tensor | None = None  # float32 [G]: -lr * scale_g * correction_g
+        self._predicted: list[float] = []
+        self._rolled_back_episode = -1
+        self._accum_freed = False
+        self._last_flags: dict[str, Any] = {}
+        self._bind_precision(self.controller.plan)
+
+    # ------------------------------------------------------------------ config
+    @staticmethod
+    def _resolve_config(config: Any) -> TrainerConfig:
+        if config is None:
+            return TrainerConfig()
+        if isinstance(config, TrainerConfig):
+            config.validate()
+            return config
+        if isinstance(config, dict):
+            return TrainerConfig.from_dict(config)
+        if isinstance(config, str) and config in ("conservative", "balanced", "aggressive"):
+            return TrainerConfig.preset(config)
+        return TrainerConfig.from_file(config)
+
+    @property
+    def step_count(self) -> int:
+        """Steps completed (the index of the next batch)."""
+        return self.controller.step
+
+    @property
+    def phase(self) -> Phase:
+        return self.controller.phase
+
+    @property
+    def plan(self) -> PhasePlan:
+        return self.controller.plan
+
+    # ------------------------------------------------------------------ precision
+    def _bind_precision(self, plan: PhasePlan) -> None:
+        acc = self.accum
+        if plan.precision == "fp16" and self.scaler is not None:
+            acc.inv_scale, acc.found_inf = self.scaler.inv_scale, self.scaler.found_inf
+        else:
+            acc.inv_scale, acc.found_inf = None, self.found_inf
+
+    def _autocast(self, precision: str):
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=_AUTOCAST[precision])
+
+    # ------------------------------------------------------------------ the step
+    def step(self, batch: Any) -> dict[str, Any]:
+        """One trainer step on ``batch`` (one effective batch). Returns host-side facts of this
+        step (phase, precision, micro-batches); losses arrive in the metrics ``host_lag``
+        steps later."""
+        size = _batch_size(batch)
+        self._drain(self.cfg.host_lag)
+        plan, new_phase = self.controller.begin_step(self.confidence)
+        if new_phase:
+            self._transition(plan)
+        if plan.phase is Phase.PREDICT:
+            loss = self._predict_step(batch, plan)
+            gnorm = torch.zeros_like(loss)
+        else:
+            loss, gnorm = self._backward_step(batch, size, plan)
+        scale = (
+            self.scaler.scale if (self.scaler is not None and plan.precision == "fp16") else None
+        )
+        self._push(loss, gnorm, scale, plan, size)
+        self.controller.end_step()
+        return {
+            "step": self.controller.step - 1,
+            "phase": plan.phase.value,
+            "precision": plan.precision,
+            "micro_batches": plan.micro_batches,
+            "new_phase": new_phase,
+        }
+
+    def _backward_step(self, batch: Any, size: int, plan: PhasePlan):
+        acc = self.accum
+        n_micro = min(plan.micro_batches, size) if size > 0 else 1
+        acc.num_micro_batches = n_micro
+        acc.reset()
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.model.train()
+        for piece, n in _split(batch, n_micro):
+            weight = n / size
+            acc.alpha = weight
+            with self._autocast(plan.precision):
+                loss = self.loss_fn(self.model, piece)
+            if loss.dim() != 0:
+                raise ValueError(
+                    f"HybridTrainer: loss_fn must return a scalar loss, got shape "
+                    f"{tuple(loss.shape)}"
+                )
+            # The micro-batch weight n_i / B is applied by the accumulator (alpha).
+            to_backward = loss
+            if plan.precision == "fp16" and self.scaler is not None:
+                to_backward = self.scaler.scale_loss(loss)
+            to_backward.backward()
+            loss_sum = loss_sum + loss.detach().float() * weight
+        # The optimizer state may be coming back from a Predict phase: wait on the device.
+        self.offloader.wait()
+        flag = acc.found_inf
+        # Correct steps measure the real update against the predicted one (one fp32
+        # temporary of the master's size, freed after the step).
+        record = plan.phase is Phase.CORRECT and self._direction is not None
+        before = self.master.clone() if record else None
+        self.optimizer.step(grad=acc.accumulator, found_inf=flag, grad_sumsq=acc.total_sumsq)
+        if before is not None:
+            self._record_residual(before)
+        if plan.precision == "fp16" and self.scaler is not None:
+            self.scaler.update()
+        else:
+            flag.zero_()
+        return loss_sum, acc.grad_norm().reshape(())
+
+    def _predict_step(self, batch: Any, plan: PhasePlan) -> torch.Tensor:
+        if self.controller.steps_until_phase_end <= self.cfg.lookahead:
+            self.offloader.start_restore()
+        size = _batch_size(batch)
+        n_micro = min(plan.micro_batches, size) if size > 0 else 1
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        with torch.no_grad():
+            for piece, n in _split(batch, n_micro):
+                with self._autocast(plan.precision):
+                    loss = self.loss_fn(self.model, piece)
+                loss_sum = loss_sum + loss.detach().float() * (n / size)
+            self._apply_predicted_update()
+        return loss_sum
+
+    def _apply_predicted_update(self) -> None:
+        from hybrid_triton.kernels import cast_scale, dequantize_add
+
+        for gi, (start, end, _) in enumerate(self.groups):
+            target = self.master[start:end]
+            dequantize_add(target, self._direction[gi], alpha=self._alphas[gi : gi + 1])
+        if self.optimizer.master_weights:
+            cast_scale(self.master, 1.0, out=self.group.flat, out_dtype=self.group.flat.dtype)
+
+    # ------------------------------------------------------------------ transitions
+    def _transition(self, plan: PhasePlan) -> None:
+        old = self.controller.transitions[-1][1] if self.controller.transitions else None
+        self.metrics.phase_boundary(old)
+        self.metrics.counters["transitions"] += 1
+        self.metrics.note_precision(plan.precision)
+        self._bind_precision(plan)
+        if old == Phase.PREDICT.value:
+            self._leave_predict()
+        if old == Phase.CORRECT.value or plan.phase is Phase.FULL:
+            self._direction = None
+            self._alphas = None
+        if plan.phase is Phase.PREDICT:
+            self._enter_predict(plan)
+
+    def _adam_direction(self) -> torch.Tensor:
+        """``m_hat / (sqrt(v_hat) + eps) + weight_decay * w`` as fp32 [n] (a temporary)."""
+        opt = self.optimizer
+        hp = opt.param_groups[0]
+        beta1, beta2 = hp["betas"]
+        st = opt.flat_state
+        n = self.group.numel
+        if opt.state_bits in (32, 16):
+            m, v = st["exp_avg"].float(), st["exp_avg_sq"].float()
+        else:
+            from hybrid_triton.kernels.adamw import dequantize_moments_ref
+
+            q = opt.qblock
+            m = dequantize_moments_ref(
+                st["exp_avg"], st["exp_avg_scale"], n, opt.state_bits, "exp_avg", q
+            )
+            v = dequantize_moments_ref(
+                st["exp_avg_sq"], st["exp_avg_sq_scale"], n, opt.state_bits, "exp_avg_sq", q
+            )
+        t = st["step"].clamp_min(1.0)
+        bc1 = 1.0 - torch.pow(torch.full_like(t, beta1), t)
+        bc2 = 1.0 - torch.pow(torch.full_like(t, beta2), t)
+        # Out of place first: for 32-bit state, v is the optimizer's own buffer.
+        d = v.sqrt().div_(bc2.sqrt()).add_(hp["eps"]).reciprocal_().mul_(m).div_(bc1)
+        del m
+        if hp["weight_decay"]:
+            d.add_(self.master, alpha=hp["weight_decay"])
+        return d
+
+    def _enter_predict(self, plan: PhasePlan) -> None:
+        from hybrid_triton.kernels import quantize_blockwise
+
+        self.episode += 1
+        # Snapshot for rollback, in host memory (pinned on CUDA: the copy does not block).
+        pin = self.device.type == "cuda"
+        if self._snapshot is None or self._snapshot.numel() != self.master.numel():
+            self._snapshot = torch.empty(
+                self.master.shape, dtype=torch.float32, device="cpu", pin_memory=pin
+            )
+        self._snapshot.copy_(self.master, non_blocking=pin)
+        # Gradients are not needed: free the accumulator (its storage; the object stays).
+        for p in self.group.params:
+            p.grad = None
+        self.accum.accumulator.untyped_storage().resize_(0)
+        self._accum_freed = True
+        # The frozen update direction, compact on the device.
+        d = self._adam_direction()
+        self._direction = [
+            quantize_blockwise(d[start:end], self.cfg.direction_format, self.cfg.quant_block)
+            for start, end, _ in self.groups
+        ]
+        del d
+        prediction = self.dynamics.predict(plan.steps)
+        self._predicted = [self.corrector.adjust_loss(x) for x in prediction.loss_mean]
+        scales = prediction.scales.to(self.device, torch.float32).reshape(-1)
+        if scales.numel() != self.num_groups:
+            raise ValueError(
+                f"dynamics model returned {scales.numel()} scales for {self.num_groups} groups"
+            )
+        self._alphas = -(self.optimizer._lr * scales * self.corrector.correction)
+        self.offloader.offload(self.optimizer.state_tensors())
+        if self.cfg.offload == "drop":
+            # Re-initialized moments: restart bias correction too, or the first step after
+            # Predict would be about (1 - beta1) / sqrt(1 - beta2) times too large.
+            self._drop_reset = True
+
+    def _leave_predict(self) -> None:
+        self.offloader.start_restore()
+        if self._accum_freed:
+            acc = self.accum.accumulator
+            acc.untyped_storage().resize_(acc.numel() * acc.element_size())
+            acc.zero_()
+            self._accum_freed = False
+        if getattr(self, "_drop_reset", False):
+            self.offloader.wait()
+            self.optimizer.flat_state["step"].zero_()
+            self._drop_reset = False
+
+    def _record_residual(self, before: torch.Tensor) -> None:
+        """``before`` becomes the residual: actual update minus the predicted one."""
+        from hybrid_triton.kernels import dequantize_blockwise
+
+        actual = torch.sub(self.master, before, out=before)
+        dots, pred_sq, norms = [], [], []
+        for gi, (start, end, _) in enumerate(self.groups):
+            pred = dequantize_blockwise(self._direction[gi], dtype=torch.float32)
+            pred.mul_(self._alphas[gi])
+            a = actual[start:end]
+            dots.append(torch.dot(a, pred))
+            pred_sq.append(torch.dot(pred, pred))
+            a.sub_(pred)
+            norms.append(torch.linalg.vector_norm(a))
+        self.corrector.update(torch.stack(dots), torch.stack(pred_sq))
+        self.residuals.add(self.controller.step, actual, torch.stack(norms))
+
+    # ------------------------------------------------------------------ rollback
+    def rollback(self, reason: str) -> None:
+        """Put the master weights back to the Predict entry snapshot and force Full."""
+        if self._snapshot is None:
+            raise RuntimeError("HybridTrainer.rollback: no Predict entry snapshot to return to")
+        self.master.copy_(self._snapshot, non_blocking=self._snapshot.is_pinned())
+        if self.optimizer.master_weights:
+            self.group.flat.copy_(self.master)
+        if self.phase is Phase.PREDICT:
+            self._leave_predict()
+        self.offloader.wait()
+        self._direction = None
+        self._alphas = None
+        self._rolled_back_episode = self.episode
+        self.metrics.phase_boundary(self.phase.value)
+        self.controller.force_full(f"rollback: {reason}")
+        self._bind_precision(self.controller.plan)
+        self.metrics.note_precision(self.controller.plan.precision)
+        self.metrics.counters["rollbacks"] += 1
+        self.divergence.reset_streak()
+
+    # ------------------------------------------------------------------ host side
+    def _push(self, loss, gnorm, scale, plan: PhasePlan, size: int) -> None:
+        vals = torch.stack(
+            [
+                loss.float().reshape(()),
+                gnorm.float().reshape(()),
+                (scale.reshape(()) if scale is not None else torch.ones((), device=self.device)),
+            ]
+        ).to(torch.float64)
+        event = None
+        if self.device.type == "cuda":
+            host = torch.empty(3, dtype=torch.float64, pin_memory=True)
+            host.copy_(vals, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            vals = host
+        else:
+            vals = vals.clone()
+        alloc, reserved = self.metrics.memory_now()
+        t = self.controller.phase_step
+        info = {
+            "phase_step": t,
+            "precision": plan.precision,
+            "micro_batches": plan.micro_batches,
+            "effective_batch": size,
+            "micro_batch": self.accum.micro_batch if plan.backward else 0,
+            "accumulation_progress": self.accum.progress if plan.backward else 0.0,
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "confidence": self.confidence,
+            "mem_allocated": alloc,
+            "mem_reserved": reserved,
+            "optimizer_state_offloaded": self.offloader.offloaded,
+            "bytes_freed": self.offloader.stats.bytes_freed if plan.phase is Phase.PREDICT else 0,
+        }
+        if plan.phase is Phase.PREDICT:
+            info["predicted_loss"] = self._predicted[t] if t < len(self._predicted) else None
+        self._pending.append(
+            _Pending(self.controller.step, plan.phase.value, self.episode, vals, event, info)
+        )
+
+    def _drain(self, keep: int) -> None:
+        """Process pending host values older than ``keep`` steps."""
+        while len(self._pending) > keep:
+            self._process(self._pending.popleft())
+
+    def _process(self, rec: _Pending) -> None:
+        loss, gnorm, scale = rec.floats()
+        out = {"step": rec.step, "phase": rec.phase, "loss": loss, "grad_norm": gnorm}
+        out.update(rec.info)
+        out["loss_scale"] = scale
+        if rec.phase == Phase.PREDICT.value:
+            predicted = rec.info.get("predicted_loss")
+            out["grad_norm"] = None
+            if rec.episode != self._rolled_back_episode:
+                verdict = self.divergence.check(loss, predicted)
+                out["divergence"] = verdict.level.name.lower()
+                if predicted is not None:
+                    self.corrector.observe_loss(loss, predicted)
+                if verdict.level is Level.CRITICAL:
+                    out["rollback"] = verdict.reason
+                    self.rollback(verdict.reason)
+        else:
+            self.divergence.observe(loss)
+            self.dynamics.observe(loss, rec.phase)
+            self.confidence = float(self.dynamics.confidence())
+        self.metrics.record(out)
+
+    def flush(self) -> None:
+        """Read every pending device value now (a host sync: for the end of a run)."""
+        self._drain(0)
+
+    # ------------------------------------------------------------------ runs and reports
+    def train(self, batches: Iterable[Any], steps: int | None = None) -> dict[str, Any]:
+        """Run ``steps`` steps (or until ``batches`` ends); returns :meth:`summary`."""
+        for i, batch in enumerate(batches):
+            if steps is not None and i >= steps:
+                break
+            self.step(batch)
+        return self.summary()
+
+    def phase_peaks(self) -> dict[str, dict[str, int]]:
+        """Per-phase peak allocated/reserved bytes (CUDA), the current phase included."""
+        self.metrics.phase_boundary(self.phase.value)
+        return {k: dict(v) for k, v in self.metrics.phase_peaks.items()}
+
+    def summary(self) -> dict[str, Any]:
+        self.flush()
+        self.phase_peaks()
+        out = self.metrics.summary()
+        out["phase_steps"] = dict(self.controller.step_counts)
+        out["phase_entries"] = dict(self.controller.phase_counts)
+        out["transitions"] = [list(t) for t in self.controller.transitions]
+        out["offload"] = self.offloader.resolve_stats().to_dict()
+        out["residuals"] = {"stored": len(self.residuals), "bytes": self.residuals.nbytes}
+        out["divergence"] = dict(self.divergence.counts)
+        return out
+
+    def close(self) -> None:
+        self.flush()
+        self.metrics.close()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The complete state (tensors copied to the host). Reads pending device values."""
+
+        def cpu(x):
+            if isinstance(x, torch.Tensor):
+                return x.detach().to("cpu", copy=True)
+            if isinstance(x, dict):
+                return {k: cpu(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return type(x)(cpu(v) for v in x)
+            return x
+
+        with self.offloader.materialized():
+            opt_state = cpu(self.optimizer.state_dict())
+        pending = []
+        for rec in self._pending:
+            pending.append(
+                {
+                    "step": rec.step,
+                    "phase": rec.phase,
+                    "episode": rec.episode,
+                    "values": rec.floats(),
+                    "info": rec.info,
+                }
+            )
+        predict = None
+        if self._direction is not None:
+            predict = {
+                "direction": [
+                    {"data": q.data.cpu(), "scales": q.scales.cpu(), "shape": list(q.shape)}
+                    for q in self._direction
+                ],
+                "alphas": self._alphas.cpu(),
+            }
+        rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "format": TRAINER_FORMAT,
+            "config": self.cfg.to_dict(),
+            "model": cpu(self.model.state_dict()),
+            "optimizer": opt_state,
+            "accum_freed": self._accum_freed,
+            "offloader": self.offloader.state_dict(),
+            "scaler": None if self.scaler is None else cpu(self.scaler.state_dict()),
+            "controller": self.controller.state_dict(),
+            "dynamics": cpu(self.dynamics.state_dict()),
+            "residuals": self.residuals.state_dict(),
+            "corrector": self.corrector.state_dict(),
+            "divergence": self.divergence.state_dict(),
+            "metrics": self.metrics.state_dict(),
+            "confidence": self.confidence,
+            "episode": self.episode,
+            "rolled_back_episode": self._rolled_back_episode,
+            "drop_reset": bool(getattr(self, "_drop_reset", False)),
+            "snapshot": None if self._snapshot is None else self._snapshot.clone(),
+            "predicted": list(self._predicted),
+            "predict": predict,
+            "pending": pending,
+            "rng": rng,
+        }
+
+    def save(self, path) -> str:
+        """Write a checkpoint atomically; returns its sha256."""
+        return save_checkpoint(path, self.state_dict())
+
+    def load(self, path) -> None:
+        """Load a checkpoint written by :meth:`save`. Every check runs before anything of this
+        trainer changes; a bad file raises :class:`CheckpointError` and leaves it as it was."""
+        state = load_checkpoint(path)
+        self._check_state(state, path)
+        self._apply_state(state)
+
+    def _check_state(self, state: dict[str, Any], path) -> None:
+        if not isinstance(state, dict) or state.get("format") != TRAINER_FORMAT:
+            raise CheckpointError(
+                f"{path}: not a HybridTrainer checkpoint (format "
+                f"{state.get('format') if isinstance(state, dict) else None!r}, expected "
+                f"{TRAINER_FORMAT!r})"
+            )
+        mine = self.model.state_dict()
+        saved = state["model"]
+        if set(mine) != set(saved):
+            missing = sorted(set(mine) - set(saved))[:5]
+            extra = sorted(set(saved) - set(mine))[:5]
+            raise CheckpointError(
+                f"{path}: the model does not match (missing {missing}, unexpected {extra})"
+            )
+        for k, v in mine.items():
+            if tuple(saved[k].shape) != tuple(v.shape) or saved[k].dtype != v.dtype:
+                raise CheckpointError(
+                    f"{path}: model entry {k} is {tuple(saved[k].shape)} {saved[k].dtype}, this "
+                    f"model has {tuple(v.shape)} {v.dtype}"
+                )
+        layout = state["optimizer"].get("layout", {})
+        if layout != self.optimizer._layout() and {
+            k: (list(map(list, v)) if k == "segments" else v) for k, v in layout.items()
+        } != {
+            k: (list(map(list, v)) if k == "segments" else v)
+            for k, v in self.optimizer._layout().items()
+        }:
+            raise CheckpointError(
+                f"{path}: the optimizer layout (state bits, segments) differs from this "
+                "trainer's optimizer"
+            )
+        for key in ("offload", "micro_batches", "quant_block", "direction_format"):
+            if state["config"].get(key) != getattr(self.cfg, key):
+                raise CheckpointError(
+                    f"{path}: config field {key} is {state['config'].get(key)!r} in the "
+                    f"checkpoint and {getattr(self.cfg, key)!r} here; build the trainer with "
+                    "the checkpoint's config (TrainerConfig.from_dict(state['config']))"
+                )
+        if (state["scaler"] is None) != (self.scaler is None):
+            raise CheckpointError(f"{path}: loss scaler presence differs from this trainer's")
+        if state["predict"] is not None and len(state["predict"]["direction"]) != self.num_groups:
+            raise CheckpointError(f"{path}: segment groups differ from this trainer's")
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        from hybrid_triton.kernels.quantize import QuantizedTensor
+
+        # Bring anything offloaded back first, so every tensor has its storage while loading.
+        if self.offloader.offloaded:
+            self.offloader.restore()
+        if self._accum_freed:
+            acc = self.accum.accumulator
+            acc.untyped_storage().resize_(acc.numel() * acc.element_size())
+            self._accum_freed = False
+        with torch.no_grad():
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.controller.load_state_dict(state["controller"])
+        self.dynamics.load_state_dict(state["dynamics"])
+        self.residuals.load_state_dict(state["residuals"])
+        self.corrector.load_state_dict(state["corrector"])
+        self.divergence.load_state_dict(state["divergence"])
+        self.metrics.load_state_dict(state["metrics"])
+        self.confidence = float(state["confidence"])
+        self.episode = int(state["episode"])
+        self._rolled_back_episode = int(state["rolled_back_episode"])
+        self._drop_reset = bool(state["drop_reset"])
+        self._snapshot = None if state["snapshot"] is None else state["snapshot"].clone()
+        if self._snapshot is not None and self.device.type == "cuda":
+            self._snapshot = self._snapshot.pin_memory()
+        self._predicted = list(state["predicted"])
+        if state["predict"] is not None:
+            p = state["predict"]
+            self._direction = [
+                QuantizedTensor(
+                    d["data"].to(self.device),
+                    d["scales"].to(self.device),
+                    self.cfg.direction_format,
+                    self.cfg.quant_block,
+                    tuple(d["shape"]),
+                    torch.float32,
+                )
+                for d in p["direction"]
+            ]
+            self._alphas = p["alphas"].to(self.device)
+        else:
+            self._direction = self._alphas = None
+        if state["accum_freed"]:
+            for p in self.group.params:
+                p.grad = None
+            self.accum.accumulator.untyped_storage().resize_(0)
+            self._accum_freed = True
+        self.offloader.load_state_dict(state["offloader"], self.optimizer.state_tensors())
+        self._bind_precision(self.controller.plan)
+        self._pending = deque(
+            _Pending(
+                r["step"],
+                r["phase"],
+                r["episode"],
+                torch.tensor(r["values"], dtype=torch.float64),
+                None,
+                dict(r["info"]),
+            )
+            for r in state["pending"]
+        )
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate((3, tuple(rng["python"]), None))
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
