@@ -1,0 +1,323 @@
+"""Training recipes for the GPT-2 runs (issue 8): a model, its optimizer and a step, by name.
+
+- ``baseline_fp32``: fp32 weights and compute, ``torch.optim.AdamW`` (``fused=True`` on CUDA).
+- ``baseline_bf16``: fp32 weights, bf16 autocast for the forward and backward, fused AdamW.
+
+More recipes plug in with ``register_recipe`` (the toolkit's own, ``toolkit_memory``, needs the
+project's optimizer and accumulator and is added there).
+
+``run_training`` trains a recipe for a token budget on the standard-library corpus
+(``hybrid_triton.data``) and records, per optimizer step, the loss, the time and the tokens/s;
+the validation loss and perplexity every ``eval_every`` steps (and at the end) on a fixed set of
+validation batches; and on CUDA ``torch.cuda.max_memory_allocated``. The step itself never
+waits for the device: losses stay on the device until the end of the run, and step times come
+from CUDA events read once at the end (on CPU, from the wall clock).
+
+Defaults follow nanoGPT's GPT-2 runs: AdamW(lr 6e-4, betas (0.9, 0.95), weight decay 0.1 on
+matrices and embeddings only), linear warm-up then cosine decay to a tenth, gradient norm
+clipped to 1.0.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from hybrid_triton.data import Corpus, TokenStream, batches_for_tokens, load_corpus
+from hybrid_triton.models.gpt2 import GPT2, GPT2Config
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+StepFn = Callable[[Sequence[Batch], float], torch.Tensor]
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 turns clipping off
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+
+    def lr_at(self, step: int, total_steps: int) -> float:
+        """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at ``total_steps``."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        span = max(1, total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        low = self.min_lr_ratio * self.lr
+        return low + 0.5 * (self.lr - low) * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class RecipeParts:
+    """What a recipe builds. ``step(micro_batches, lr)`` runs forward and backward on each
+    ``(x, y)`` micro-batch, then one optimizer step, and returns the mean loss as a detached
+    device scalar (no host sync)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    step: StepFn
+    autocast_dtype: torch.dtype | None
+
+
+RecipeBuilder = Callable[[GPT2Config, torch.device, OptimConfig], RecipeParts]
+RECIPES: dict[str, RecipeBuilder] = {}
+
+
+def register_recipe(name: str) -> Callable[[RecipeBuilder], RecipeBuilder]:
+    def wrap(builder: RecipeBuilder) -> RecipeBuilder:
+        RECIPES[name] = builder
+        return builder
+
+    return wrap
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    # Decay matrices and embeddings; leave biases and LayerNorm gains alone (GPT-2 practice).
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def _plain_recipe(
+    cfg: GPT2Config, device: torch.device, optim: OptimConfig, autocast_dtype: torch.dtype | None
+) -> RecipeParts:
+    model = GPT2(cfg).to(device)
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, optim.weight_decay),
+        lr=optim.lr,
+        betas=optim.betas,
+        fused=device.type == "cuda",
+    )
+
+    def step(micro_batches: Sequence[Batch], lr: float) -> torch.Tensor:
+        model.train()
+        total = torch.zeros((), device=device)
+        for x, y in micro_batches:
+            with _autocast(device, autocast_dtype):
+                _, loss = model(x, y)
+            (loss / len(micro_batches)).backward()
+            total += loss.detach().float()
+        if optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip, foreach=True)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total / len(micro_batches)
+
+    return RecipeParts(model, optimizer, step, autocast_dtype)
+
+
+@register_recipe("baseline_fp32")
+def baseline_fp32(cfg: GPT2Config, device: torch.device, optim: OptimConfig) -> RecipeParts:
+    return _plain_recipe(cfg, device, optim, None)
+
+
+@register_recipe("baseline_bf16")
+def baseline_bf16(cfg: GPT2Config, device: torch.device, optim: OptimConfig) -> RecipeParts:
+    return _plain_recipe(cfg, device, optim, torch.bfloat16)
+
+
+def build_recipe(
+    name: str,
+    model_cfg: GPT2Config | str,
+    device: str | torch.device = "cpu",
+    optim: OptimConfig | None = None,
+) -> RecipeParts:
+    """(model, optimizer, step) of recipe ``name`` for a GPT-2 config or preset name."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; expected one of {sorted(RECIPES)}")
+    cfg = GPT2Config.from_name(model_cfg) if isinstance(model_cfg, str) else model_cfg
+    return RECIPES[name](cfg, torch.device(device), optim or OptimConfig())
+
+
+@dataclass
+class TrainingResult:
+    recipe: str
+    config: dict
+    step_loss: list[float] = field(default_factory=list)
+    step_time_s: list[float] = field(default_factory=list)
+    step_tokens_per_s: list[float] = field(default_factory=list)
+    step_lr: list[float] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)  # {"step", "tokens", "val_loss", "val_ppl"}
+    tokens_trained: int = 0
+    train_time_s: float = 0.0
+    peak_memory_allocated: int | None = None  # bytes, CUDA only
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Training tokens per second over the whole run (evaluation time left out)."""
+        return self.tokens_trained / self.train_time_s if self.train_time_s > 0 else float("nan")
+
+    def summary(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if not k.startswith("step_")}
+        out["tokens_per_s"] = self.tokens_per_s
+        out["final_train_loss"] = self.step_loss[-1] if self.step_loss else float("nan")
+        return out
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    batches: Sequence[Batch],
+    autocast_dtype: torch.dtype | None = None,
+) -> float:
+    """Mean loss over ``batches`` (one host sync, at the end)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    for x, y in batches:
+        with _autocast(device, autocast_dtype):
+            _, loss = model(x, y)
+        total += loss.double()
+    model.train(was_training)
+    return (total / len(batches)).item()
+
+
+def run_training(
+    recipe: str,
+    model_cfg: GPT2Config | str,
+    tokens: int,
+    micro_batch: int,
+    accum: int,
+    seq_len: int,
+    eval_every: int,
+    seed: int = 0,
+    *,
+    corpus: Corpus | None = None,
+    device: str | torch.device | None = None,
+    optim: OptimConfig | None = None,
+    eval_batches: int = 20,
+    log: Callable[[str], None] | None = None,
+) -> TrainingResult:
+    """Train ``recipe`` on ``tokens`` training tokens (rounded up to whole optimizer steps of
+    ``micro_batch * accum * seq_len`` tokens) and record the run.
+
+    Validation: the first ``eval_batches`` batches of the validation split in corpus order
+    (the same for every recipe and seed), every ``eval_every`` steps and after the last step.
+    """
+    if micro_batch < 1 or accum < 1 or seq_len < 1 or eval_every < 1 or eval_batches < 1:
+        raise ValueError(
+            "micro_batch, accum, seq_len, eval_every and eval_batches must be >= 1; got "
+            f"{micro_batch}, {accum}, {seq_len}, {eval_every}, {eval_batches}"
+        )
+    if tokens < 1:
+        raise ValueError(f"tokens must be >= 1, got {tokens}")
+    cfg = GPT2Config.from_name(model_cfg) if isinstance(model_cfg, str) else model_cfg
+    if seq_len > cfg.block_size:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's block_size {cfg.block_size}")
+    corpus = corpus if corpus is not None else load_corpus()
+    if corpus.tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(
+            f"the tokenizer's vocab ({corpus.tokenizer.vocab_size}) exceeds the model's "
+            f"({cfg.vocab_size})"
+        )
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; expected one of {sorted(RECIPES)}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_cuda = device.type == "cuda"
+    optim = optim or OptimConfig()
+
+    torch.manual_seed(seed)
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    parts = build_recipe(recipe, cfg, device, optim)
+    train = TokenStream("train", micro_batch, seq_len, seed, corpus=corpus, device=device)
+    val = TokenStream("val", micro_batch, seq_len, corpus=corpus, shuffle=False, device=device)
+    val_set = list(val.take(min(eval_batches, max(1, val.num_windows // micro_batch))))
+    total_steps = batches_for_tokens(tokens, micro_batch * accum, seq_len)
+    tokens_per_step = micro_batch * accum * seq_len
+
+    result = TrainingResult(
+        recipe=recipe,
+        config=dict(
+            model=asdict(cfg),
+            tokens=tokens,
+            steps=total_steps,
+            micro_batch=micro_batch,
+            accum=accum,
+            seq_len=seq_len,
+            eval_every=eval_every,
+            eval_batches=len(val_set),
+            seed=seed,
+            device=str(device),
+            tokenizer=corpus.tokenizer.kind,
+            optim=asdict(optim),
+        ),
+    )
+    losses: list[torch.Tensor] = []
+    marks: list = []  # CUDA events (or perf_counter times) at each step boundary
+    train_time = 0.0
+
+    def mark():
+        if on_cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def record_eval(step: int) -> None:
+        val_loss = evaluate(parts.model, val_set, parts.autocast_dtype)
+        result.evals.append(
+            dict(
+                step=step,
+                tokens=step * tokens_per_step,
+                val_loss=val_loss,
+                val_ppl=math.exp(min(val_loss, 700.0)),
+            )
+        )
+        if log:
+            log(f"[{recipe}] step {step}/{total_steps} val loss {val_loss:.4f}")
+
+    if on_cuda:
+        torch.cuda.synchronize(device)
+    segment_start = time.perf_counter()
+    marks.append(mark())
+    for step in range(total_steps):
+        micro = [train.batch(step * accum + i) for i in range(accum)]
+        lr = optim.lr_at(step, total_steps)
+        losses.append(parts.step(micro, lr))
+        result.step_lr.append(lr)
+        marks.append(mark())
+        if (step + 1) % eval_every == 0 or step + 1 == total_steps:
+            if on_cuda:
+                torch.cuda.synchronize(device)
+            train_time += time.perf_counter() - segment_start
+            record_eval(step + 1)
+            marks.append(None)  # evaluation: not a training interval
+            if on_cuda:
+                torch.cuda.synchronize(device)
+            segment_start = time.perf_counter()
+            marks.append(mark())
+
+    if on_cuda:
+        torch.cuda.synchronize(device)
+        result.peak_memory_allocated = torch.cuda.max_memory_allocated(device)
+    # Step intervals: consecutive marks with no evaluation between them.
+    intervals = []
+    for a, b in itertools.pairwise(marks):
+        if a is None or b is None:
+            continue
+        intervals.append(a.elapsed_time(b) / 1e3 if on_cuda else b - a)
+    result.step_time_s = intervals[:total_steps]
+    result.step_tokens_per_s = [tokens_per_step / t if t > 0 else math.nan for t in intervals]
+    result.step_tokens_per_s = result.step_tokens_per_s[:total_steps]
+    result.step_loss = torch.stack(losses).tolist() if losses else []
+    result.tokens_trained = total_steps * tokens_per_step
+    result.train_time_s = train_time
+    return result
