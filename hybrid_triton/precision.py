@@ -68,6 +68,7 @@ class DynamicLossScaler:
         self.device = torch.device(device)
         f32, i32 = torch.float32, torch.int32
         self.scale = torch.full((1,), float(init_scale), dtype=f32, device=self.device)
+        self.device = self.scale.device  # "cuda" -> "cuda:0", so device checks compare equal
         self.inv_scale = torch.reciprocal(self.scale)
         self.growth_tracker = torch.zeros(1, dtype=i32, device=self.device)
         self.hysteresis_tracker = torch.full((1,), self.hysteresis, dtype=i32, device=self.device)
