@@ -26,6 +26,11 @@ TOLERANCES: dict[tuple[str, torch.dtype], tuple[float, float, str]] = {
     ("sumsq", torch.float32): (1e-6, 2e-5, "block-wise reduction order differs from torch's"),
     # AdamW over many steps against torch.optim.AdamW (fp32 state).
     ("adamw", torch.float32): (1e-6, 1e-5, "sqrt/div rounding and fma differ; grows slowly"),
+    # RSSM rollout: T sequential GRU steps of fp32 dot products summed in another order; the
+    # test also allows 2x the fp32 reference's own error (flash-attention rule). bf16 rows:
+    # the kernel upcasts the same bf16 weights as the reference, so fp32-level agreement.
+    ("rssm_rollout", torch.float32): (2e-5, 1e-4, "fp32 dot products in another order, T steps"),
+    ("rssm_rollout", torch.bfloat16): (2e-5, 1e-4, "bf16 weights upcast exactly; fp32 math"),
     # blockwise quantization (kernels/quantize.py, kernels/dequantize_add.py).
     ("quantize", torch.float32): (0.0, 0.0, "same fp32 formulas, no fma: codes/scales/error exact"),
     ("quantize_ternary", torch.float32): (
@@ -41,18 +46,19 @@ TOLERANCES: dict[tuple[str, torch.dtype], tuple[float, float, str]] = {
 
 # Signal-to-noise floors (dB) of dequantize(quantize(x)) against x, blocks of 256, 2^16
 # elements: (format, input, stochastic) -> (floor, reason). "normal": N(0, 1); "adam_v":
-# exp(2 N(0, 1)), heavy-tailed and positive like Adam's second moment. Floors sit ~0.7 dB
-# under values measured with the torch reference (CPU, 2026-11-24).
+# exp(2 N(0, 1)), heavy-tailed and positive like Adam's second moment (its SNR is set by a few
+# large values and moves by ~3 dB between draws). Floors sit ~0.7 dB under values measured with
+# the torch reference (CPU, 2026-11-24), ~1 dB under the lowest of three draws for adam_v.
 QUANT_SNR_FLOOR_DB: dict[tuple[str, str, bool], tuple[float, str]] = {
     ("int8", "normal", False): (42.4, "uniform step absmax/127; measured 43.2"),
     ("int8", "normal", True): (39.4, "stochastic: error variance x2 (about -3 dB); measured 40.2"),
     ("int8_dynamic", "normal", False): (40.3, "cubic code, coarser near absmax; measured 41.0"),
     ("int8_dynamic", "normal", True): (37.4, "measured 38.1"),
-    ("int8_dynamic", "adam_v", False): (46.9, "keeps small values; measured 47.7"),
-    ("int8", "adam_v", False): (33.5, "small values lost to the uniform step; measured 34.2"),
+    ("int8_dynamic", "adam_v", False): (43.5, "keeps small values; measured 44.5-47.7"),
+    ("int8", "adam_v", False): (32.0, "small values lost to the uniform step; 32.8-35.1"),
     ("int4", "normal", False): (17.3, "step absmax/7; measured 18.0"),
     ("int4", "normal", True): (14.4, "measured 15.1"),
-    ("ternary", "normal", False): (6.5, "TWN, optimum for a Gaussian is about 7.3; measured 7.2"),
+    ("ternary", "normal", False): (5.9, "TWN scale >= absmax/2 (plain TWN: 7.2); measured 6.5"),
     ("ternary", "normal", True): (-3.2, "TernGrad: unbiased but high variance; measured -2.5"),
 }
 

@@ -1,0 +1,183 @@
+"""rssm_rollout (one launch, K members x T steps) against rssm_rollout_ref in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hybrid_triton.kernels import rssm_rollout, rssm_rollout_ref
+from hybrid_triton.kernels._checks import KernelInputError
+from hybrid_triton.kernels.rssm import (
+    RSSMFeedback,
+    RSSMWeights,
+    default_split,
+    make_workspace,
+)
+
+from tests.helpers import assert_close
+from tests.tolerances import tol
+
+
+def make_problem(K, B, H, I, S, O, device, weight_dtype=torch.float32):
+    """Random members with fan-in scaled weights (a GRU that neither saturates nor dies)."""
+
+    def w(*shape, fan_in):
+        return (torch.randn(*shape, device=device) / fan_in**0.5).to(weight_dtype)
+
+    weights = RSSMWeights(
+        w(K, 3 * H, I + S, fan_in=I + S),
+        w(K, 3 * H, H, fan_in=H),
+        w(K, 3 * H, fan_in=4),
+        w(K, 3 * H, fan_in=4),
+        w(K, S, H, fan_in=H),
+        w(K, S, fan_in=4),
+        w(K, O, H + S, fan_in=H + S),
+        w(K, O, fan_in=4),
+    )
+    # Feedback as the dynamics model builds it: outputs overwrite some slots, others hold.
+    mix = torch.eye(I, device=device) * 0.5 + torch.randn(I, I, device=device) * 0.1 / I**0.5
+    feedback = RSSMFeedback(
+        torch.randn(O, I, device=device) * 0.3,
+        mix.contiguous(),
+        torch.randn(I, O, device=device) * 0.3,
+        torch.randn(I, device=device) * 0.1,
+    )
+    x0 = torch.randn(B, I, device=device)
+    h0 = torch.randn(K, B, H, device=device).tanh()
+    z0 = torch.randn(K, B, S, device=device)
+    return x0, h0, z0, weights, feedback
+
+
+def reference64(x0, h0, z0, weights, feedback, steps):
+    return rssm_rollout_ref(x0.double(), h0.double(), z0.double(), weights, feedback, steps)
+
+
+def check_all(result, problem, steps, dtype):
+    """Every output within the table's tolerance, or 2x torch's own fp32 error if larger."""
+    expected = reference64(*problem, steps)
+    torch32 = rssm_rollout_ref(*problem, steps)
+    base = tol("rssm_rollout", dtype)
+    for name in ("traj", "mean", "var"):
+        want = getattr(expected, name)
+        own = (getattr(torch32, name).double() - want).abs().max().item()
+        atol = max(base["atol"], 2 * own)
+        assert_close(name, getattr(result, name), want, atol=atol, rtol=base["rtol"])
+
+
+# (K, B, H, I, S, O, T): K=1, odd and prime H, T=1, S=1, O=1, H below one tile, several B.
+CPU_SHAPES = [
+    (1, 1, 16, 4, 2, 1, 3),
+    (3, 2, 37, 11, 5, 3, 4),
+    (2, 1, 33, 7, 3, 2, 1),
+    (5, 1, 24, 14, 8, 4, 2),
+    (2, 3, 5, 3, 1, 1, 2),
+]
+CPU_IDS = ["K1", "H37-B2", "T1", "K5-I14", "H5-S1-B3"]
+
+
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=CPU_IDS)
+def test_matches_reference(shape, device):
+    K, B, H, I, S, O, T = shape
+    problem = make_problem(K, B, H, I, S, O, device)
+    result = rssm_rollout(*problem, T)
+    assert result.traj.shape == (K, T, B, O) and result.mean.shape == (T, B, O)
+    check_all(result, problem, T, torch.float32)
+    if K == 1:
+        assert torch.all(result.var == 0), "one member has no disagreement"
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 19, 6, 4, 2, 3)], ids=["H19"])
+def test_bf16_weights(shape, device):
+    K, B, H, I, S, O, T = shape
+    problem = make_problem(K, B, H, I, S, O, device, weight_dtype=torch.bfloat16)
+    # The kernel upcasts the same bf16 values as the reference: fp32-level agreement.
+    check_all(rssm_rollout(*problem, T), problem, T, torch.bfloat16)
+
+
+def test_workspace_is_reusable(device):
+    K, B, H, I, S, O, T = 2, 1, 20, 5, 3, 2, 2
+    problem = make_problem(K, B, H, I, S, O, device)
+    workspace = make_workspace(K, B, H, device)
+    first = rssm_rollout(*problem, T, workspace=workspace)
+    counters = workspace[K * B * 2 * H :]
+    assert torch.all(counters == 0), "the kernel must leave its barrier counters at zero"
+    second = rssm_rollout(*problem, T, workspace=workspace)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bad_inputs_raise_before_launch(device):
+    K, B, H, I, S, O = 2, 1, 8, 3, 2, 2
+    x0, h0, z0, weights, feedback = make_problem(K, B, H, I, S, O, device)
+    with pytest.raises(KernelInputError, match="steps must be an int >= 1"):
+        rssm_rollout(x0, h0, z0, weights, feedback, 0)
+    with pytest.raises(KernelInputError, match="w_hh has shape"):
+        rssm_rollout(
+            x0, h0, z0, weights._replace(w_hh=weights.w_hh[:, :, :-1].contiguous()), feedback, 1
+        )
+    with pytest.raises(KernelInputError, match="expected one of: float32, bfloat16"):
+        rssm_rollout(x0, h0, z0, weights._replace(w_ih=weights.w_ih.half()), feedback, 1)
+    with pytest.raises(KernelInputError, match="use one dtype"):
+        rssm_rollout(x0, h0, z0, weights._replace(w_hh=weights.w_hh.bfloat16()), feedback, 1)
+    with pytest.raises(KernelInputError, match="x0 must be"):
+        rssm_rollout(torch.cat([x0, x0]), h0, z0, weights, feedback, 1)  # batch mismatch
+    with pytest.raises(KernelInputError, match=r"w_ih has shape .* expected"):
+        rssm_rollout(x0[:, :-1].contiguous(), h0, z0, weights, feedback, 1)  # features mismatch
+    with pytest.raises(KernelInputError, match="h0 has dtype"):
+        rssm_rollout(x0, h0.double(), z0, weights, feedback, 1)
+    with pytest.raises(KernelInputError, match="must be contiguous"):
+        rssm_rollout(
+            x0,
+            h0,
+            z0,
+            weights._replace(w_head=weights.w_head.transpose(0, 1).contiguous().transpose(0, 1)),
+            feedback,
+            1,
+        )
+    with pytest.raises(KernelInputError, match=r"feedback\.mix has shape"):
+        rssm_rollout(x0, h0, z0, weights, feedback._replace(mix=feedback.mix[:-1].contiguous()), 1)
+    with pytest.raises(KernelInputError, match="is on meta"):
+        rssm_rollout(x0, h0, z0, weights._replace(b_ih=weights.b_ih.to("meta")), feedback, 1)
+    with pytest.raises(KernelInputError, match="split must be"):
+        rssm_rollout(x0, h0, z0, weights, feedback, 1, split=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs programs one by one")
+def test_interpreter_refuses_spinning_split():
+    problem = make_problem(2, 1, 32, 3, 2, 2, "cpu")
+    with pytest.raises(KernelInputError, match="interpreter needs 1"):
+        rssm_rollout(*problem, 1, split=2)
+
+
+# ----------------------------------------------------------------------------------- GPU only
+GPU_SHAPES = [
+    (5, 1, 256, 64, 32, 5, 50),  # the target point
+    (1, 1, 64, 64, 32, 5, 1),
+    (16, 1, 1024, 64, 32, 9, 20),
+    (7, 4, 255, 30, 17, 3, 200),
+    (3, 2, 513, 64, 32, 5, 7),
+]
+GPU_IDS = ["K5-H256-T50", "K1-T1", "K16-H1024", "H255-B4-T200", "H513"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=GPU_IDS)
+def test_gpu_paths_match_reference(shape, weight_dtype):
+    K, B, H, I, S, O, T = shape
+    problem = make_problem(K, B, H, I, S, O, "cuda", weight_dtype)
+    split = default_split(K, B, H, torch.device("cuda"))
+    for forced in sorted({1, split}):  # the single-program path and the persistent one
+        check_all(rssm_rollout(*problem, T, split=forced), problem, T, weight_dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_barrier_repeats_cleanly():
+    K, B, H, I, S, O, T = 5, 1, 256, 64, 32, 5, 50
+    problem = make_problem(K, B, H, I, S, O, "cuda")
+    workspace = make_workspace(K, B, H, "cuda")
+    first = rssm_rollout(*problem, T, workspace=workspace)
+    for _ in range(50):
+        again = rssm_rollout(*problem, T, workspace=workspace)
+    torch.cuda.synchronize()
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b), "a persistent rollout must be deterministic run to run"
