@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from hybrid_triton.planner.setup import DTYPE_BYTES, TrainSetup
 from hybrid_triton.planner.specs import ModelSpec, ParamTensor, PlannerError
@@ -125,7 +125,9 @@ class Estimate:
 
     @property
     def peak_phase(self) -> str:
-        return max(self.phases, key=lambda name: self.phases[name].peak_bytes)
+        # ties go to "full": the phase a reader looks for (Warmup and Correct hold the same)
+        order = sorted(self.phases, key=lambda name: name != "full")
+        return max(order, key=lambda name: self.phases[name].peak_bytes)
 
     @property
     def peak_bytes(self) -> int:
@@ -173,7 +175,8 @@ class _Timeline:
         self.stage = "setup"
         self.where = ""
         self.peak = -1
-        self.peak_at = ""
+        self.peak_at: tuple[str, str] = ("setup", "")
+        self._pending = False
         self.peak_components: dict[str, int] = {}
         self.peak_slack = 0
         self.stage_peaks: dict[str, int] = {}
@@ -193,6 +196,7 @@ class _Timeline:
         return handle
 
     def free(self, *handles: int | None) -> None:
+        self._snapshot()
         for handle in handles:
             if handle is None:
                 continue
@@ -207,19 +211,27 @@ class _Timeline:
         self.stage, self.where = stage, where
 
     def _observe(self) -> None:
-        if self.stage != "setup":
-            self.stage_peaks[self.stage] = max(self.stage_peaks.get(self.stage, 0), self.total)
+        if self.stage != "setup" and self.total > self.stage_peaks.get(self.stage, 0):
+            self.stage_peaks[self.stage] = self.total
         if self.total > self.peak:
             self.peak = self.total
-            self.peak_at = f"{self.stage}: {self.where}" if self.where else self.stage
+            self.peak_at = (self.stage, self.where)
+            self._pending = True  # the breakdown is taken before the next free lowers it
+
+    def _snapshot(self) -> None:
+        if self._pending:
+            self._pending = False
             self.peak_components = {c: v for c, v in self.exact.items() if v}
             self.peak_components["allocator_rounding"] = self.rounding
             self.peak_slack = self.slack
 
     def result(self, phase: str) -> PhaseEstimate:
+        self._snapshot()
+        stage, where = self.peak_at
+        peak_at = f"{stage}: {where}" if where else stage
         components = {c: self.peak_components.get(c, 0) for c in COMPONENTS}
         return PhaseEstimate(
-            phase, self.peak, self.peak_at, components, dict(self.stage_peaks), self.peak_slack
+            phase, self.peak, peak_at, components, dict(self.stage_peaks), self.peak_slack
         )
 
 
@@ -662,12 +674,13 @@ class _Step:
 
     def run(self) -> PhaseEstimate:
         self.model_state()
-        steps = 1 if not self.train else min(self.setup.accum_steps, 2)
-        for _ in range(2 if self.train else 1):  # the second step sees the first's leftovers
-            for _ in range(steps):
-                self.micro_batch()
-            if self.train:
-                self.optimizer_step()
+        # One step is the steady state: the model state is allocated up front and the previous
+        # step's logits (when the caller holds them) too. With accumulation, the second
+        # micro-batch is the one that sees the first one's gradients.
+        for _ in range(min(self.setup.accum_steps, 2) if self.train else 1):
+            self.micro_batch()
+        if self.train:
+            self.optimizer_step()
         return self.tl.result(self.phase)
 
 
@@ -690,9 +703,14 @@ def estimate(spec: ModelSpec, setup: TrainSetup) -> Estimate:
         raise PlannerError(
             f"seq_len {setup.seq_len} exceeds {spec.name}'s maximum {spec.max_seq_len}"
         )
-    phases = {}
+    phases: dict[str, PhaseEstimate] = {}
+    train_phase: PhaseEstimate | None = None
     for phase in dict.fromkeys(setup.phases):
-        phases[phase] = _Step(spec, setup, phase).run()
+        if phase == "predict":
+            phases[phase] = _Step(spec, setup, phase).run()
+        else:  # Warmup, Full and Correct hold the same tensors
+            train_phase = train_phase or _Step(spec, setup, phase).run()
+            phases[phase] = replace(train_phase, phase=phase)
     notes = []
     if spec.family == "llama":
         notes.append(

@@ -1,0 +1,239 @@
+"""``hybrid-triton plan``: estimate per-phase VRAM, or find what fits a GPU.
+
+Examples::
+
+    hybrid-triton plan gpt2-small --setup bf16-autocast --batch 8 --seq-len 1024
+    hybrid-triton plan gpt2-medium --fit --gpu rtx-4080
+    hybrid-triton plan llama-7b --fit --gpu 16 --json
+    hybrid-triton plan path/to/config.json --setup hybrid --batch 4 --chart plan.png
+    hybrid-triton plan --module mypkg.models:build_on_meta --traced --batch 2 --seq-len 256
+    hybrid-triton plan --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from hybrid_triton.planner.estimate import estimate
+from hybrid_triton.planner.fit import GPUS, fit, gpu_capacity_bytes
+from hybrid_triton.planner.report import (
+    format_estimate,
+    format_fit,
+    plot_estimate,
+    to_json,
+)
+from hybrid_triton.planner.setup import (
+    ATTENTION,
+    GRAD_MODES,
+    LOGITS_LIFETIME,
+    OFFLOAD,
+    OPTIMIZERS,
+    PHASES,
+    PREDICT_MOMENTS,
+    SETUP_PRESETS,
+    STATE_BITS,
+    setup_preset,
+)
+from hybrid_triton.planner.specs import (
+    PRESET_NAMES,
+    PlannerError,
+    preset,
+    spec_from_hf_config,
+    spec_from_module,
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hybrid-triton plan",
+        description="Per-phase, per-component VRAM estimate of a training setup, or the best "
+        "setup that fits a GPU (--fit). Sizes in GiB (2^30 bytes).",
+    )
+    p.add_argument(
+        "model",
+        nargs="?",
+        help="a preset name (--list) or a Hugging Face config.json (or its folder)",
+    )
+    p.add_argument(
+        "--module",
+        help="'package.module:factory': a callable returning an "
+        "nn.Module (build it on the meta device)",
+    )
+    p.add_argument("--list", action="store_true", help="list model, setup and GPU presets")
+    p.add_argument("--setup", default="bf16-autocast", help=f"one of {list(SETUP_PRESETS)}")
+    p.add_argument("--param-dtype", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--autocast", choices=["none", "bf16", "fp16"])
+    p.add_argument("--master-weights", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--grad-mode", choices=GRAD_MODES)
+    p.add_argument("--optimizer", choices=OPTIMIZERS)
+    p.add_argument("--state-bits", type=int, choices=STATE_BITS)
+    p.add_argument("--batch", type=int, help="micro-batch (sequences)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence")
+    p.add_argument("--accum", type=int, help="micro-batches per optimizer step")
+    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--offload", choices=OFFLOAD)
+    p.add_argument("--predict-moments", choices=PREDICT_MOMENTS)
+    p.add_argument("--phases", help=f"comma-separated subset of {','.join(PHASES)}")
+    p.add_argument("--attention", choices=ATTENTION)
+    p.add_argument("--logits-lifetime", choices=LOGITS_LIFETIME)
+    p.add_argument("--gpu", help="a GPU preset (--list) or a size in GiB")
+    p.add_argument("--margin", type=float, default=0.1, help="fraction kept free (0.1)")
+    p.add_argument("--fit", action="store_true", help="search the setups for --gpu")
+    p.add_argument("--max-batch", type=int, default=64, help="largest micro-batch to try")
+    p.add_argument(
+        "--traced",
+        action="store_true",
+        help="measure the module under fake tensors instead of the formulas",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--chart", help="write a PNG chart to this path")
+    return p
+
+
+def _load_spec(args):
+    module = None
+    if args.module:
+        target, _, attr = args.module.partition(":")
+        if not attr:
+            raise PlannerError(f"--module must be 'package.module:factory', got {args.module!r}")
+        try:
+            factory = getattr(importlib.import_module(target), attr)
+        except (ImportError, AttributeError) as exc:
+            raise PlannerError(f"cannot load {args.module!r}: {exc}") from exc
+        module = factory()
+        return spec_from_module(module, name=attr), module
+    if not args.model:
+        raise PlannerError("give a model: a preset name, a config.json, or --module")
+    if os.path.exists(args.model) or args.model.endswith(".json"):
+        return spec_from_hf_config(args.model), None
+    spec = preset(args.model)
+    if args.traced and spec.family == "gpt2":
+        from hybrid_triton.models.gpt2 import build_gpt2
+
+        gpt2_names = {"gpt2-tiny", "gpt2-small", "gpt2-medium", "gpt2-1b"}
+        if spec.name in gpt2_names:
+            module = build_gpt2(spec.name, device="meta")
+    return spec, module
+
+
+def _setup(args):
+    overrides = {}
+    for field, value in (
+        ("param_dtype", args.param_dtype),
+        ("master_weights", args.master_weights),
+        ("grad_mode", args.grad_mode),
+        ("optimizer", args.optimizer),
+        ("state_bits", args.state_bits),
+        ("micro_batch", args.batch),
+        ("seq_len", args.seq_len),
+        ("accum_steps", args.accum),
+        ("checkpointing", args.checkpointing),
+        ("offload", args.offload),
+        ("predict_moments", args.predict_moments),
+        ("attention", args.attention),
+        ("logits_lifetime", args.logits_lifetime),
+    ):
+        if value is not None:
+            overrides[field] = value
+    if args.autocast is not None:
+        overrides["autocast"] = None if args.autocast == "none" else args.autocast
+    if args.phases:
+        overrides["phases"] = tuple(x.strip() for x in args.phases.split(",") if x.strip())
+    return setup_preset(args.setup, **overrides)
+
+
+def _list() -> str:
+    lines = ["model presets:"]
+    lines += [f"  {preset(n).summary()}" for n in PRESET_NAMES]
+    lines.append("setup presets:")
+    lines += [f"  {name}: {setup_preset(name).describe()}" for name in SETUP_PRESETS]
+    lines.append("GPU presets (GiB):")
+    lines += [f"  {name}: {mib / 1024:.2f}" for name, mib in GPUS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.list:
+            print(_list())
+            return 0
+        if not 0 <= args.margin < 1:
+            raise PlannerError(f"--margin must be a fraction in [0, 1), got {args.margin}")
+        spec, module = _load_spec(args)
+        if args.fit:
+            if not args.gpu:
+                raise PlannerError("--fit needs --gpu (a preset name or a size in GiB)")
+            result = fit(
+                spec,
+                args.gpu,
+                margin=args.margin,
+                seq_len=args.seq_len,
+                max_micro_batch=args.max_batch,
+                accum_steps=args.accum or 1,
+            )
+            print(to_json(result) if args.json else format_fit(result))
+            if args.chart:
+                plot_estimate(
+                    result.best.estimate, args.chart, result.capacity_bytes, result.usable_bytes
+                )
+            return 0 if result.fits else 1
+        setup = _setup(args)
+        if args.traced or not spec.has_activation_model:
+            if module is None:
+                raise PlannerError(
+                    f"{spec.name}: traced mode needs a module (--module, or a "
+                    "GPT-2 preset of hybrid_triton.models.gpt2)"
+                )
+            from hybrid_triton.planner.traced import trace_step
+
+            traced = trace_step(module, setup)
+            if args.json:
+                import json
+
+                print(
+                    json.dumps(
+                        dict(model=spec.name, setup=setup.to_dict(), traced=traced.to_dict()),
+                        indent=2,
+                    )
+                )
+            else:
+                gib = 1024**3
+                print(
+                    f"model: {spec.summary()}\nsetup: {setup.describe()}\ntraced (fake "
+                    f"tensors, CPU kernels): peak {traced.peak_bytes / gib:.3f} GiB; "
+                    + ", ".join(f"{k} {v / gib:.3f}" for k, v in traced.stage_peaks.items())
+                    + f"; parameters {traced.param_bytes / gib:.3f}, gradients "
+                    f"{traced.grad_bytes / gib:.3f}, optimizer state "
+                    f"{traced.optimizer_state_bytes / gib:.3f} GiB"
+                )
+            return 0
+        est = estimate(spec, setup)
+        capacity = usable = None
+        if args.gpu:
+            label, capacity = gpu_capacity_bytes(args.gpu)
+            usable = int(capacity * (1 - args.margin))
+        if args.json:
+            print(to_json(est))
+        else:
+            print(format_estimate(est))
+            if capacity is not None:
+                need = est.device_bytes()
+                verdict = "fits" if need <= usable else "does NOT fit"
+                print(
+                    f"{label}: {verdict} ({need / 1024**3:.2f} GiB needed, "
+                    f"{usable / 1024**3:.2f} GiB usable with margin {args.margin:.0%})"
+                )
+        if args.chart:
+            plot_estimate(est, args.chart, capacity, usable)
+        return 0
+    except PlannerError as exc:
+        print(f"hybrid-triton plan: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

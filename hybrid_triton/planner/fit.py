@@ -1,0 +1,328 @@
+"""What fits a GPU: search the setups, pick the best throughput proxy, explain the choice.
+
+The search (for one model, GPU and sequence length):
+
+1. Candidate setups, in tiers tried in order; a later tier is searched only when nothing in
+   the earlier ones fits even at micro-batch 1:
+   - tier 1: bf16 autocast over fp32 parameters, or bf16 parameters with fp32 master weights
+     and hook-folded fp32 gradients; AdamW state 32, 8 or 4 bits; checkpointing off or on;
+   - tier 2: the same with the optimizer moments offloaded to CPU memory (the CPU or the
+     transfers become the bottleneck of the step);
+   - tier 3: pure bf16 (bf16 parameters and gradients, no master copy: updates smaller than
+     bf16's resolution are lost); tier 4: the same with the moments offloaded.
+2. For each candidate the largest micro-batch (powers of two up to ``max_micro_batch``) whose
+   device need (allocated peak over the phases + the allocator's segment slack + the CUDA
+   context) stays within the usable memory, ``capacity * (1 - margin)``.
+3. The throughput proxy of a candidate is tokens per micro-batch times
+   ``RECOMPUTE_FACTOR`` when checkpointing (backward is about twice the forward's FLOPs, so a
+   recomputed forward turns 3 units of work into 4). Highest proxy wins; ties go to the setup
+   with fewer memory options turned on.
+4. Each option that is on gets a reason: what the peak would be without it, or which
+   micro-batch it buys. When nothing fits, the result says by how much and what would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hybrid_triton.planner.estimate import Estimate, GiB, MiB, estimate
+from hybrid_triton.planner.setup import TrainSetup
+from hybrid_triton.planner.specs import ModelSpec, PlannerError, unknown_name_error
+
+RECOMPUTE_FACTOR = 3 / 4  # forward + backward = 3 forward-units; recompute adds one
+
+# Total memory of each card in MiB: as nvidia-smi reports it for the data-centre cards, the
+# nominal size for consumer cards (which report a few MiB less). Pass a size for any other.
+GPUS: dict[str, int] = {
+    "rtx-3060": 12 * 1024,
+    "rtx-3070": 8 * 1024,
+    "rtx-3080": 10 * 1024,
+    "rtx-3090": 24 * 1024,
+    "rtx-4060": 8 * 1024,
+    "rtx-4060-ti-16gb": 16 * 1024,
+    "rtx-4070": 12 * 1024,
+    "rtx-4080": 16 * 1024,
+    "rtx-4090": 24 * 1024,
+    "rtx-5090": 32 * 1024,
+    "t4": 15360,
+    "l4": 23034,
+    "a10": 23028,
+    "a100-40gb": 40960,
+    "a100-80gb": 81920,
+    "h100-80gb": 81559,
+    "h200": 143771,
+}
+_GPU_ALIASES = {
+    "a100": "a100-80gb",
+    "h100": "h100-80gb",
+    "a100-40": "a100-40gb",
+    "a100-80": "a100-80gb",
+    "h100-80": "h100-80gb",
+    "h200-141gb": "h200",
+}
+
+
+def gpu_capacity_bytes(gpu: str | int | float) -> tuple[str, int]:
+    """``(label, bytes)`` for a GPU preset name, or a size in GiB (a number or "24GiB")."""
+    if isinstance(gpu, bool):
+        raise PlannerError(f"GPU must be a preset name or a size in GiB, got {gpu!r}")
+    if isinstance(gpu, (int, float)):
+        gib = float(gpu)
+    else:
+        text = str(gpu).strip().lower()
+        key = _GPU_ALIASES.get(text, text)
+        if key in GPUS:
+            return key, GPUS[key] * MiB
+        number = text.removesuffix("gib").removesuffix("gb").strip()
+        try:
+            gib = float(number)
+        except ValueError:
+            raise unknown_name_error("GPU", gpu, GPUS) from None
+    if not gib > 0 or gib != gib or gib == float("inf"):
+        raise PlannerError(f"GPU memory must be a positive number of GiB, got {gpu!r}")
+    return f"{gib:g} GiB", int(gib * GiB)
+
+
+@dataclass
+class Candidate:
+    setup: TrainSetup
+    estimate: Estimate
+    device_bytes: int
+    proxy: float
+    tier: int
+
+
+@dataclass
+class FitResult:
+    """The answer. ``fits`` False means nothing in the search space fits; ``best`` is then the
+    leanest setup tried (micro-batch 1) and ``reasons`` says what would fit instead."""
+
+    spec: ModelSpec
+    gpu: str
+    capacity_bytes: int
+    usable_bytes: int
+    margin: float
+    fits: bool
+    best: Candidate
+    reasons: list[str]
+    alternatives: list[Candidate] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(
+            model=self.spec.name,
+            gpu=self.gpu,
+            capacity_bytes=self.capacity_bytes,
+            usable_bytes=self.usable_bytes,
+            margin=self.margin,
+            fits=self.fits,
+            setup=self.best.setup.to_dict(),
+            device_bytes=self.best.device_bytes,
+            throughput_proxy=self.best.proxy,
+            reasons=list(self.reasons),
+            estimate=self.best.estimate.to_dict(),
+            alternatives=[
+                dict(setup=c.setup.describe(), device_bytes=c.device_bytes, proxy=c.proxy)
+                for c in self.alternatives
+            ],
+        )
+
+
+_PRECISIONS = {
+    "autocast": dict(param_dtype="fp32", autocast="bf16"),
+    "master": dict(param_dtype="bf16", master_weights=True, grad_mode="hook"),
+    "pure": dict(param_dtype="bf16"),
+}
+_TIERS = (
+    [("autocast", "none"), ("master", "none")],
+    [("autocast", "cpu"), ("master", "cpu")],
+    [("pure", "none")],
+    [("pure", "cpu")],
+)
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / GiB:.2f} GiB"
+
+
+def _features(setup: TrainSetup) -> tuple[int, ...]:
+    """Memory options turned on, the costliest first: fewer (lexicographically) is better."""
+    return (
+        int(setup.offload != "none"),
+        int(setup.param_dtype != "fp32" and not setup.master_weights),
+        int(setup.checkpointing),
+        int(setup.state_bits < 32) + int(setup.state_bits < 8),
+        int(setup.param_dtype != "fp32"),
+    )
+
+
+def fit(
+    spec: ModelSpec,
+    gpu: str | int | float,
+    margin: float = 0.1,
+    seq_len: int | None = None,
+    max_micro_batch: int = 64,
+    accum_steps: int = 1,
+    phases: tuple[str, ...] = ("warmup", "full", "predict", "correct"),
+) -> FitResult:
+    """Find the setup with the best throughput proxy that fits ``gpu`` (a preset name from
+    ``GPUS`` or a size in GiB) with ``margin`` (a fraction of the capacity kept free)."""
+    if not isinstance(spec, ModelSpec):
+        raise PlannerError(f"fit expects a ModelSpec, got {type(spec).__name__}")
+    label, capacity = gpu_capacity_bytes(gpu)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
+        raise PlannerError(f"margin must be a fraction in [0, 1), got {margin!r}")
+    if (
+        isinstance(max_micro_batch, bool)
+        or not isinstance(max_micro_batch, int)
+        or (max_micro_batch < 1)
+    ):
+        raise PlannerError(f"max_micro_batch must be a positive integer, got {max_micro_batch!r}")
+    seq = seq_len if seq_len is not None else min(1024, spec.max_seq_len)
+    usable = int(capacity * (1 - margin))
+    base = dict(seq_len=seq, accum_steps=accum_steps, phases=phases)
+    cache: dict[TrainSetup, Candidate] = {}
+
+    def evaluate(setup: TrainSetup, tier: int) -> Candidate:
+        if setup not in cache:
+            est = estimate(spec, setup)
+            proxy = setup.tokens_per_micro_batch * (
+                RECOMPUTE_FACTOR if setup.checkpointing else 1.0
+            )
+            cache[setup] = Candidate(setup, est, est.device_bytes(), proxy, tier)
+        return cache[setup]
+
+    def largest(setup: TrainSetup, tier: int) -> Candidate | None:
+        best = None
+        micro = 1
+        while micro <= max_micro_batch:
+            cand = evaluate(setup.replace(micro_batch=micro), tier)
+            if cand.device_bytes > usable:
+                break
+            best = cand
+            micro *= 2
+        return best
+
+    fitting: list[Candidate] = []
+    for tier, options in enumerate(_TIERS, start=1):
+        for precision, offload in options:
+            for bits in (32, 8, 4):
+                for ckpt in (False, True):
+                    setup = TrainSetup(
+                        **_PRECISIONS[precision],
+                        **base,
+                        state_bits=bits,
+                        checkpointing=ckpt,
+                        offload=offload,
+                    )
+                    cand = largest(setup, tier)
+                    if cand is not None:
+                        fitting.append(cand)
+        if fitting:
+            break
+    if not fitting:
+        leanest = evaluate(
+            TrainSetup(
+                **_PRECISIONS["pure"], **base, state_bits=4, checkpointing=True, offload="cpu"
+            ),
+            len(_TIERS),
+        )
+        return FitResult(
+            spec,
+            label,
+            capacity,
+            usable,
+            margin,
+            False,
+            leanest,
+            _nothing_fits(spec, leanest, usable, label, base, margin),
+        )
+    fitting.sort(key=lambda c: (-c.proxy, _features(c.setup), c.device_bytes))
+    best = fitting[0]
+    reasons = _explain(best, usable, evaluate, largest)
+    return FitResult(spec, label, capacity, usable, margin, True, best, reasons, fitting[1:6])
+
+
+def _explain(best: Candidate, usable: int, evaluate, largest) -> list[str]:
+    s = best.setup
+    reasons = [
+        f"Best throughput proxy that fits: micro-batch {s.micro_batch} x {s.seq_len} tokens "
+        f"({s.describe()}), needing {_gib(best.device_bytes)} of {_gib(usable)} usable."
+    ]
+
+    def without(label: str, **changes) -> None:
+        alt = evaluate(s.replace(**changes), best.tier)
+        if alt.device_bytes > usable:
+            reasons.append(
+                f"{label}: on, because without it this batch needs {_gib(alt.device_bytes)} "
+                f"(> {_gib(usable)} usable)."
+            )
+            return
+        other = largest(s.replace(micro_batch=1, **changes), best.tier)
+        reasons.append(
+            f"{label}: on, because without it the best is micro-batch {other.setup.micro_batch}"
+            f" (throughput proxy {other.proxy:g} tokens against {best.proxy:g})."
+        )
+
+    if s.param_dtype == "bf16" and s.master_weights:
+        without(
+            "bf16 parameters + fp32 master weights + hook-folded fp32 gradients",
+            param_dtype="fp32",
+            autocast="bf16",
+            master_weights=False,
+            grad_mode="full",
+        )
+    elif s.param_dtype == "bf16":
+        without(
+            "pure bf16 parameters and gradients (no master copy: updates below bf16's "
+            "resolution are lost)",
+            param_dtype="fp32",
+            autocast="bf16",
+        )
+    else:
+        reasons.append(
+            "bf16 autocast over fp32 parameters: the standard mixed precision, kept because "
+            "lower-precision parameters would not buy a better proxy."
+        )
+    if s.state_bits < 32:
+        without(f"{s.state_bits}-bit optimizer state", state_bits=32)
+    if s.checkpointing:
+        without("activation checkpointing (one extra forward per step)", checkpointing=False)
+    if s.offload != "none":
+        without("optimizer state offloaded to CPU (the step waits on the host)", offload="none")
+    return reasons
+
+
+def _nothing_fits(
+    spec: ModelSpec, leanest: Candidate, usable: int, label: str, base: dict, margin: float
+) -> list[str]:
+    comps = leanest.estimate.components
+    state = comps["weights"] + comps["gradients"] + comps["master_weights"]
+    reasons = [
+        f"Nothing fits {label}: even the leanest setup tried ({leanest.setup.describe()}) "
+        f"needs {_gib(leanest.device_bytes)}, more than the {_gib(usable)} usable.",
+        f"{spec.name} has {spec.num_params / 1e9:.2f}B parameters: its bf16 weights alone "
+        f"take {_gib(comps['weights'])}, and weights plus gradients {_gib(state)}, before "
+        "any activation.",
+    ]
+    for name, mib in sorted(GPUS.items(), key=lambda kv: kv[1]):
+        if leanest.device_bytes <= mib * MiB * (1 - margin):
+            reasons.append(
+                f"What would fit: a {name} ({mib / 1024:.0f} GiB) with that setup, "
+                "or sharding weights, gradients and state over several GPUs "
+                "(FSDP divides them by the number of GPUs)."
+            )
+            break
+    else:
+        reasons.append(
+            "What would fit: no single GPU preset; shard weights, gradients and "
+            "state over several GPUs (FSDP)."
+        )
+    seq = base["seq_len"]
+    if seq > 128:
+        shorter = leanest.setup.replace(seq_len=128)
+        need = estimate(spec, shorter).device_bytes()
+        if need <= usable:
+            reasons.append(
+                f"A shorter sequence would: {shorter.seq_len} tokens needs {_gib(need)}."
+            )
+    return reasons

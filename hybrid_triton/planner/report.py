@@ -1,0 +1,144 @@
+"""Output of the planner: a readable table, JSON for tools, and a PNG chart.
+
+- :func:`format_estimate`: one column per phase, one row per component, GiB, the peak row,
+  where the peak happens, and the CUDA context apart.
+- :func:`format_fit`: the chosen setup, its table, and the reasons in words.
+- :func:`to_json`: the estimate's or fit's ``to_dict()`` as JSON (bytes, integers).
+- :func:`plot_estimate`: stacked bars per phase (one colour per component) against a
+  horizontal line at the GPU's capacity (and the usable line below it), written as PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from hybrid_triton.planner.estimate import COMPONENTS, Estimate, GiB
+from hybrid_triton.planner.fit import FitResult
+
+_LABELS = {
+    "weights": "weights",
+    "master_weights": "master weights",
+    "gradients": "gradients / accumulator",
+    "optimizer_state": "optimizer state",
+    "update_direction": "update direction (Predict)",
+    "activations": "activations",
+    "autocast_cache": "autocast weight copies",
+    "logits_and_loss": "logits and loss",
+    "workspace": "workspace (grads in flight, cuBLAS)",
+    "inputs": "input batch",
+    "allocator_rounding": "allocator rounding",
+}
+
+
+def _g(nbytes: float) -> str:
+    return f"{nbytes / GiB:.3f}"
+
+
+def format_estimate(est: Estimate) -> str:
+    """A plain-text table: components x phases, GiB, allocated at each phase's peak."""
+    phases = list(est.phases)
+    width = max(len(v) for v in _LABELS.values()) + 2
+    col = max(10, *(len(p) + 2 for p in phases))
+    lines = [
+        f"model: {est.spec.summary()}",
+        f"setup: {est.setup.describe()}",
+        "",
+        "GiB at each phase's allocated peak".ljust(width) + "".join(p.rjust(col) for p in phases),
+    ]
+    for comp in COMPONENTS:
+        values = [est.phases[p].components.get(comp, 0) for p in phases]
+        if any(values):
+            lines.append(_LABELS[comp].ljust(width) + "".join(_g(v).rjust(col) for v in values))
+    lines.append("-" * (width + col * len(phases)))
+    lines.append(
+        "peak allocated".ljust(width)
+        + "".join(_g(est.phases[p].peak_bytes).rjust(col) for p in phases)
+    )
+    lines.append(
+        "+ segment slack (reserved)".ljust(width)
+        + "".join(_g(est.phases[p].segment_slack_bytes).rjust(col) for p in phases)
+    )
+    lines.append("")
+    for p in phases:
+        ph = est.phases[p]
+        stages = ", ".join(f"{k} {_g(v)}" for k, v in ph.stage_peaks.items())
+        lines.append(f"{p}: peak at {ph.peak_at} ({stages} GiB)")
+    lines.append(
+        f"run peak: {_g(est.peak_bytes)} GiB allocated ({est.peak_phase}); CUDA context "
+        f"{_g(est.cuda_context_bytes)} GiB apart; device need {_g(est.device_bytes())} GiB"
+    )
+    lines += [f"note: {n}" for n in est.notes]
+    return "\n".join(lines)
+
+
+def format_fit(result: FitResult) -> str:
+    head = (
+        f"GPU {result.gpu}: {_g(result.capacity_bytes)} GiB, margin {result.margin:.0%}, "
+        f"usable {_g(result.usable_bytes)} GiB"
+    )
+    verdict = "FITS" if result.fits else "DOES NOT FIT"
+    lines = [head, f"{result.spec.name}: {verdict}", ""]
+    lines += [f"- {r}" for r in result.reasons]
+    lines += ["", format_estimate(result.best.estimate)]
+    if result.alternatives:
+        lines += ["", "next best setups that fit:"]
+        lines += [
+            f"  {c.setup.describe()}: {_g(c.device_bytes)} GiB, proxy {c.proxy:g}"
+            for c in result.alternatives
+        ]
+    return "\n".join(lines)
+
+
+def to_json(obj: Estimate | FitResult | list) -> str:
+    if isinstance(obj, list):
+        return json.dumps([o.to_dict() for o in obj], indent=2)
+    return json.dumps(obj.to_dict(), indent=2)
+
+
+def plot_estimate(
+    est: Estimate,
+    path: str | os.PathLike,
+    capacity_bytes: int | None = None,
+    usable_bytes: int | None = None,
+    title: str | None = None,
+) -> str:
+    """Stacked bars (GiB) per phase and component; lines at the capacity and usable memory.
+    Returns the path written (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = list(est.phases)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(phases) + 3), 4.8), dpi=110)
+    bottoms = [0.0] * len(phases)
+    cmap = plt.get_cmap("tab20")
+    for k, comp in enumerate(COMPONENTS):
+        values = [est.phases[p].components.get(comp, 0) / GiB for p in phases]
+        if not any(values):
+            continue
+        ax.bar(phases, values, bottom=bottoms, label=_LABELS[comp], color=cmap(k))
+        bottoms = [b + v for b, v in zip(bottoms, values)]
+    context = est.cuda_context_bytes / GiB
+    ax.bar(
+        phases,
+        [context] * len(phases),
+        bottom=bottoms,
+        label="CUDA context (apart)",
+        color="lightgrey",
+        hatch="//",
+        edgecolor="grey",
+    )
+    if capacity_bytes:
+        ax.axhline(capacity_bytes / GiB, color="black", linestyle="-", label="GPU capacity")
+    if usable_bytes:
+        ax.axhline(usable_bytes / GiB, color="red", linestyle="--", label="usable (margin)")
+    ax.set_ylabel("GiB (allocated at the phase's peak)")
+    ax.set_title(title or f"{est.spec.name}: {est.setup.describe()}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    out = os.fspath(path)
+    fig.savefig(out, format="png")
+    plt.close(fig)
+    return out
