@@ -160,6 +160,7 @@ class StateOffloader:
         self._tensors = dict(tensors)
         self._payload = {}
         if self.strategy == "keep" or not tensors:
+            self._offloaded = True  # nothing moved; restore is a no-op
             return
         device = next(iter(tensors.values())).device
         on_cuda = device.type == "cuda"

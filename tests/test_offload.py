@@ -1,0 +1,110 @@
+"""Optimizer-state strategies: identity kept, storage freed, values restored."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hybrid_triton.kernels import dequantize_blockwise_ref, quantize_blockwise_ref
+
+from hybrid_triton.offload import OffloadError, StateOffloader
+
+
+def state(device):
+    return {
+        "exp_avg": torch.randn(4099, device=device),
+        "exp_avg_sq": torch.rand(4099, device=device) ** 4,  # wide dynamic range, like v
+        "codes": torch.randint(-127, 127, (1000,), dtype=torch.int8, device=device),
+    }
+
+
+@pytest.mark.parametrize("strategy", ["keep", "cpu", "pinned", "compress", "drop"])
+@pytest.mark.parametrize("async_restore", [True, False], ids=["async", "sync"])
+def test_roundtrip(strategy, async_restore, device):
+    tensors = state(device)
+    before = {k: v.clone() for k, v in tensors.items()}
+    ids = {k: id(v) for k, v in tensors.items()}
+    off = StateOffloader(strategy, async_restore=async_restore)
+    off.offload(tensors)
+    assert off.offloaded
+    for name, t in tensors.items():
+        freed = t.untyped_storage().nbytes() == 0
+        expect_freed = strategy in ("cpu", "pinned", "drop") or (
+            strategy == "compress" and t.is_floating_point()
+        )
+        assert freed == expect_freed, name
+    if strategy != "keep":
+        assert off.stats.bytes_freed > 0
+    off.start_restore()
+    off.wait()
+    assert not off.offloaded
+    for name, t in tensors.items():
+        assert id(t) == ids[name]
+        if strategy == "drop":
+            assert torch.count_nonzero(t) == 0, name
+        elif strategy in ("keep", "cpu", "pinned") or not t.is_floating_point():
+            assert torch.equal(t, before[name]), name
+        else:  # compress: exactly what the reference quantizer gives
+            q = quantize_blockwise_ref(before[name], "int8_dynamic", 256)
+            assert torch.equal(t, dequantize_blockwise_ref(q)), name
+    stats = off.resolve_stats()
+    assert stats.offloads == (0 if strategy == "keep" else 1)
+    assert 0.0 <= stats.hidden_fraction <= 1.0
+
+
+def test_repeated_phases_reuse(device):
+    tensors = state(device)
+    ref = {k: v.clone() for k, v in tensors.items()}
+    off = StateOffloader("pinned")
+    for _ in range(3):
+        off.offload(tensors)
+        off.restore()
+    for k in tensors:
+        assert torch.equal(tensors[k], ref[k])
+    assert off.resolve_stats().restores == 3
+
+
+def test_wait_without_start_restores(device):
+    tensors = state(device)
+    ref = tensors["exp_avg"].clone()
+    off = StateOffloader("cpu")
+    off.offload(tensors)
+    off.wait()
+    assert torch.equal(tensors["exp_avg"], ref)
+
+
+def test_materialized_and_state_dict(device):
+    tensors = state(device)
+    ref = {k: v.clone() for k, v in tensors.items()}
+    off = StateOffloader("compress")
+    off.offload(tensors)
+    with off.materialized():
+        seen = tensors["exp_avg"].clone()
+    assert tensors["exp_avg"].untyped_storage().nbytes() == 0
+    saved = off.state_dict()
+    # A fresh offloader (a resumed run) restores the same values.
+    fresh = {k: v.clone() for k, v in ref.items()}
+    other = StateOffloader("compress")
+    other.load_state_dict(saved, fresh)
+    assert fresh["exp_avg"].untyped_storage().nbytes() == 0
+    other.restore()
+    off.restore()
+    for k in tensors:
+        assert torch.equal(fresh[k], tensors[k]), k
+    assert torch.equal(seen, tensors["exp_avg"])
+    with pytest.raises(OffloadError, match="strategy"):
+        StateOffloader("cpu").load_state_dict(saved, fresh)
+
+
+def test_bad_inputs(device):
+    base = torch.zeros(100, device=device)
+    off = StateOffloader("cpu")
+    with pytest.raises(OffloadError, match="does not own its storage"):
+        off.offload({"view": base[10:20]})
+    with pytest.raises(OffloadError, match="not a tensor"):
+        off.offload({"x": [1, 2]})
+    assert base.untyped_storage().nbytes() == 400  # nothing was freed
+    off.offload({"x": base})
+    with pytest.raises(OffloadError, match="already offloaded"):
+        off.offload({"x": base})
+    with pytest.raises(ValueError, match="strategy"):
+        StateOffloader("disk")
