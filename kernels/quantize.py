@@ -21,10 +21,13 @@ compared in the linear domain, so the error is half the local gap).
 ``s / 127**3`` (about 5e-7 of the block's absmax, against 8e-3 for ``int8``), so small values
 such as Adam's second moments are kept, with a relative step of about ``3 / (127 |y|^(1/3))``.
 
-``ternary`` follows ternary weight networks (Li & Liu, 2016): threshold
-``delta = 0.7 * mean(|v|)`` over the block, code ``sign(v)`` where ``|v| > delta`` else 0, and
-scale ``alpha = mean(|v| : |v| > delta)`` (0 when no element passes). Per-element error is at
-most ``max(delta, alpha - delta, absmax - alpha)``.
+``ternary`` takes its scale from ternary weight networks (Li & Liu, 2016): with
+``delta = 0.7 * mean(|v|)`` over the block, ``alpha_twn = mean(|v| : |v| > delta)``; the
+scale is ``s = max(alpha_twn, absmax / 2)`` and every element rounds to the nearest of
+``{-s, 0, +s}`` (code ``sign(v)`` where ``|v| >= s / 2``). Raising the scale to ``absmax / 2``
+keeps every element within one step (``|error| <= max(s / 2, absmax - s) <= s``), which is
+what lets error feedback converge: with the plain TWN rule the elements above ``2 s`` saturate
+and the carried error grows without bound.
 
 Stochastic rounding (``stochastic=True``, seeded, reproducible for a given seed and size):
 each magnitude rounds up with probability equal to its distance from the code below, so the
@@ -220,14 +223,16 @@ def _quantize_blockwise_kernel(
             code = tl.where(u < mag / denom[:, None], 1.0, 0.0)
             scale = absmax
         else:
-            # TWN: threshold 0.7 * mean|v|, scale = mean of the magnitudes above it.
+            # TWN scale (mean magnitude above 0.7 * mean|v|), raised to absmax / 2 so no
+            # element is more than one step away; then round to the nearest of {-s, 0, s}.
             count = tl.minimum(tl.maximum(numel - blk * BLOCK, 0), BLOCK).to(tl.float32)
-            mean = tl.sum(mag, axis=1) / tl.maximum(count, 1.0)
-            delta = 0.7 * mean
+            delta = 0.7 * (tl.sum(mag, axis=1) / tl.maximum(count, 1.0))
             above = mag > delta[:, None]
             n_above = tl.sum(above.to(tl.float32), axis=1)
-            scale = tl.sum(tl.where(above, mag, 0.0), axis=1) / tl.maximum(n_above, 1.0)
-            code = tl.where(above, 1.0, 0.0)
+            twn = tl.sum(tl.where(above, mag, 0.0), axis=1) / tl.maximum(n_above, 1.0)
+            scale = tl.maximum(twn, 0.5 * absmax)
+            step = tl.where(scale > 0.0, scale, 1.0)
+            code = tl.minimum(tl.floor(mag / step[:, None] + 0.5), 1.0)
         deq_mag = code * scale[:, None]
     elif FMT == 1:  # int8_dynamic: cubic code
         y3 = mag / denom[:, None] * 2048383.0
@@ -243,7 +248,7 @@ def _quantize_blockwise_kernel(
             up = y3 - lo >= hi - y3
         code = tl.minimum(tl.where(up, c + 1.0, c), 127.0)
         scale = absmax
-        deq_mag = (code * code * code) * (scale / 2048383.0)[:, None]
+        deq_mag = ((code * code * code) * (1.0 / 2048383.0)) * scale[:, None]
     else:  # int8, int4: linear code
         y = mag / denom[:, None] * LEVELS
         if STOCHASTIC:
@@ -252,7 +257,7 @@ def _quantize_blockwise_kernel(
             code = tl.floor(y + 0.5)
         code = tl.minimum(code, LEVELS)
         scale = absmax
-        deq_mag = code * (scale / LEVELS)[:, None]
+        deq_mag = (code * (1.0 / LEVELS)) * scale[:, None]
 
     ok = block_ok[:, None]
     negative = v < 0.0
@@ -417,9 +422,9 @@ def _dequantize_values(codes, scale, FMT: tl.constexpr, LEVELS: tl.constexpr):
     """fp32 values of an int32 [G, BLOCK] code tile with per-block scales [G]."""
     q = codes.to(tl.float32)
     if FMT == 1:
-        return (q * q * q) * (scale / 2048383.0)[:, None]
+        return ((q * q * q) * (1.0 / 2048383.0)) * scale[:, None]
     else:
-        return q * (scale / LEVELS)[:, None]
+        return (q * (1.0 / LEVELS)) * scale[:, None]
 
 
 @triton.jit
@@ -514,7 +519,9 @@ def _unpack_ref(q: QuantizedTensor) -> torch.Tensor:
 
 
 def _pack_ref(codes: torch.Tensor, f: Format, n: int) -> torch.Tensor:
-    codes = codes.reshape(-1)[: packed_numel(n, f.name) * f.per_byte]
+    total = packed_numel(n, f.name) * f.per_byte
+    codes = codes.reshape(-1)[:total]
+    codes = torch.nn.functional.pad(codes, (0, total - codes.numel()))
     if f.per_byte == 1:
         return codes.to(torch.int8)
     fields = (codes.to(torch.int32) & ((1 << f.bits) - 1)).view(-1, f.per_byte)
@@ -526,8 +533,8 @@ def _dequant_ref(codes: torch.Tensor, scales: torch.Tensor, f: Format) -> torch.
     """fp32 values of int codes [n_blocks, block] with scales [n_blocks]."""
     q = codes.float()
     if f.name == "int8_dynamic":
-        return (q * q * q) * (scales / DYNAMIC_CUBE)[:, None]
-    return q * (scales / f.levels)[:, None]
+        return ((q * q * q) * (1.0 / DYNAMIC_CUBE)) * scales[:, None]
+    return (q * (1.0 / f.levels)) * scales[:, None]
 
 
 def quantize_blockwise_ref(
@@ -569,8 +576,10 @@ def quantize_blockwise_ref(
             delta = TWN_THRESHOLD * (mag.sum(dim=1) / count.clamp_min(1.0))
             above = mag > delta[:, None]
             n_above = above.sum(dim=1).float()
-            scale = torch.where(above, mag, 0.0).sum(dim=1) / n_above.clamp_min(1.0)
-            code = above.float()
+            twn = torch.where(above, mag, 0.0).sum(dim=1) / n_above.clamp_min(1.0)
+            scale = torch.maximum(twn, 0.5 * absmax)
+            step = torch.where(scale > 0, scale, torch.ones_like(scale))
+            code = torch.floor(mag / step[:, None] + 0.5).clamp_max(1.0)
         deq_mag = code * scale[:, None]
     elif fmt == "int8_dynamic":
         y3 = mag / denom[:, None] * DYNAMIC_CUBE
@@ -581,12 +590,12 @@ def quantize_blockwise_ref(
         up = u * (hi - lo) < y3 - lo if stochastic else y3 - lo >= hi - y3
         code = torch.where(up, c + 1, c).clamp_max(127.0)
         scale = absmax
-        deq_mag = (code * code * code) * (scale / DYNAMIC_CUBE)[:, None]
+        deq_mag = ((code * code * code) * (1.0 / DYNAMIC_CUBE)) * scale[:, None]
     else:
         y = mag / denom[:, None] * f.levels
         code = torch.floor(y + (u if stochastic else 0.5)).clamp_max(float(f.levels))
         scale = absmax
-        deq_mag = code * (scale / f.levels)[:, None]
+        deq_mag = (code * (1.0 / f.levels)) * scale[:, None]
 
     ok = block_ok[:, None]
     negative = v < 0
