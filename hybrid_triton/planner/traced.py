@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from hybrid_triton.planner.estimate import ALLOC_ROUND
-from hybrid_triton.planner.setup import TrainSetup
+from hybrid_triton.planner.setup import DTYPE_BYTES, TrainSetup
 from hybrid_triton.planner.specs import PlannerError
 
 _TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -143,8 +143,10 @@ def _default_batch(module: nn.Module, setup: TrainSetup) -> tuple:
     return idx, torch.randint(0, vocab, shape, dtype=torch.int64)
 
 
-def _default_loss(module: nn.Module, batch: tuple) -> torch.Tensor:
-    out = module(*batch)
+def _default_loss(module: nn.Module, batch: tuple) -> tuple[torch.Tensor, object]:
+    """The loss and the whole output (the caller may hold the logits in it)."""
+    whole = module(*batch)
+    out = whole
     if isinstance(out, tuple):
         out = out[1]
     elif hasattr(out, "loss"):
@@ -154,7 +156,7 @@ def _default_loss(module: nn.Module, batch: tuple) -> torch.Tensor:
             "trace_step: the module's output is not a scalar loss (nor a "
             "(logits, loss) tuple); give loss_fn"
         )
-    return out
+    return out, whole
 
 
 def trace_step(
@@ -170,7 +172,9 @@ def trace_step(
     optimizer (AdamW with 32-bit state, SGD with momentum, or none) and whether to keep the
     logits (``logits_lifetime``). ``make_batch(module, setup)`` returns the forward's
     arguments (default: token ids and targets of shape ``[micro_batch, seq_len]``);
-    ``loss_fn(module, batch)`` returns the scalar loss (default: ``module(*batch)[1]``).
+    ``loss_fn(module, batch)`` returns the scalar loss, or ``(loss, output)`` where
+    ``output`` is held as ``setup.logits_lifetime`` says (default: ``module(*batch)``, loss
+    at index 1 or ``.loss``).
     Gradient checkpointing, hooks and state bits other than 32 are the module's and the
     optimizer's business: trace the real objects to measure them.
     """
@@ -180,10 +184,12 @@ def trace_step(
         raise PlannerError(f"trace_step expects an nn.Module, got {type(module).__name__}")
     if not isinstance(setup, TrainSetup):
         raise PlannerError(f"trace_step expects a TrainSetup, got {type(setup).__name__}")
-    if setup.optimizer != "none" and setup.state_bits != 32:
+    torch_state_bits = 8 * DTYPE_BYTES[setup.param_dtype]  # torch keeps moments like params
+    if setup.optimizer != "none" and setup.state_bits != torch_state_bits:
         raise PlannerError(
-            "trace_step measures torch's own optimizers (32-bit state); "
-            "use estimate() for low-bit state"
+            f"trace_step runs torch's own optimizers, whose state has the parameters' dtype "
+            f"({torch_state_bits}-bit for {setup.param_dtype}); got state_bits="
+            f"{setup.state_bits}. Use estimate() for other state sizes."
         )
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise PlannerError(f"steps must be a positive integer, got {steps!r}")
@@ -217,6 +223,13 @@ def trace_step(
                 tracker.set_stage("forward")
                 with autocast:
                     loss = loss_fn(model, batch)
+                # the previous output (setup.logits_lifetime == "next_forward") dies here,
+                # when the new forward has returned, as `logits, loss = model(x, y)` does
+                held = None
+                if isinstance(loss, tuple):
+                    loss, held = loss
+                    if setup.logits_lifetime == "loss_only":
+                        held = None
                 end_of_forward = tracker.live
                 tracker.set_stage("backward")
                 loss.backward()
@@ -229,6 +242,9 @@ def trace_step(
             )
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
+            if setup.logits_lifetime == "step":
+                del held  # the caller drops its output once the step is done
+                held = None
             del batch
         state_bytes = 0
         if opt is not None:
