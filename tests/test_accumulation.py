@@ -183,6 +183,7 @@ def test_gpu_hook_path_never_syncs():
     accum = GradAccumulator(FlatArena.from_module(model), 2, scaler=scaler)
     idx, tgt = batch(2, "cuda")
     scaler.scale_loss(model(idx, tgt)[1]).backward()  # compile the kernels first
+    accum.reset()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
