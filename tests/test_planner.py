@@ -1,0 +1,350 @@
+"""Planner: model specs (presets, HF config.json, live modules), setups, and the estimate's
+components against sizes computed by hand from the shapes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch.nn as nn
+
+from hybrid_triton.models.gpt2 import GPT2Config, build_gpt2
+from hybrid_triton.planner import (
+    PRESET_NAMES,
+    PlannerError,
+    TrainSetup,
+    estimate,
+    preset,
+    setup_preset,
+    spec_from_hf_config,
+    spec_from_module,
+)
+from hybrid_triton.planner.estimate import ALLOC_ROUND, CUBLAS_WORKSPACE, STATE_BLOCK
+
+# ---------------------------------------------------------------------------------- specs
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "gpt2-small", "gpt2-medium", "gpt2-1b"])
+def test_gpt2_presets_count_what_the_model_builds(name):
+    module = build_gpt2(name, device="meta")
+    spec = preset(name)
+    assert spec.num_params == module.num_params() == GPT2Config.from_name(name).num_params()
+    assert len(spec.params) == len(list(module.parameters()))
+    assert spec.vocab_size == module.config.vocab_size == 50304
+
+
+# Published parameter counts of the models the Llama-style presets copy the shapes of.
+@pytest.mark.parametrize(
+    "name, count",
+    [
+        ("llama-1b", 1_235_814_400),  # Llama 3.2 1B
+        ("llama-3b", 3_212_749_824),  # Llama 3.2 3B
+        ("llama-7b", 6_738_415_616),  # Llama 2 7B
+        ("llama-13b", 13_015_864_320),  # Llama 2 13B
+    ],
+)
+def test_llama_presets_match_published_counts(name, count):
+    assert preset(name).num_params == count
+
+
+def test_gpt2_large_xl_counts():
+    # GPT-2 large / XL: 36 x 1280 and 48 x 1600, vocabulary padded to 50304.
+    for name, (n_layer, d) in {"gpt2-large": (36, 1280), "gpt2-xl": (48, 1600)}.items():
+        expected = GPT2Config(n_layer=n_layer, n_head=16 if d == 1280 else 25, n_embd=d)
+        assert preset(name).num_params == expected.num_params()
+
+
+def test_every_preset_builds_and_summarizes():
+    for name in PRESET_NAMES:
+        spec = preset(name)
+        assert spec.num_params > 0 and name in spec.summary()
+
+
+def test_unknown_preset_suggests():
+    with pytest.raises(PlannerError, match="gpt2-small"):
+        preset("gpt2-smal")
+    with pytest.raises(PlannerError, match="llama-7b"):
+        preset("lama-7b")
+
+
+def _write(tmp_path, cfg: dict):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def test_hf_gpt2_config(tmp_path):
+    cfg = dict(
+        model_type="gpt2",
+        n_layer=3,
+        n_embd=48,
+        n_head=4,
+        vocab_size=1000,
+        n_positions=128,
+        n_inner=None,
+    )
+    spec = spec_from_hf_config(_write(tmp_path, cfg))
+    module = build_gpt2(
+        "gpt2-tiny", device="meta", n_layer=3, n_embd=48, n_head=4, vocab_size=1000, block_size=128
+    )
+    assert spec.family == "gpt2" and spec.num_params == module.num_params()
+    assert spec_from_hf_config(tmp_path).num_params == spec.num_params  # the folder works too
+
+
+def test_hf_llama_mistral_qwen_configs(tmp_path):
+    base = dict(
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=160,
+        vocab_size=500,
+        max_position_embeddings=256,
+    )
+    d, kv, f, V, L = 64, 2 * 8, 160, 500, 2  # kv width = kv heads x head dim (8)
+    per_layer = 2 * d + d * d + 2 * d * kv + d * d + 3 * d * f
+    untied = V * d * 2 + L * per_layer + d
+    llama = spec_from_hf_config(_write(tmp_path, dict(base, model_type="llama")))
+    assert llama.family == "llama" and llama.n_kv_head == 2 and llama.num_params == untied
+    mistral = spec_from_hf_config(_write(tmp_path, dict(base, model_type="mistral")))
+    assert mistral.num_params == untied
+    qwen = spec_from_hf_config(
+        _write(tmp_path, dict(base, model_type="qwen2", tie_word_embeddings=True))
+    )
+    assert qwen.num_params == untied - V * d + L * (d + 2 * kv)  # tied; q/k/v biases
+
+
+def test_hf_config_errors(tmp_path):
+    with pytest.raises(PlannerError, match=r"no Hugging Face config\.json"):
+        spec_from_hf_config(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(PlannerError, match="not valid JSON"):
+        spec_from_hf_config(bad)
+    with pytest.raises(PlannerError, match="llama"):
+        spec_from_hf_config(_write(tmp_path, dict(model_type="lama", hidden_size=8)))
+    with pytest.raises(PlannerError, match="lacks num_attention_heads"):
+        spec_from_hf_config(_write(tmp_path, dict(model_type="llama", hidden_size=8)))
+    with pytest.raises(PlannerError, match="positive integer"):
+        spec_from_hf_config(
+            _write(
+                tmp_path,
+                dict(
+                    model_type="gpt2", n_layer=0, n_embd=8, n_head=2, vocab_size=10, n_positions=8
+                ),
+            )
+        )
+
+
+def test_spec_from_module_recognizes_gpt2_and_counts_generic():
+    gpt2 = build_gpt2("gpt2-tiny", device="meta")
+    assert spec_from_module(gpt2).params == preset("gpt2-tiny").params
+    generic = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+    spec = spec_from_module(generic)
+    assert spec.family == "generic" and not spec.has_activation_model
+    assert spec.num_params == sum(p.numel() for p in generic.parameters())
+    assert [p.kind for p in spec.params] == ["embedding", "norm", "norm", "linear", "linear"]
+    with pytest.raises(PlannerError, match="trace_step"):
+        estimate(spec, TrainSetup())
+    with pytest.raises(PlannerError, match=r"nn\.Module"):
+        spec_from_module("gpt2")
+
+
+# ---------------------------------------------------------------------------------- setups
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(micro_batch=0), "micro_batch must be a positive integer"),
+        (dict(seq_len=-5), "seq_len must be a positive integer"),
+        (dict(accum_steps=1.5), "accum_steps must be a positive integer"),
+        (dict(state_bits=5), "state bits"),
+        (dict(param_dtype="fp8"), "param dtype"),
+        (dict(optimizer="adam"), "adamw"),
+        (dict(phases=("full", "predcit")), "predict"),
+        (dict(phases=()), "at least one phase"),
+        (dict(master_weights=True), "low-precision parameters"),
+        (dict(param_dtype="bf16", autocast="bf16"), "fp32 parameters"),
+        (dict(grad_mode="hooks"), "hook"),
+    ],
+    ids=lambda v: str(v)[:30],
+)
+def test_setup_rejects_nonsense(kwargs, message):
+    with pytest.raises(PlannerError, match=message):
+        TrainSetup(**kwargs)
+
+
+def test_setup_presets_and_aliases():
+    assert setup_preset("fp32").compute_dtype == "fp32"
+    assert setup_preset("bf16-autocast").compute_dtype == "bf16"
+    hybrid = setup_preset("hybrid", micro_batch=3)
+    assert hybrid.grad_mode == "hook" and hybrid.state_bits == 8 and hybrid.micro_batch == 3
+    assert TrainSetup(param_dtype="bfloat16").param_dtype == "bf16"
+    with pytest.raises(PlannerError, match="bf16-master"):
+        setup_preset("bf16-mastr")
+
+
+def test_estimate_rejects_bad_arguments():
+    with pytest.raises(PlannerError, match="ModelSpec"):
+        estimate("gpt2-small", TrainSetup())
+    with pytest.raises(PlannerError, match="TrainSetup"):
+        estimate(preset("gpt2-small"), {"micro_batch": 1})
+    with pytest.raises(PlannerError, match="exceeds"):
+        estimate(preset("gpt2-small"), TrainSetup(seq_len=2048))
+
+
+# ----------------------------------------------------------------- components by hand
+
+SMALL = preset("gpt2-small")
+B, T = 4, 512
+N = B * T
+d, L, H, V, P = SMALL.d_model, SMALL.n_layer, SMALL.n_head, SMALL.vocab_size, SMALL.num_params
+
+
+def _full(**kwargs):
+    setup = TrainSetup(micro_batch=B, seq_len=T, logits_lifetime="loss_only", **kwargs)
+    return estimate(SMALL, setup).phases["full"]
+
+
+def test_fp32_components_by_hand():
+    full = _full()
+    c = full.components
+    assert full.peak_at == "backward: cross-entropy"
+    assert c["weights"] == 4 * P
+    # AdamW: two fp32 moments per tensor plus a 4-byte device step counter per tensor
+    assert c["optimizer_state"] == 8 * P + 4 * len(SMALL.params)
+    assert c["gradients"] == 0  # set to None after the step; none yet at this point
+    # per block: x, qkv input, q/k/v, out, x1, MLP input (fp32 = 4 B) + GELU in/out (4d
+    # each) = 16d elements, fp32 mean/rstd x2, logsumexp per head; then ln_f input+stats and
+    # the head's input
+    per_block = 4 * (d + d + 3 * d + d + d + d + 4 * d + 4 * d) + 2 * 8 + 4 * H
+    assert c["activations"] == N * (L * per_block + 4 * d + 8 + 4 * d)
+    # log-softmax output, its gradient from nll_loss, and log_softmax's gradient: fp32 [N, V]
+    assert c["logits_and_loss"] == 3 * 4 * N * V
+    assert c["workspace"] == CUBLAS_WORKSPACE
+    assert c["inputs"] == 2 * 8 * N
+    assert full.peak_bytes == sum(c.values())
+    assert 0 <= c["allocator_rounding"] < ALLOC_ROUND * (3 * len(SMALL.params) + 40 * L + 20)
+
+
+def test_autocast_components_by_hand():
+    full = _full(autocast="bf16")
+    c = full.components
+    per_block = 4 * d * 2 + 2 * (d + 3 * d + d + d + 4 * d + 4 * d) + 2 * 8 + 4 * H
+    assert c["activations"] == N * (L * per_block + 4 * d + 8 + 2 * d)
+    # bf16 copies of every linear weight (the tied wte among them) are saved for backward;
+    # bias copies died with autocast's cache at the end of forward
+    weights = sum(p.numel for p in SMALL.params if p.kind == "linear" and "bias" not in p.name)
+    assert c["autocast_cache"] == 2 * weights
+    # cross-entropy runs in fp32 under autocast: the same three fp32 [N, V] buffers
+    assert c["logits_and_loss"] == 3 * 4 * N * V
+
+
+def test_logits_lifetime_adds_the_held_logits():
+    base = _full(autocast="bf16").components["logits_and_loss"]
+    for lifetime in ("step", "next_forward"):
+        setup = TrainSetup(micro_batch=B, seq_len=T, autocast="bf16", logits_lifetime=lifetime)
+        held = estimate(SMALL, setup).phases["full"].components["logits_and_loss"]
+        assert held - base == 2 * N * V  # the bf16 logits
+
+
+def test_checkpointing_keeps_block_inputs_only():
+    c = _full(checkpointing=True).components
+    assert c["activations"] == N * (L * 4 * d + 4 * d + 8 + 4 * d)
+    assert _full(checkpointing=True).peak_bytes < _full().peak_bytes
+
+
+def test_hybrid_model_state_by_hand():
+    full = estimate(SMALL, setup_preset("hybrid", micro_batch=B, seq_len=T)).phases["full"]
+    c = full.components
+    scales = 4 * math.ceil(P / STATE_BLOCK)
+    assert c["weights"] == 2 * P
+    assert c["master_weights"] == 4 * P
+    assert c["gradients"] == 4 * P  # the fp32 accumulator; no .grad kept
+    assert c["optimizer_state"] == 2 * (P + scales)  # two int8 moments + fp32 scales
+    assert c["autocast_cache"] == 0
+
+
+@pytest.mark.parametrize("bits, per_moment", [(32, 4.0), (16, 2.0), (8, 1.0), (4, 0.5)])
+def test_state_bits(bits, per_moment):
+    setup = setup_preset("bf16-master", micro_batch=1, seq_len=64, state_bits=bits)
+    state = estimate(SMALL, setup).phases["full"].components["optimizer_state"]
+    scales = 0 if bits >= 16 else 4 * math.ceil(P / STATE_BLOCK)
+    assert state == 2 * (math.ceil(P * per_moment) + scales)
+
+
+def test_accumulation_second_micro_batch_sees_gradients():
+    one = _full()
+    two = _full(accum_steps=2)
+    assert two.components["gradients"] == 4 * P
+    assert two.peak_bytes - one.peak_bytes >= 4 * P
+
+
+def test_predict_phase_policies():
+    def predict(**kw):
+        setup = TrainSetup(micro_batch=B, seq_len=T, autocast="bf16", **kw)
+        return estimate(SMALL, setup).phases["predict"]
+
+    direction = P + 4 * math.ceil(P / STATE_BLOCK)
+    offloaded = predict(predict_moments="offload")
+    assert offloaded.components["optimizer_state"] == 0
+    assert offloaded.components["gradients"] == offloaded.components["activations"] == 0
+    assert offloaded.components["update_direction"] == direction
+    assert offloaded.peak_at.startswith("forward")
+    kept = predict(predict_moments="keep")
+    assert kept.components["optimizer_state"] == 8 * P + 4 * len(SMALL.params)
+    compressed = predict(predict_moments="compress")
+    assert compressed.components["optimizer_state"] == sum(
+        2 * (p.numel + 4 * math.ceil(p.numel / STATE_BLOCK)) + 4 for p in SMALL.params
+    )
+    assert predict(predict_moments="drop").components["optimizer_state"] == 0
+    full = estimate(SMALL, TrainSetup(micro_batch=B, seq_len=T, autocast="bf16"))
+    assert full.peak_phase == "full" and full.phase_peak_bytes["predict"] < full.peak_bytes
+
+
+@pytest.mark.parametrize("name", ["gpt2-medium", "llama-1b"])
+def test_peak_grows_with_batch_and_sequence(name):
+    spec = preset(name)
+    peaks = [
+        estimate(spec, TrainSetup(autocast="bf16", micro_batch=b, seq_len=t)).peak_bytes
+        for b, t in [(1, 128), (2, 128), (2, 256), (4, 256)]
+    ]
+    assert peaks == sorted(peaks) and len(set(peaks)) == 4
+
+
+def test_math_attention_counts_the_scores():
+    flash = _full(autocast="bf16").components["activations"]
+    math_ = _full(autocast="bf16", attention="math").components["activations"]
+    # each block saves the bf16 softmax output [B, H, T, T] and no fp32 logsumexp
+    assert math_ - flash == L * N * (2 * H * T - 4 * H)
+
+
+def test_phase_subset_and_json_schema():
+    setup = TrainSetup(micro_batch=1, seq_len=64, phases=("full", "predict"))
+    est = estimate(SMALL, setup)
+    assert list(est.phase_peak_bytes) == ["full", "predict"]
+    data = json.loads(json.dumps(est.to_dict()))
+    assert set(data) >= {
+        "model",
+        "num_params",
+        "setup",
+        "phase_peak_bytes",
+        "peak_phase",
+        "peak_bytes",
+        "cuda_context_bytes",
+        "device_bytes",
+        "phases",
+    }
+    for phase in data["phases"].values():
+        assert set(phase) == {
+            "phase",
+            "peak_bytes",
+            "peak_at",
+            "components",
+            "stage_peaks",
+            "segment_slack_bytes",
+        }
+        assert all(isinstance(v, int) and v >= 0 for v in phase["components"].values())
+        assert sum(phase["components"].values()) == phase["peak_bytes"]
