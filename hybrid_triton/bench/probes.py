@@ -107,6 +107,24 @@ def _storages(objects: Iterable[object]) -> Iterator[torch.UntypedStorage]:
             yield from _storages(obj)
 
 
+def live_tensor_bytes(device_type: str = "cpu") -> int:
+    """Bytes of the distinct storages of every live Python tensor on ``device_type`` (a
+    garbage-collector scan: what the process holds when no graph is alive)."""
+    import gc
+
+    seen: dict[int, int] = {}
+    for obj in gc.get_objects():
+        # type() rather than isinstance(): isinstance reads ``__class__``, which some
+        # module-level proxies (deprecated torch aliases) answer with a warning.
+        if issubclass(type(obj), torch.Tensor) and obj.device.type == device_type:
+            try:
+                storage = obj.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # sparse, fake or wrapper tensors
+                continue
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
 def resident_bytes(objects: Iterable[object]) -> int:
     """Bytes of the distinct storages held by ``objects`` (tensors and their grads, modules'
     parameters and buffers, optimizers' state), each storage counted once."""
@@ -186,18 +204,25 @@ class MemoryProbe:
         return self.device.type == "cuda"
 
     @contextlib.contextmanager
-    def phase(self, name: str, resident: Iterable[object] = ()) -> Iterator[None]:
+    def phase(self, name: str, resident: Iterable[object] | None = None) -> Iterator[None]:
+        """Measure the code inside as phase ``name``.
+
+        ``resident`` (CPU only): what is already allocated at the phase start, as modules,
+        optimizers and tensors; ``None`` scans every live tensor (``live_tensor_bytes``).
+        """
         if self.device.type == "cuda":
             with self._cuda_phase(name):
                 yield
         else:
-            with self._cpu_phase(name, list(resident)):
+            with self._cpu_phase(name, None if resident is None else list(resident)):
                 yield
 
     @contextlib.contextmanager
     def _cuda_phase(self, name: str) -> Iterator[None]:
         dev = self.device
-        torch.cuda.synchronize(dev)
+        # No synchronize: the caching allocator keeps its statistics on the host, in the
+        # order the host issues allocations, so resetting and reading them needs no wait for
+        # the GPU (and a probe around every step costs no pipeline stall).
         torch.cuda.reset_peak_memory_stats(dev)
         start_alloc = torch.cuda.memory_allocated(dev)
         stats0 = torch.cuda.memory_stats(dev)
@@ -207,7 +232,6 @@ class MemoryProbe:
         try:
             yield
         finally:
-            torch.cuda.synchronize(dev)
             stats = torch.cuda.memory_stats(dev)
             if self.snapshot_dir:
                 Path(self.snapshot_dir).mkdir(parents=True, exist_ok=True)
@@ -232,8 +256,8 @@ class MemoryProbe:
             self._keep(result)
 
     @contextlib.contextmanager
-    def _cpu_phase(self, name: str, resident: list[object]) -> Iterator[None]:
-        start = resident_bytes(resident)
+    def _cpu_phase(self, name: str, resident: list[object] | None) -> Iterator[None]:
+        start = live_tensor_bytes("cpu") if resident is None else resident_bytes(resident)
         tracker = _StorageTracker()
         try:
             with tracker.mode:
