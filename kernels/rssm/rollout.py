@@ -514,7 +514,7 @@ def rssm_rollout_ref(
     dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
     w = RSSMWeights(*(t.to(dtype) for t in weights))
     f = RSSMFeedback(*(t.to(dtype) for t in feedback))
-    K, B, _ = h0.shape
+    K = h0.shape[0]
     x = x0.to(dtype).unsqueeze(0).expand(K, *x0.shape)
     h, z = h0.to(dtype), z0.to(dtype)
     outputs = []
