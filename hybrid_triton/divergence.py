@@ -82,6 +82,19 @@ class DivergenceMonitor:
         scale = max(std, self.rel_warning * abs(mean), 1e-12)
         return (loss - mean) / scale
 
+    def critical_limit(self, predicted: float | None = None) -> float:
+        """The loss above which :meth:`check` would be critical (for a device-side guard)."""
+        limit = math.inf
+        if predicted is not None and math.isfinite(predicted):
+            limit = abs(predicted) * (1.0 + self.rel_critical) + (predicted - abs(predicted))
+        if len(self.history) >= 2:
+            n = len(self.history)
+            mean = sum(self.history) / n
+            std = math.sqrt(sum((x - mean) ** 2 for x in self.history) / (n - 1))
+            scale = max(std, self.rel_warning * abs(mean), 1e-12)
+            limit = min(limit, mean + 2 * self.sigma * scale)
+        return limit
+
     def check(self, loss: float, predicted: float | None = None) -> Verdict:
         """Judge one Predict step: its real ``loss`` and the ``predicted`` loss for it."""
         if not math.isfinite(loss):

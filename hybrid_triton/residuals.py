@@ -155,16 +155,22 @@ class Corrector:
         """float32 [G]: multipliers of the predicted per-group step sizes."""
         return self.log_correction.exp()
 
-    def update(self, dots: torch.Tensor, pred_sq: torch.Tensor) -> None:
+    def update(
+        self, dots: torch.Tensor, pred_sq: torch.Tensor, skip: torch.Tensor | None = None
+    ) -> None:
         """Fold one residual in: ``dots[g] = <actual_g, predicted_g>``, ``pred_sq[g] =
-        <predicted_g, predicted_g>`` (float32 [G] device tensors; no host sync)."""
+        <predicted_g, predicted_g>`` (float32 [G] device tensors; no host sync). ``skip``: a
+        float32 [1] device flag; nonzero leaves the corrections unchanged."""
         lo, hi = math.log(max(1.0 - self.max_adjust, 1e-3)), math.log(1.0 + self.max_adjust)
         valid = (pred_sq > 0) & torch.isfinite(dots) & torch.isfinite(pred_sq)
+        if skip is not None:
+            valid = valid & (skip.reshape(()) == 0)
         fit = torch.where(valid, dots / pred_sq.clamp_min(1e-30), torch.ones_like(dots))
         # A negative fit (the real update points away from the frozen direction) asks for the
         # smallest allowed step, not a reversed one.
         log_fit = fit.clamp(min=math.exp(lo), max=math.exp(hi)).log()
         target = (self.log_correction + log_fit).clamp(lo, hi)
+        target = torch.where(valid, target, self.log_correction)
         self.log_correction.mul_(self.decay).add_((1.0 - self.decay) * target)
         self.last_fit.copy_(fit)
         self.updates += 1

@@ -107,8 +107,8 @@ class TrainerConfig:
     divergence_escalate_after: int = 3
     # Dynamics model (free-form keyword arguments for its constructor).
     dynamics: dict[str, Any] = field(default_factory=dict)
-    # Host side: device values (losses, confidence) are read this many steps late, so a
-    # step never waits for the GPU (0 = read at once, a sync per step).
+    # Host side: a step's device values (loss, norms) are read once this many newer steps
+    # are queued, so the host never waits on the GPU (0: read at the next step, which waits).
     host_lag: int = 1
     # Output.
     metrics_path: str | None = None

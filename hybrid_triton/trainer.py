@@ -37,9 +37,12 @@ history (:class:`~hybrid_triton.divergence.DivergenceMonitor`); a critical verdi
 weights back to the Predict entry snapshot, brings the optimizer state back and forces Full.
 
 Host reads: device values (loss, gradient norm, loss scale) are copied to the host without
-blocking and read ``host_lag`` steps later, so no step waits for the GPU. Decisions that need
-them (divergence, confidence) therefore act ``host_lag`` steps late; a rollback undoes those
-steps too.
+blocking; the values of step ``t`` are read at the start of step ``t + 1 + host_lag``, when
+``host_lag`` newer steps are already queued, so the GPU never idles waiting for the host
+(``host_lag = 0`` reads them one step later, which waits for the previous step). Decisions that
+need them (divergence, confidence) act that late; Correct steps are guarded on the device (a
+loss past the monitor's critical limit skips the optimizer step), so a late rollback finds
+clean optimizer state.
 """
 
 from __future__ import annotations
@@ -466,17 +469,27 @@ class HybridTrainer:
         # The optimizer state may be coming back from a Predict phase: wait on the device.
         self.offloader.wait()
         flag = acc.found_inf
+        if plan.phase is Phase.CORRECT:
+            # Device-side guard: a Correct step whose loss is already past the divergence
+            # monitor's critical limit is skipped on the device (weights and moments stay as
+            # they are), so a rollback decided host_lag steps later finds clean optimizer
+            # state. The limit is a host float known now; the comparison stays on the device.
+            predicted = self._correct_prediction() if self.controller.phase_step == 0 else None
+            limit = self.divergence.critical_limit(predicted)
+            if math.isfinite(limit):
+                guard = (~torch.isfinite(loss_sum)) | (loss_sum > limit)
+                flag = torch.maximum(flag, guard.to(torch.float32).reshape(1))
         # Correct steps measure the real update against the predicted one (one fp32
         # temporary of the master's size, freed after the step).
         record = plan.phase is Phase.CORRECT and self._direction is not None
         before = self.master.clone() if record else None
         self.optimizer.step(grad=acc.accumulator, found_inf=flag, grad_sumsq=acc.total_sumsq)
         if before is not None:
-            self._record_residual(before)
+            self._record_residual(before, flag)
         if plan.precision == "fp16" and self.scaler is not None:
             self.scaler.update()
         else:
-            flag.zero_()
+            acc.found_inf.zero_()
         return loss_sum, acc.grad_norm().reshape(())
 
     def _predict_step(self, batch: Any, plan: PhasePlan) -> torch.Tensor:
@@ -492,6 +505,15 @@ class HybridTrainer:
                 loss_sum = loss_sum + loss.detach().float() * (n / size)
             self._apply_predicted_update()
         return loss_sum
+
+    def _correct_prediction(self) -> float | None:
+        """The predicted loss of the first step after a Predict phase (it measures the last
+        predicted update), or None."""
+        horizon = self.controller.transitions[-1] if self.controller.transitions else None
+        if horizon is None or horizon[1] != Phase.PREDICT.value:
+            return None
+        t = len(self._predicted) - 1
+        return self._predicted[t] if t >= 0 else None
 
     def _apply_predicted_update(self) -> None:
         from hybrid_triton.kernels import cast_scale, dequantize_add
@@ -569,7 +591,8 @@ class HybridTrainer:
             for start, end, _ in self.groups
         ]
         del d
-        prediction = self.dynamics.predict(plan.steps)
+        # One step past the horizon: the first Correct step's loss measures the last update.
+        prediction = self.dynamics.predict(plan.steps + 1)
         self._predicted = [self.corrector.adjust_loss(x) for x in prediction.loss_mean]
         scales = prediction.scales.to(self.device, torch.float32).reshape(-1)
         if scales.numel() != self.num_groups:
@@ -595,7 +618,7 @@ class HybridTrainer:
             self.optimizer.flat_state["step"].zero_()
             self._drop_reset = False
 
-    def _record_residual(self, before: torch.Tensor) -> None:
+    def _record_residual(self, before: torch.Tensor, skipped: torch.Tensor) -> None:
         """``before`` becomes the residual: actual update minus the predicted one."""
         from hybrid_triton.kernels import dequantize_blockwise
 
@@ -609,7 +632,9 @@ class HybridTrainer:
             pred_sq.append(torch.dot(pred, pred))
             a.sub_(pred)
             norms.append(torch.linalg.vector_norm(a))
-        self.corrector.update(torch.stack(dots), torch.stack(pred_sq))
+        # A step skipped on the device (non-finite gradient, divergence guard) moved nothing:
+        # it says nothing about the step size, so the corrector ignores it.
+        self.corrector.update(torch.stack(dots), torch.stack(pred_sq), skip=skipped)
         self.residuals.add(self.controller.step, actual, torch.stack(norms))
 
     # ------------------------------------------------------------------ rollback
@@ -669,12 +694,15 @@ class HybridTrainer:
         }
         if plan.phase is Phase.PREDICT:
             info["predicted_loss"] = self._predicted[t] if t < len(self._predicted) else None
+        elif plan.phase is Phase.CORRECT and t == 0:
+            info["predicted_loss"] = self._correct_prediction()
+            info["after_predict"] = info["predicted_loss"] is not None
         self._pending.append(
             _Pending(self.controller.step, plan.phase.value, self.episode, vals, event, info)
         )
 
     def _drain(self, keep: int) -> None:
-        """Process pending host values older than ``keep`` steps."""
+        """Process pending host values, leaving the newest ``keep`` (still in flight)."""
         while len(self._pending) > keep:
             self._process(self._pending.popleft())
 
@@ -683,9 +711,11 @@ class HybridTrainer:
         out = {"step": rec.step, "phase": rec.phase, "loss": loss, "grad_norm": gnorm}
         out.update(rec.info)
         out["loss_scale"] = scale
-        if rec.phase == Phase.PREDICT.value:
+        checked = rec.phase == Phase.PREDICT.value or rec.info.get("after_predict", False)
+        if checked:
             predicted = rec.info.get("predicted_loss")
-            out["grad_norm"] = None
+            if rec.phase == Phase.PREDICT.value:
+                out["grad_norm"] = None
             if rec.episode != self._rolled_back_episode:
                 verdict = self.divergence.check(loss, predicted)
                 out["divergence"] = verdict.level.name.lower()
@@ -694,7 +724,10 @@ class HybridTrainer:
                 if verdict.level is Level.CRITICAL:
                     out["rollback"] = verdict.reason
                     self.rollback(verdict.reason)
-        else:
+                    checked = True  # a rolled-back loss is no history
+                elif rec.phase != Phase.PREDICT.value:
+                    checked = False  # a real step that passed: it is history too
+        if not checked:
             self.divergence.observe(loss)
             self.dynamics.observe(loss, rec.phase)
             self.confidence = float(self.dynamics.confidence())
