@@ -31,6 +31,7 @@ from torch import nn
 
 from hybrid_triton import arena as _arena
 from hybrid_triton.arena import ArenaError, ArenaGroup, FlatArena
+from hybrid_triton.kernels._checks import FLOAT_DTYPES, check_tensor
 
 STATE_FORMAT = "hybrid_triton.FusedAdamW/1"
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -234,6 +235,7 @@ class FusedAdamW(torch.optim.Optimizer):
         group = self.arena_group
         g = self._gather_grads() if grad is None else grad
         group.check_buffer(g, "grad")
+        check_tensor("FusedAdamW.step", "grad", g, dtypes=FLOAT_DTYPES, device=group.device)
         hp = self.param_groups[0]
         lr_value = float(hp["lr"])
         if lr_value != self._lr_value:
@@ -323,7 +325,10 @@ class FusedAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by a FusedAdamW with the same layout and ``state_bits``.
 
-        Raises ValueError, before changing anything, when the state dict does not match."""
+        Restores moments, step count, hyper-parameters and (with ``master_weights``) the fp32
+        master weights; the parameters themselves come from the module's state dict (see
+        :meth:`sync_shadows`). Raises ValueError, before changing anything, when the state dict
+        does not match."""
         if not isinstance(state_dict, dict) or "layout" not in state_dict:
             raise ValueError(
                 "FusedAdamW.load_state_dict: not a FusedAdamW state dict (no 'layout' entry); "
@@ -371,6 +376,15 @@ class FusedAdamW(torch.optim.Optimizer):
                     hp[k] = tuple(v) if k == "betas" else v
         self._lr.fill_(float(self.param_groups[0]["lr"]))
         self._lr_value = float(self.param_groups[0]["lr"])
+
+    @torch.no_grad()
+    def sync_shadows(self) -> None:
+        """Write the fp32 master weights, rounded, into the bf16/fp16 parameters.
+
+        ``load_state_dict`` restores the master weights but leaves the parameters to the
+        module's own ``load_state_dict`` (the shadows it saved are the step's rounded master
+        weights); call this after loading an optimizer state without the matching model state.
+        """
         if self.master_weights:
             self.arena_group.flat.copy_(self.master)
 
