@@ -20,7 +20,13 @@ from hybrid_triton.planner import (
     spec_from_hf_config,
     spec_from_module,
 )
-from hybrid_triton.planner.estimate import ALLOC_ROUND, CUBLAS_WORKSPACE, STATE_BLOCK
+from hybrid_triton.planner.estimate import (
+    ALLOC_ROUND,
+    CUBLAS_WORKSPACE,
+    DIRECTION_BLOCK,
+    PREDICT_ENTRY_TEMP_BYTES,
+    STATE_BLOCK,
+)
 
 # ---------------------------------------------------------------------------------- specs
 
@@ -259,7 +265,7 @@ def test_checkpointing_keeps_block_inputs_only():
 def test_hybrid_model_state_by_hand():
     full = estimate(SMALL, setup_preset("hybrid", micro_batch=B, seq_len=T)).phases["full"]
     c = full.components
-    scales = 4 * math.ceil(P / STATE_BLOCK)
+    scales = 4 * math.ceil(P / 256)
     assert c["weights"] == 2 * P
     assert c["master_weights"] == 4 * P
     assert c["gradients"] == 4 * P  # the fp32 accumulator; no .grad kept
@@ -267,12 +273,49 @@ def test_hybrid_model_state_by_hand():
     assert c["autocast_cache"] == 0
 
 
-@pytest.mark.parametrize("bits, per_moment", [(32, 4.0), (16, 2.0), (8, 1.0), (4, 0.5)])
-def test_state_bits(bits, per_moment):
+@pytest.mark.parametrize("bits", [32, 16, 8, 4])
+def test_state_bits(bits):
     setup = setup_preset("bf16-master", micro_batch=1, seq_len=64, state_bits=bits)
     state = estimate(SMALL, setup).phases["full"].components["optimizer_state"]
-    scales = 0 if bits >= 16 else 4 * math.ceil(P / STATE_BLOCK)
-    assert state == 2 * (math.ceil(P * per_moment) + scales)
+    if bits >= 16:
+        per_moment = P * bits // 8
+    elif bits == 8:  # int8 codes + an fp32 scale per 256
+        per_moment = P + 4 * math.ceil(P / 256)
+    else:  # two codes a byte, padded to whole blocks of 128, + an fp32 scale per 128
+        blocks = math.ceil(P / 128)
+        per_moment = blocks * 64 + 4 * blocks
+    assert state == 2 * per_moment
+
+
+def test_state_blocks_match_the_optimizer():
+    from hybrid_triton.kernels.adamw import DEFAULT_QBLOCK
+
+    assert STATE_BLOCK == DEFAULT_QBLOCK
+
+
+def test_trainer_predict_entry_and_correct_by_hand():
+    setup = setup_preset("hybrid", micro_batch=2, seq_len=128, logits_lifetime="loss_only")
+    assert setup.trainer  # hook-folded gradients: HybridTrainer's own tensors are counted
+    est = estimate(preset("gpt2-medium"), setup)
+    Pm = est.spec.num_params
+    predict = est.phases["predict"]
+    assert predict.peak_at == "predict entry: Adam direction"
+    c = predict.components
+    assert c["weights"] == 2 * Pm and c["master_weights"] == 4 * Pm
+    assert c["gradients"] == 0  # the accumulator is freed first
+    assert c["optimizer_state"] == 2 * (Pm + 4 * math.ceil(Pm / 256))  # still on the GPU
+    assert c["workspace"] == CUBLAS_WORKSPACE + PREDICT_ENTRY_TEMP_BYTES[8] * Pm
+    assert predict.peak_bytes == sum(c.values())
+    direction = Pm + 4 * math.ceil(Pm / DIRECTION_BLOCK)
+    full, correct = est.phases["full"], est.phases["correct"]
+    assert correct.components["update_direction"] == direction
+    # Correct holds the direction throughout and the pre-step master copy during its step
+    # (stage peaks count allocated blocks: each rounded up to ALLOC_ROUND)
+    rounded = sum(-(-n // ALLOC_ROUND) * ALLOC_ROUND for n in (Pm, 4 * math.ceil(Pm / 256)))
+    assert correct.stage_peaks["backward"] - full.stage_peaks["backward"] == rounded
+    assert correct.stage_peaks["optimizer"] - full.stage_peaks["optimizer"] == rounded + 4 * Pm
+    plain = estimate(preset("gpt2-medium"), setup.replace(trainer=False)).phases["predict"]
+    assert plain.peak_at.startswith("forward") and plain.peak_bytes < predict.peak_bytes
 
 
 def test_accumulation_second_micro_batch_sees_gradients():
@@ -287,7 +330,7 @@ def test_predict_phase_policies():
         setup = TrainSetup(micro_batch=B, seq_len=T, autocast="bf16", **kw)
         return estimate(SMALL, setup).phases["predict"]
 
-    direction = P + 4 * math.ceil(P / STATE_BLOCK)
+    direction = P + 4 * math.ceil(P / DIRECTION_BLOCK)
     offloaded = predict(predict_moments="offload")
     assert offloaded.components["optimizer_state"] == 0
     assert offloaded.components["gradients"] == offloaded.components["activations"] == 0
@@ -297,7 +340,7 @@ def test_predict_phase_policies():
     assert kept.components["optimizer_state"] == 8 * P + 4 * len(SMALL.params)
     compressed = predict(predict_moments="compress")
     assert compressed.components["optimizer_state"] == sum(
-        2 * (p.numel + 4 * math.ceil(p.numel / STATE_BLOCK)) + 4 for p in SMALL.params
+        2 * (p.numel + 4 * math.ceil(p.numel / STATE_BLOCK[8])) + 4 for p in SMALL.params
     )
     assert predict(predict_moments="drop").components["optimizer_state"] == 0
     full = estimate(SMALL, TrainSetup(micro_batch=B, seq_len=T, autocast="bf16"))

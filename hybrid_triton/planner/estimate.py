@@ -28,10 +28,13 @@ What is modelled (per token of a micro-batch, ``N = micro_batch * seq_len``, wid
   accumulator and at most one parameter's gradient at a time. Under autocast a weight's bf16
   gradient exists briefly beside its fp32 copy.
 - Optimizer state: AdamW 2 moments, SGD 1; 32-bit fp32, 16-bit bf16, 8-bit 1 B + one fp32
-  scale per ``STATE_BLOCK``, 4-bit 0.5 B + one scale per block; the step is fused (no
+  scale per 256, 4-bit 0.5 B + one scale per 128 (``STATE_BLOCK``); the step is fused (no
   temporaries). Offloaded state is not on the GPU.
 - Predict phase: forward under ``no_grad`` (nothing saved), no gradients, moments per policy,
-  plus the compact update direction (int8 blockwise: 1 B + fp32 scale per ``STATE_BLOCK``).
+  plus the compact update direction (int8 blockwise: 1 B + fp32 scale per 256). With
+  ``setup.trainer`` (HybridTrainer): the Predict entry builds the direction from the moments
+  (fp32 temporaries, ``PREDICT_ENTRY_TEMP_BYTES``), and the moments come back before Predict
+  ends; Correct keeps the direction and copies the master weights around its step.
 - Allocator: every block is rounded up to ``ALLOC_ROUND`` bytes (``allocator_rounding``).
   ``segment_slack_bytes`` (reported apart, not in the allocated peak) is what rounding the
   live large blocks to the allocator's 2 MiB segment granularity adds: a floor for
@@ -57,7 +60,19 @@ MiB = 1024**2
 ALLOC_ROUND = 512  # the caching allocator rounds every block up to a multiple of 512 B
 SEGMENT_ROUND = 2 * MiB  # large blocks (> 1 MiB) live in segments rounded to 2 MiB
 LARGE_BLOCK = 1 * MiB
-STATE_BLOCK = 256  # elements per fp32 scale in blockwise-quantized state / update direction
+# Elements per fp32 scale of blockwise-quantized optimizer state, by bits (the toolkit's
+# FusedAdamW defaults, kernels/adamw.py DEFAULT_QBLOCK), and of the Predict update direction
+# (TrainerConfig.quant_block).
+STATE_BLOCK = {8: 256, 4: 128}
+DIRECTION_BLOCK = 256
+# Bytes per parameter of fp32 temporaries alive at the worst point of HybridTrainer's Predict
+# entry (_adam_direction), counted from its code: 32-bit state: the direction (4); 16-bit: the
+# fp32 copies of both moments and the direction (12); 8-bit: the first moment dequantized (4)
+# while the second is dequantized by the torch reference (int32 codes, their magnitude, the
+# decoded bits, a mask, the result: 17); 4-bit: the same plus the unpacked nibbles (an
+# approximate count).
+# They change when that code does; the memory suite's Predict row checks them.
+PREDICT_ENTRY_TEMP_BYTES = {32: 4, 16: 12, 8: 21, 4: 23}
 # NVIDIA's recommended cuBLAS workspace on Hopper; PyTorch allocates it through the caching
 # allocator on the first matmul, so it shows in max_memory_allocated. Calibration constant.
 CUBLAS_WORKSPACE = 32 * MiB
@@ -241,8 +256,10 @@ def _state_tensor_bytes(numel: int, bits: int) -> list[int]:
         return [4 * numel]
     if bits == 16:
         return [2 * numel]
-    scales = 4 * math.ceil(numel / STATE_BLOCK)
-    return [math.ceil(numel * bits / 8), scales]
+    block = STATE_BLOCK[bits]
+    blocks = math.ceil(numel / block)
+    codes = numel if bits == 8 else blocks * block // 2  # 4-bit: padded to whole blocks
+    return [codes, 4 * blocks]
 
 
 class _Step:
@@ -257,6 +274,7 @@ class _Step:
         self.N = setup.tokens_per_micro_batch
         self.train = phase != "predict"
         self.arena = setup.grad_mode == "hook" or setup.master_weights  # flat buffers
+        self.trainer = setup.trainer
         self.grads: dict[str, int] = {}  # param name -> handle of its .grad (full mode)
         self.cache: dict[str, int] = {}  # param name -> handle of its autocast copy
         self.logits: int | None = None
@@ -288,37 +306,74 @@ class _Step:
             tl.alloc("weights", p.numel * self.r)
         if s.master_weights:
             tl.alloc("master_weights", 4 * P)
-        moments = {"adamw": 2, "sgd": 1, "none": 0}[s.optimizer]
-        bits = s.state_bits
-        on_gpu = s.offload == "none"
-        if not self.train:
-            policy = s.predict_moments
-            on_gpu = on_gpu and policy in ("keep", "compress")
-            if policy == "compress":
+        self.moments: list[int] = []
+        if s.offload == "none":
+            bits = s.state_bits
+            if not self.train and s.predict_moments == "compress" and not self.trainer:
                 bits = min(bits, 8)
-        if moments and on_gpu:
-            if self.arena:  # flat buffers over the whole model
-                for _ in range(moments):
-                    for nbytes in _state_tensor_bytes(P, bits):
-                        tl.alloc("optimizer_state", nbytes)
-            else:  # torch optimizer: per-parameter state and a device step counter
-                for p in self.spec.params:
-                    for _ in range(moments):
-                        for nbytes in _state_tensor_bytes(p.numel, bits):
-                            tl.alloc("optimizer_state", nbytes)
-                    if s.optimizer == "adamw":
-                        tl.alloc("optimizer_state", 4)
-        if not self.train:
-            tl.alloc("update_direction", P)  # int8 blockwise direction
-            tl.alloc("update_direction", 4 * math.ceil(P / STATE_BLOCK))
-        elif s.grad_mode == "hook":
-            tl.alloc("gradients", 4 * P)  # the fp32 accumulator
+            keep = self.train or self.trainer or s.predict_moments in ("keep", "compress")
+            if keep:  # the trainer still holds them when Predict begins
+                self.moments = self.alloc_moments(bits)
+        self.direction: list[int] = []
+        if not self.train and not self.trainer:
+            self.direction = self.alloc_direction()
+        if self.train and self.trainer and self.phase == "correct":
+            self.direction = self.alloc_direction()  # kept through Correct for the residuals
+        self.accumulator = None
+        if s.grad_mode == "hook":
+            self.accumulator = tl.alloc("gradients", 4 * P)  # the fp32 accumulator
+            if not self.train and not self.trainer:
+                tl.free(self.accumulator)
         tl.alloc("workspace", CUBLAS_WORKSPACE)
         tl.alloc("inputs", 8 * self.N)  # idx
         tl.alloc("inputs", 8 * self.N)  # targets: the Predict forward still computes the loss
         if s.logits_lifetime == "next_forward" and self.train:
             # the previous step's logits, held by the caller until this forward returns
             self.logits = tl.alloc("logits_and_loss", self.c * self.N * self.spec.vocab_size)
+
+    def alloc_moments(self, bits: int) -> list[int]:
+        tl, s, P = self.tl, self.setup, self.spec.num_params
+        moments = {"adamw": 2, "sgd": 1, "none": 0}[s.optimizer]
+        out = []
+        if self.arena:  # flat buffers over the whole model
+            for _ in range(moments):
+                for nbytes in _state_tensor_bytes(P, bits):
+                    out.append(tl.alloc("optimizer_state", nbytes))
+        else:  # torch optimizer: per-parameter state and a device step counter
+            for p in self.spec.params:
+                for _ in range(moments):
+                    for nbytes in _state_tensor_bytes(p.numel, bits):
+                        out.append(tl.alloc("optimizer_state", nbytes))
+                if s.optimizer == "adamw":
+                    out.append(tl.alloc("optimizer_state", 4))
+        return out
+
+    def alloc_direction(self) -> list[int]:
+        """The frozen update direction, int8 blockwise: 1 B + an fp32 scale per block."""
+        P = self.spec.num_params
+        return [
+            self.tl.alloc("update_direction", P),
+            self.tl.alloc("update_direction", 4 * math.ceil(P / DIRECTION_BLOCK)),
+        ]
+
+    def enter_predict(self) -> None:
+        """HybridTrainer's Predict entry: free the accumulator, build the Adam direction from
+        the moments (fp32 temporaries), quantize it, then offload the moments per policy."""
+        tl, s, P = self.tl, self.setup, self.spec.num_params
+        tl.at("predict entry", "Adam direction")
+        tl.free(self.accumulator)
+        self.accumulator = None
+        if s.optimizer == "adamw" and self.moments:
+            temp = tl.alloc("workspace", PREDICT_ENTRY_TEMP_BYTES[s.state_bits] * P)
+            tl.free(temp)
+        d = tl.alloc("workspace", 4 * P)  # the fp32 direction, quantized below
+        self.direction = self.alloc_direction()
+        tl.free(d)
+        if s.predict_moments in ("offload", "drop", "compress"):
+            tl.free(*self.moments)
+            self.moments = []
+            if s.predict_moments == "compress":
+                self.moments = self.alloc_moments(min(s.state_bits, 8))
 
     # ---- helpers -----------------------------------------------------------------------
 
@@ -664,7 +719,12 @@ class _Step:
     def optimizer_step(self) -> None:
         tl = self.tl
         tl.at("optimizer", "step")
+        before = None
+        if self.trainer and self.phase == "correct":
+            # Correct keeps the master weights as they were before the step (the residual)
+            before = tl.alloc("workspace", 4 * self.spec.num_params)
         tl.alloc("workspace", 0)  # a point on the timeline: the fused step has no temporaries
+        tl.free(before)
         for h in self.grads.values():  # zero_grad(set_to_none=True)
             tl.free(h)
         self.grads = {}
@@ -674,13 +734,22 @@ class _Step:
 
     def run(self) -> PhaseEstimate:
         self.model_state()
+        if not self.train:
+            if self.trainer:
+                self.enter_predict()
+            self.micro_batch()
+            if self.trainer and self.setup.offload == "none" and not self.moments:
+                # the moments come back `lookahead` steps before Predict ends (prefetch)
+                self.tl.at("predict", "moments restored")
+                self.moments = self.alloc_moments(self.setup.state_bits)
+                self.micro_batch()
+            return self.tl.result(self.phase)
         # One step is the steady state: the model state is allocated up front and the previous
         # step's logits (when the caller holds them) too. With accumulation, the second
         # micro-batch is the one that sees the first one's gradients.
-        for _ in range(min(self.setup.accum_steps, 2) if self.train else 1):
+        for _ in range(min(self.setup.accum_steps, 2)):
             self.micro_batch()
-        if self.train:
-            self.optimizer_step()
+        self.optimizer_step()
         return self.tl.result(self.phase)
 
 
@@ -706,9 +775,9 @@ def estimate(spec: ModelSpec, setup: TrainSetup) -> Estimate:
     phases: dict[str, PhaseEstimate] = {}
     train_phase: PhaseEstimate | None = None
     for phase in dict.fromkeys(setup.phases):
-        if phase == "predict":
+        if phase == "predict" or (phase == "correct" and setup.trainer):
             phases[phase] = _Step(spec, setup, phase).run()
-        else:  # Warmup, Full and Correct hold the same tensors
+        else:  # Warmup and Full (and Correct outside the trainer) hold the same tensors
             train_phase = train_phase or _Step(spec, setup, phase).run()
             phases[phase] = replace(train_phase, phase=phase)
     notes = []

@@ -67,7 +67,7 @@ class TrainSetup:
     - ``grad_mode``: "full" (a ``.grad`` per parameter, in the parameter dtype) or "hook"
       (post-accumulate-grad hooks fold each gradient into one fp32 accumulator and drop it).
     - ``optimizer``: "adamw" (2 moments), "sgd" (1 momentum buffer) or "none"; ``state_bits``
-      32 / 16 / 8 / 4 (8 and 4: blockwise with an fp32 scale per ``STATE_BLOCK`` elements).
+      32 / 16 / 8 / 4 (8 and 4: blockwise with an fp32 scale per 256 / 128 elements).
     - ``micro_batch``, ``seq_len``, ``accum_steps``: sequences per micro-batch, tokens per
       sequence, micro-batches per optimizer step.
     - ``checkpointing``: activation checkpointing per transformer block.
@@ -81,6 +81,11 @@ class TrainSetup:
       loss = model(x, y)``), "step" (held through backward and the optimizer step), or
       "next_forward" (``logits, loss = model(x, y)`` in a loop: the old logits live until the
       next forward returns, as in nanoGPT).
+    - ``trainer``: count ``HybridTrainer``'s own tensors: at Predict entry the fp32
+      temporaries that build the update direction (the moments are still on the GPU), the
+      moments prefetched back before Predict ends, the direction kept through Correct and
+      Correct's copy of the master weights during its optimizer step. Default: on exactly
+      when gradients are hook-folded (the trainer's way).
     """
 
     param_dtype: str = "fp32"
@@ -98,6 +103,7 @@ class TrainSetup:
     phases: tuple[str, ...] = PHASES
     attention: str = "flash"
     logits_lifetime: str = "next_forward"
+    trainer: bool | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalize in place once
@@ -121,6 +127,10 @@ class TrainSetup:
         for phase in phases:
             _choice(phase, PHASES, "phase")
         set_(self, "phases", phases)
+        if self.trainer is None:
+            set_(self, "trainer", self.grad_mode == "hook")
+        elif not isinstance(self.trainer, bool):
+            raise PlannerError(f"trainer must be True, False or None, got {self.trainer!r}")
         if self.master_weights and self.param_dtype == "fp32":
             raise PlannerError(
                 "master_weights needs low-precision parameters (bf16/fp16): "
