@@ -251,7 +251,10 @@ def main(csv_path: str, compile_names: tuple[str, ...] = ()) -> None:
         for case in _cases(False, tile, warps, compile_ref=False):
             run = case.setup()
             if ci == 0:
-                run.check()
+                try:
+                    run.check()
+                except AssertionError as err:  # report, and still time the case
+                    print(f"CHECK FAILED {case.name}: {err}")
                 if case.name in compile_names:
                     ref_fn = run.providers["torch_eager"]
                     run.providers["torch_compile"] = torch.compile(lambda f=ref_fn: f())

@@ -213,29 +213,39 @@ def _quantize_blockwise_kernel(
     block_ok = tl.min(finite.to(tl.int32), axis=1) > 0  # [G]
     mag = tl.where(finite, mag, 0.0)  # keeps the reductions below well defined
     absmax = tl.max(mag, axis=1)  # [G]
-    denom = tl.where(absmax > 0.0, absmax, 1.0)
+    # Per element only multiplies: y = |v| * (levels / absmax), with one IEEE division per
+    # block (Triton's fp32 `/` is div.full.f32, up to 2 ulp off, hence div_rn). Blocks under
+    # 2^-100 are first scaled by 2^64 (exact) so that levels / absmax cannot overflow.
+    pre = tl.where(absmax < 7.888609052210118e-31, 18446744073709551616.0, 1.0)
+    mag_s = mag * pre[:, None]
+    denom = tl.where(absmax > 0.0, absmax * pre, 1.0)
     if STOCHASTIC:
         u = tl.rand(seed, offs)  # uniform [0, 1), Philox keyed by (seed, element index)
 
     if FMT == 3:  # ternary
         if STOCHASTIC:
             # TernGrad: scale absmax, P(code = sign) = |v| / absmax, unbiased.
-            code = tl.where(u < mag / denom[:, None], 1.0, 0.0)
+            inv = tl.math.div_rn(tl.full([GROUPS], 1.0, tl.float32), denom)
+            code = tl.where(u < mag_s * inv[:, None], 1.0, 0.0)
             scale = absmax
         else:
             # TWN scale (mean magnitude above 0.7 * mean|v|), raised to absmax / 2 so no
             # element is more than one step away; then round to the nearest of {-s, 0, s}.
             count = tl.minimum(tl.maximum(numel - blk * BLOCK, 0), BLOCK).to(tl.float32)
-            delta = 0.7 * (tl.sum(mag, axis=1) / tl.maximum(count, 1.0))
+            delta = 0.7 * tl.math.div_rn(tl.sum(mag, axis=1), tl.maximum(count, 1.0))
             above = mag > delta[:, None]
             n_above = tl.sum(above.to(tl.float32), axis=1)
-            twn = tl.sum(tl.where(above, mag, 0.0), axis=1) / tl.maximum(n_above, 1.0)
+            twn = tl.math.div_rn(
+                tl.sum(tl.where(above, mag, 0.0), axis=1), tl.maximum(n_above, 1.0)
+            )
             scale = tl.maximum(twn, 0.5 * absmax)
-            step = tl.where(scale > 0.0, scale, 1.0)
-            code = tl.minimum(tl.floor(mag / step[:, None] + 0.5), 1.0)
+            step = tl.where(scale > 0.0, scale * pre, 1.0)
+            inv = tl.math.div_rn(tl.full([GROUPS], 1.0, tl.float32), step)
+            code = tl.minimum(tl.floor(mag_s * inv[:, None] + 0.5), 1.0)
         deq_mag = code * scale[:, None]
     elif FMT == 1:  # int8_dynamic: cubic code
-        y3 = mag / denom[:, None] * 2048383.0
+        inv = tl.math.div_rn(tl.full([GROUPS], 2048383.0, tl.float32), denom)
+        y3 = mag_s * inv[:, None]
         c = tl.floor(tl.exp2(tl.log2(tl.maximum(y3, 1e-30)) * (1.0 / 3.0)))
         # The cube root above is approximate; fix c to the exact floor (c**3 <= y3 < (c+1)**3).
         c = tl.where((c + 1.0) * (c + 1.0) * (c + 1.0) <= y3, c + 1.0, c)
@@ -250,7 +260,8 @@ def _quantize_blockwise_kernel(
         scale = absmax
         deq_mag = ((code * code * code) * (1.0 / 2048383.0)) * scale[:, None]
     else:  # int8, int4: linear code
-        y = mag / denom[:, None] * LEVELS
+        inv = tl.math.div_rn(tl.full([GROUPS], LEVELS, tl.float32), denom)
+        y = mag_s * inv[:, None]
         if STOCHASTIC:
             code = tl.floor(y + u)
         else:
@@ -537,6 +548,11 @@ def _dequant_ref(codes: torch.Tensor, scales: torch.Tensor, f: Format) -> torch.
     return (q * (1.0 / f.levels)) * scales[:, None]
 
 
+def _over(numerator: float, t: torch.Tensor) -> torch.Tensor:
+    """numerator / t in one IEEE division (``float / tensor`` in torch is reciprocal * float)."""
+    return torch.full_like(t, numerator) / t
+
+
 def quantize_blockwise_ref(
     x: torch.Tensor,
     fmt: str = "int8",
@@ -562,14 +578,16 @@ def quantize_blockwise_ref(
     block_ok = finite.all(dim=1)
     mag = torch.where(finite, mag_raw, torch.zeros_like(mag_raw))
     absmax = mag.amax(dim=1) if nb else mag.new_zeros(0)
-    denom = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    pre = torch.where(absmax < 2.0**-100, 2.0**64, 1.0)
+    mag_s = mag * pre[:, None]
+    denom = torch.where(absmax > 0, absmax * pre, torch.ones_like(absmax))
     if stochastic:
         gen = torch.Generator(device=x.device).manual_seed(seed)
         u = torch.rand(v.shape, generator=gen, device=x.device)
 
     if fmt == "ternary":
         if stochastic:
-            code = (u < mag / denom[:, None]).float()
+            code = (u < mag_s * _over(1.0, denom)[:, None]).float()
             scale = absmax
         else:
             count = valid.sum(dim=1).float()
@@ -578,11 +596,11 @@ def quantize_blockwise_ref(
             n_above = above.sum(dim=1).float()
             twn = torch.where(above, mag, 0.0).sum(dim=1) / n_above.clamp_min(1.0)
             scale = torch.maximum(twn, 0.5 * absmax)
-            step = torch.where(scale > 0, scale, torch.ones_like(scale))
-            code = torch.floor(mag / step[:, None] + 0.5).clamp_max(1.0)
+            step = torch.where(scale > 0, scale * pre, torch.ones_like(scale))
+            code = torch.floor(mag_s * _over(1.0, step)[:, None] + 0.5).clamp_max(1.0)
         deq_mag = code * scale[:, None]
     elif fmt == "int8_dynamic":
-        y3 = mag / denom[:, None] * DYNAMIC_CUBE
+        y3 = mag_s * _over(DYNAMIC_CUBE, denom)[:, None]
         c = torch.floor(torch.exp2(torch.log2(y3.clamp_min(1e-30)) * (1.0 / 3.0)))
         c = torch.where((c + 1) * (c + 1) * (c + 1) <= y3, c + 1, c)
         c = torch.where(c * c * c > y3, c - 1, c)
@@ -592,7 +610,7 @@ def quantize_blockwise_ref(
         scale = absmax
         deq_mag = ((code * code * code) * (1.0 / DYNAMIC_CUBE)) * scale[:, None]
     else:
-        y = mag / denom[:, None] * f.levels
+        y = mag_s * _over(float(f.levels), denom)[:, None]
         code = torch.floor(y + (u if stochastic else 0.5)).clamp_max(float(f.levels))
         scale = absmax
         deq_mag = (code * (1.0 / f.levels)) * scale[:, None]
