@@ -320,10 +320,8 @@ class _Step:
         if self.train and self.trainer and self.phase == "correct":
             self.direction = self.alloc_direction()  # kept through Correct for the residuals
         self.accumulator = None
-        if s.grad_mode == "hook":
+        if s.grad_mode == "hook" and (self.train or self.trainer):
             self.accumulator = tl.alloc("gradients", 4 * P)  # the fp32 accumulator
-            if not self.train and not self.trainer:
-                tl.free(self.accumulator)
         tl.alloc("workspace", CUBLAS_WORKSPACE)
         tl.alloc("inputs", 8 * self.N)  # idx
         tl.alloc("inputs", 8 * self.N)  # targets: the Predict forward still computes the loss
