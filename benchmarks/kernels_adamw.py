@@ -212,15 +212,25 @@ def cases(quick: bool) -> list[KernelCase]:
 
 
 def _bench(fn) -> float:
+    if not torch.cuda.is_available():  # smoke runs of the scripts on CPU: one timed call
+        import time
+
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def timing_main(out_csv: str) -> None:
-    dev = "cuda"
+def timing_main(out_csv: str, smoke: bool = False) -> None:
+    """do_bench medians of ours (a few BLOCK / num_warps settings, state_bits 32/8/4) against
+    AdamW fused/foreach + bf16 copy, with the fp32 copy rate of the same size, to ``out_csv``.
+    ``smoke``: tiny shapes on whatever device is present (a check that the script runs)."""
+    dev = _device()
     rows = []
-    gpu = torch.cuda.get_device_name()
+    gpu = torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)"
 
     def record(case, provider, config, ms, nbytes, copy_gbps):
         gbps = nbytes / ms / 1e6
@@ -238,7 +248,11 @@ def timing_main(out_csv: str) -> None:
         print(rows[-1], flush=True)
 
     configs = [(1024, 4), (2048, 8), (4096, 8), (512, 4)]
-    for label, shapes in (("2^28", [(1 << 28,)]), ("gpt2-small", gpt2_small_shapes())):
+    sizes = [("2^28", [(1 << 28,)]), ("gpt2-small", gpt2_small_shapes())]
+    if smoke:
+        sizes = [("2^12", [(1 << 12,)]), ("gpt2-small d=8", gpt2_small_shapes(8, 128, 32))]
+        configs = configs[:2]
+    for label, shapes in sizes:
         param_n = sum(_numel(s) for s in shapes)
         flat_n = _arena_numel(shapes)
         x = torch.empty(param_n, device=dev)
@@ -249,7 +263,7 @@ def timing_main(out_csv: str) -> None:
         del x, y
         for bits in (32, 8, 4):
             nbytes = int(param_n * bytes_per_element(bits))
-            for block, warps in configs:
+            for block, warps in configs if bits != 4 else configs[:1]:
                 flat = _Flat(flat_n, bits, dev, block=block, num_warps=warps)
                 if block == configs[0][0]:
                     flat.check()
@@ -285,23 +299,32 @@ def timing_main(out_csv: str) -> None:
         w.writerows(rows)
 
 
-def gpt_main(out_csv: str, steps: int = 600) -> None:
+def gpt_main(out_csv: str, steps: int = 600, smoke: bool = False) -> None:
     """Final validation loss of a small GPT on real text (the stdlib corpus, byte tokens) with
-    FusedAdamW at state_bits 32 / 16 / 8 / 4, same seed, same batches."""
+    FusedAdamW at state_bits 32 / 16 / 8 / 4, same seed, same batches, same schedule.
+    ``smoke``: a tiny model and corpus subset on whatever device is present."""
     from hybrid_triton.arena import FlatArena
     from hybrid_triton.data import TokenStream, load_corpus
     from hybrid_triton.models.gpt2 import build_gpt2
     from hybrid_triton.optim import FusedAdamW
 
-    dev = "cuda"
-    corpus = load_corpus(tokenizer="byte")
-    train = TokenStream("train", 32, 256, seed=0, corpus=corpus, device=dev)
-    val = TokenStream("val", 32, 256, seed=1, corpus=corpus, device=dev)
+    dev = _device()
+    batch, seq, width, layers = (2, 32, 16, 1) if smoke else (32, 256, 128, 4)
+    corpus = load_corpus(tokenizer="byte", max_files=60 if smoke else None)
+    train = TokenStream("train", batch, seq, seed=0, corpus=corpus, device=dev)
+    val = TokenStream("val", batch, seq, seed=1, corpus=corpus, device=dev)
+    amp = torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda")
     rows = []
     for bits in (32, 16, 8, 4):
         torch.manual_seed(0)
         model = build_gpt2(
-            "gpt2-tiny", device=dev, n_layer=4, n_head=4, n_embd=128, vocab_size=384, block_size=256
+            "gpt2-tiny",
+            device=dev,
+            n_layer=layers,
+            n_head=4,
+            n_embd=width,
+            vocab_size=384,
+            block_size=seq,
         )
         arena = FlatArena.from_module(model)
         opt = FusedAdamW(
@@ -313,13 +336,13 @@ def gpt_main(out_csv: str, steps: int = 600) -> None:
         )
         for i in range(steps):
             x, y = train.batch(i)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with amp:
                 _, loss = model(x, y)
             loss.backward()
             opt.step()
             opt.zero_grad()
             sched.step()
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.no_grad(), amp:
             val_loss = sum(model(*val.batch(i))[1].float().item() for i in range(20)) / 20
         rows.append(
             {
@@ -346,12 +369,11 @@ if __name__ == "__main__":
     ap.add_argument("--timing", metavar="CSV")
     ap.add_argument("--gpt", metavar="CSV")
     ap.add_argument("--gpt-steps", type=int, default=600)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, any device")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit(
-            "these scripts time the GPU; the CPU path is `hybrid-triton bench kernels --quick`"
-        )
+    if not torch.cuda.is_available() and not args.smoke:
+        sys.exit("these scripts time the GPU; on CPU pass --smoke (or run the kernels suite)")
     if args.timing:
-        timing_main(args.timing)
+        timing_main(args.timing, args.smoke)
     if args.gpt:
-        gpt_main(args.gpt, args.gpt_steps)
+        gpt_main(args.gpt, args.gpt_steps, args.smoke)

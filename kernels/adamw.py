@@ -143,8 +143,9 @@ def _load_scalar(ptr, value, FROM_PTR: tl.constexpr):
 def _adamw_math(p, g, m, v, beta1, beta2, lr, weight_decay, step_size, inv_sqrt_bc2, eps):
     m = m + (1.0 - beta1) * (g - m)  # torch's lerp form
     v = beta2 * v + (1.0 - beta2) * g * g
-    denom = tl.sqrt(v) * inv_sqrt_bc2 + eps
-    p = p * (1.0 - lr * weight_decay) - step_size * (m / denom)
+    # IEEE sqrt and division (not the approximate defaults) keep the GPU within an ulp of torch.
+    denom = tl.sqrt_rn(v) * inv_sqrt_bc2 + eps
+    p = p * (1.0 - lr * weight_decay) - step_size * tl.div_rn(m, denom)
     return p, m, v
 
 
