@@ -167,10 +167,11 @@ def test_gpu_observe_and_predict_do_not_sync():
     model = DynamicsModel(4, DynamicsConfig(device="cuda"))  # default K=5, H=256
     for step in range(20):
         model.observe(run_stats(step, groups=4, device="cuda"))
+    stats = run_stats(20, groups=4, device="cuda")  # made before: torch.tensor(float) copies
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        model.observe(run_stats(20, groups=4, device="cuda"))
+        model.observe(stats)
         pred = model.predict(50)
         model.confidence()
     finally:
