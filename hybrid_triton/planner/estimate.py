@@ -738,7 +738,7 @@ class _Step:
             self.micro_batch()
             if self.trainer and self.setup.offload == "none" and not self.moments:
                 # the moments come back `lookahead` steps before Predict ends (prefetch)
-                self.tl.at("predict", "moments restored")
+                self.tl.at("forward", "moments prefetched back")
                 self.moments = self.alloc_moments(self.setup.state_bits)
                 self.micro_batch()
             return self.tl.result(self.phase)

@@ -78,9 +78,10 @@ class TrainSetup:
     - ``attention``: "flash" (fused SDPA: saves q, k, v, out, logsumexp) or "math" (the T x T
       scores and probabilities are materialized).
     - ``logits_lifetime``: how long the caller holds the returned logits: "loss_only" (``_,
-      loss = model(x, y)``), "step" (held through backward and the optimizer step), or
-      "next_forward" (``logits, loss = model(x, y)`` in a loop: the old logits live until the
-      next forward returns, as in nanoGPT).
+      loss = model(x, y)``, as the project's recipes and HybridTrainer do; the default),
+      "step" (held through backward and the optimizer step), or "next_forward" (``logits,
+      loss = model(x, y)`` in a loop: the old logits live until the next forward returns, as
+      in nanoGPT).
     - ``trainer``: count ``HybridTrainer``'s own tensors: at Predict entry the fp32
       temporaries that build the update direction (the moments are still on the GPU), the
       moments prefetched back before Predict ends, the direction kept through Correct and
@@ -102,7 +103,7 @@ class TrainSetup:
     predict_moments: str = "offload"
     phases: tuple[str, ...] = PHASES
     attention: str = "flash"
-    logits_lifetime: str = "next_forward"
+    logits_lifetime: str = "loss_only"
     trainer: bool | None = None
 
     def __post_init__(self) -> None:
