@@ -25,7 +25,7 @@ _LABELS = {
     "activations": "activations",
     "autocast_cache": "autocast weight copies",
     "logits_and_loss": "logits and loss",
-    "workspace": "workspace (grads in flight, cuBLAS)",
+    "workspace": "workspace and temporaries",
     "inputs": "input batch",
     "allocator_rounding": "allocator rounding",
 }
