@@ -65,14 +65,14 @@ LARGE_BLOCK = 1 * MiB
 # (TrainerConfig.quant_block).
 STATE_BLOCK = {8: 256, 4: 128}
 DIRECTION_BLOCK = 256
-# Bytes per parameter of fp32 temporaries alive at the worst point of HybridTrainer's Predict
-# entry (_adam_direction), counted from its code: 32-bit state: the direction (4); 16-bit: the
-# fp32 copies of both moments and the direction (12); 8-bit: the first moment dequantized (4)
-# while the second is dequantized by the torch reference (int32 codes, their magnitude, the
-# decoded bits, a mask, the result: 17); 4-bit: the same plus the unpacked nibbles (an
-# approximate count).
-# They change when that code does; the memory suite's Predict row checks them.
-PREDICT_ENTRY_TEMP_BYTES = {32: 4, 16: 12, 8: 21, 4: 23}
+# Bytes per parameter of temporaries alive at the worst point of HybridTrainer's Predict entry
+# (_adam_direction), counted from its code: 32-bit state: the fp32 direction (4); 16-bit: fp32
+# copies of both moments and the direction (12); 8-bit: inside the torch reference
+# dequantize_moments_ref, the int32 codes, their magnitude or shifted bits, a bool mask and
+# the fp32 result (17, the first moment's 4 included while the second is decoded); 4-bit: the
+# same plus the unpacked nibbles (19). They change when that code does; the memory suite's
+# Predict rows check them.
+PREDICT_ENTRY_TEMP_BYTES = {32: 4, 16: 12, 8: 17, 4: 19}
 # NVIDIA's recommended cuBLAS workspace on Hopper; PyTorch allocates it through the caching
 # allocator on the first matmul, so it shows in max_memory_allocated. Calibration constant.
 CUBLAS_WORKSPACE = 32 * MiB
