@@ -84,3 +84,34 @@ def test_traced_rejects_bad_input():
         trace_step(nn.Linear(2, 2), TrainSetup())
     with pytest.raises(PlannerError, match="steps"):
         trace_step(module, TrainSetup(), steps=0)
+
+
+@pytest.mark.parametrize("bits", [32, 16, 8, 4])
+def test_predict_entry_temporaries_match_the_trainer_code(bits):
+    """PREDICT_ENTRY_TEMP_BYTES against a measurement of the steps HybridTrainer's
+    _adam_direction takes (the moments read as fp32, then the direction), under fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from hybrid_triton.kernels.adamw import dequantize_moments_ref, new_state
+    from hybrid_triton.planner.estimate import PREDICT_ENTRY_TEMP_BYTES
+    from hybrid_triton.planner.traced import _AllocationTracker
+
+    n = 1 << 20
+    tracker = _AllocationTracker()
+    with FakeTensorMode(), tracker:
+        state = new_state(n, bits, "cpu")
+        for t in state.values():
+            if t is not None:
+                tracker.track(t)
+        base = tracker.peak = tracker.live
+        if bits >= 16:
+            m, v = state["exp_avg"].float(), state["exp_avg_sq"].float()
+        else:
+            m = dequantize_moments_ref(state["exp_avg"], state["exp_avg_scale"], n, bits, "exp_avg")
+            v = dequantize_moments_ref(
+                state["exp_avg_sq"], state["exp_avg_sq_scale"], n, bits, "exp_avg_sq"
+            )
+        d = v.sqrt()
+        del m, v, d
+    measured = (tracker.peak - base) / n
+    assert abs(measured - PREDICT_ENTRY_TEMP_BYTES[bits]) < 0.01, measured
