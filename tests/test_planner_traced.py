@@ -90,9 +90,9 @@ def test_traced_rejects_bad_input():
 def test_predict_entry_temporaries_match_the_trainer_code(bits):
     """PREDICT_ENTRY_TEMP_BYTES against a measurement of the steps HybridTrainer's
     _adam_direction takes (the moments read as fp32, then the direction), under fake tensors."""
+    from hybrid_triton.kernels.adamw import dequantize_moments_ref, new_state
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from hybrid_triton.kernels.adamw import dequantize_moments_ref, new_state
     from hybrid_triton.planner.estimate import PREDICT_ENTRY_TEMP_BYTES
     from hybrid_triton.planner.traced import _AllocationTracker
 
