@@ -28,12 +28,9 @@ The CUDA step itself is not timed here (the training suite does that).
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import sys
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import pandas as pd
@@ -41,7 +38,7 @@ import torch
 
 from hybrid_triton.bench.probes import MemoryProbe, PhaseMemory, free_device_memory, is_oom
 from hybrid_triton.bench.results import STATUS_ERROR, STATUS_OK, STATUS_OOM
-from hybrid_triton.bench.runner import SuiteContext
+from hybrid_triton.bench.runner import SuiteContext, reference_path_on_cpu
 
 GIB = 2**30
 BASELINES = ("fp32", "bf16-autocast")
@@ -240,27 +237,6 @@ def measure_trainer(
     return peaks
 
 
-@contextlib.contextmanager
-def _impl_for_memory(device: torch.device) -> Iterator[str]:
-    """On CPU the toolkit's ops take their torch reference path here: the Triton
-    interpreter is a correctness tool (tens of seconds a step), and CPU memory figures are
-    tensor-storage tracking, not the GPU's. On CUDA: the Triton kernels, untouched."""
-    from hybrid_triton.kernels._dispatch import IMPL_ENV, impl_for_device
-
-    if device.type == "cuda":
-        yield impl_for_device(device)
-        return
-    old = os.environ.get(IMPL_ENV)
-    os.environ[IMPL_ENV] = "torch"
-    try:
-        yield "torch (reference path; CPU run)"
-    finally:
-        if old is None:
-            os.environ.pop(IMPL_ENV, None)
-        else:
-            os.environ[IMPL_ENV] = old
-
-
 def _keep_max(peaks: dict[str, PhaseMemory], result: PhaseMemory) -> None:
     best = peaks.get(result.phase)
     if best is None or result.peak_allocated > best.peak_allocated:
@@ -313,7 +289,7 @@ def run_config(ctx: SuiteContext, cfg: MemoryConfig) -> tuple[float | None, floa
         if cfg.setup in RECIPE_FOR_SETUP:
             peaks = measure_recipe(cfg, ctx.device, steps, probe)
         else:
-            with _impl_for_memory(ctx.device) as impl:
+            with reference_path_on_cpu(ctx.device) as impl:
                 config["impl"] = impl
                 peaks = measure_trainer(cfg, ctx.device, steps, probe)
         _record_measured(ctx, cfg, peaks, config)

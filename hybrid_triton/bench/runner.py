@@ -8,6 +8,7 @@ printed at the end). ``benchmarks/`` is not installed: it is found next to the
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import importlib.util
 import os
@@ -105,6 +106,32 @@ class SuiteContext:
 
     def log(self, message: str) -> None:
         print(f"[{self.suite}] {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def reference_path_on_cpu(device: torch.device) -> Iterator[str]:
+    """On CPU, run the toolkit's ops on their torch reference path inside this block; on
+    CUDA change nothing. Yields the path taken.
+
+    Why: on CPU the Triton interpreter is a correctness tool (a training step through it
+    takes tens of seconds); the memory and training suites measure what the code allocates
+    and how a run behaves, which the reference path shows in seconds. The kernels suite does
+    not use this: it times the kernels themselves.
+    """
+    from hybrid_triton.kernels._dispatch import IMPL_ENV, impl_for_device
+
+    if device.type == "cuda":
+        yield impl_for_device(device)
+        return
+    old = os.environ.get(IMPL_ENV)
+    os.environ[IMPL_ENV] = "torch"
+    try:
+        yield "torch (reference path; CPU run)"
+    finally:
+        if old is None:
+            os.environ.pop(IMPL_ENV, None)
+        else:
+            os.environ[IMPL_ENV] = old
 
 
 def run_suite(
