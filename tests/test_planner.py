@@ -309,11 +309,17 @@ def test_trainer_predict_entry_and_correct_by_hand():
     direction = Pm + 4 * math.ceil(Pm / DIRECTION_BLOCK)
     full, correct = est.phases["full"], est.phases["correct"]
     assert correct.components["update_direction"] == direction
-    # Correct holds the direction throughout and the pre-step master copy during its step
+    # Correct holds the direction throughout, and the pre-step master copy during its step
     # (stage peaks count allocated blocks: each rounded up to ALLOC_ROUND)
     rounded = sum(-(-n // ALLOC_ROUND) * ALLOC_ROUND for n in (Pm, 4 * math.ceil(Pm / 256)))
     assert correct.stage_peaks["backward"] - full.stage_peaks["backward"] == rounded
-    assert correct.stage_peaks["optimizer"] - full.stage_peaks["optimizer"] == rounded + 4 * Pm
+    # ... plus one segment group of the predicted update dequantized to fp32 at a time
+    from hybrid_triton.planner.estimate import direction_groups
+
+    group = -(-4 * max(direction_groups(est.spec)) // ALLOC_ROUND) * ALLOC_ROUND
+    assert correct.stage_peaks["optimizer"] - full.stage_peaks["optimizer"] == (
+        rounded + 4 * Pm + group
+    )
     plain = estimate(preset("gpt2-medium"), setup.replace(trainer=False)).phases["predict"]
     assert plain.peak_at.startswith("forward") and plain.peak_bytes < predict.peak_bytes
 
@@ -391,3 +397,15 @@ def test_phase_subset_and_json_schema():
         }
         assert all(isinstance(v, int) and v >= 0 for v in phase["components"].values())
         assert sum(phase["components"].values()) == phase["peak_bytes"]
+
+
+@pytest.mark.parametrize("max_groups", [16, 3])
+def test_direction_groups_match_the_trainer(max_groups):
+    from hybrid_triton.arena import FlatArena
+    from hybrid_triton.planner.estimate import direction_groups
+    from hybrid_triton.trainer import segment_groups
+
+    module = build_gpt2("gpt2-tiny", n_layer=4, n_embd=32, n_head=2, vocab_size=97, block_size=16)
+    table = FlatArena.from_module(module).group.table
+    real = [sum(table[i].numel for i in ids) for _, _, ids in segment_groups(table, max_groups)]
+    assert direction_groups(spec_from_module(module), max_groups) == real

@@ -250,6 +250,37 @@ class _Timeline:
         )
 
 
+def direction_groups(spec: ModelSpec, max_groups: int = 16) -> list[int]:
+    """Element counts of HybridTrainer's segment groups (``trainer.segment_groups``): runs of
+    parameters with the same module prefix up to the layer index, the two smallest neighbours
+    merged until at most ``max_groups`` remain."""
+
+    def module_name(name: str) -> str:
+        if spec.family == "gpt2":
+            return f"transformer.{name}"
+        return name if name.startswith("lm_head") else f"model.{name}"
+
+    def key(name: str) -> str:
+        parts = name.split(".")
+        for i, part in enumerate(parts):
+            if part.isdigit():
+                return ".".join(parts[: i + 1])
+        return parts[0] if len(parts) > 1 else name
+
+    sizes: list[int] = []
+    last = None
+    for p in spec.params:
+        k = key(module_name(p.name))
+        if k != last:
+            sizes.append(0)
+            last = k
+        sizes[-1] += p.numel
+    while len(sizes) > max_groups:
+        j = min(range(len(sizes) - 1), key=lambda i: sizes[i] + sizes[i + 1])
+        sizes[j : j + 2] = [sizes[j] + sizes[j + 1]]
+    return sizes
+
+
 def _state_tensor_bytes(numel: int, bits: int) -> list[int]:
     """Bytes of one moment tensor (and its scales) at ``bits`` bits."""
     if bits == 32:
@@ -722,6 +753,9 @@ class _Step:
             # Correct keeps the master weights as they were before the step (the residual)
             before = tl.alloc("workspace", 4 * self.spec.num_params)
         tl.alloc("workspace", 0)  # a point on the timeline: the fused step has no temporaries
+        if before is not None:
+            # then dequantizes the predicted update one segment group at a time (fp32)
+            tl.free(tl.alloc("workspace", 4 * max(direction_groups(self.spec))))
         tl.free(before)
         for h in self.grads.values():  # zero_grad(set_to_none=True)
             tl.free(h)
