@@ -271,6 +271,7 @@ class DynamicsModel(nn.Module):
         self.optimizer = torch.optim.Adam(self._trained_parameters(), lr=cfg.lr)
         self._gen = torch.Generator(device=self.h.device).manual_seed(cfg.seed + 1)
         self._feedback: RSSMFeedback | None = None  # rebuilt after each observe
+        self._feedback_base: tuple | None = None
         self._window: deque[torch.Tensor] = deque()  # raw features, oldest first
         self._pending: deque[tuple[int, torch.Tensor, torch.Tensor]] = deque()
         self._observed = 0
@@ -314,23 +315,29 @@ class DynamicsModel(nn.Module):
         n_in, n_out = self.sizes[3], self.sizes[4]
         enc = self.features
         device = self.h.device
+        if self._feedback_base is None:  # the parts that do not depend on the statistics
+            levels = torch.tensor([enc.LOSS, *range(enc.UPD, enc.UPD + self.groups)], device=device)
+            changes = torch.tensor(
+                [enc.DLOSS, *(enc.dupd(g) for g in range(self.groups))], device=device
+            )
+            outs = torch.arange(n_out, device=device)
+            skip = torch.zeros(n_out, n_in, device=device)
+            skip[outs, levels] = 1.0  # heads predict the change of each level
+            mix = torch.eye(n_in, device=device)
+            mix[levels, levels] = 0.0  # levels take the predicted values ...
+            mix[changes, changes] = 0.0  # ... and their changes follow from them
+            feed = torch.zeros(n_in, n_out, device=device)
+            feed[levels, outs] = 1.0
+            self._feedback_base = (levels, changes, outs, skip, mix, feed)
+        levels, changes, outs, skip, mix_base, feed_base = self._feedback_base
         std, center = self.norm.std(), self.norm.center()
-        skip = torch.zeros(n_out, n_in, device=device)
-        feed = torch.zeros(n_in, n_out, device=device)
-        mix = torch.eye(n_in, device=device)
-        drift = torch.zeros(n_in, device=device)
-        levels = [enc.LOSS, *range(enc.UPD, enc.UPD + self.groups)]
-        changes = [enc.DLOSS, *(enc.dupd(g) for g in range(self.groups))]
-        for out, (lvl, chg) in enumerate(zip(levels, changes, strict=True)):
-            skip[out, lvl] = 1.0
-            mix[lvl, lvl] = 0.0
-            feed[lvl, out] = 1.0
-            # raw change = std_lvl * (y - x_lvl); normalized by the change's own statistics
-            ratio = std[lvl] / std[chg]
-            mix[chg, chg] = 0.0
-            mix[chg, lvl] = -ratio
-            feed[chg, out] = ratio
-            drift[chg] = -center[chg] / std[chg]
+        # raw change = std_lvl * (y - x_lvl), then normalized by the change's own statistics
+        ratio = std[levels] / std[changes]
+        mix = mix_base.index_put((changes, levels), -ratio)
+        feed = feed_base.index_put((changes, outs), ratio)
+        drift = torch.zeros(n_in, device=device).index_put(
+            (changes,), -center[changes] / std[changes]
+        )
         # log1p(step) grows by about 1/(step+1) per step (held at the entry value).
         step = torch.expm1(self.last_raw[enc.STEP])
         drift[enc.STEP] = 1.0 / ((step + 1.0) * std[enc.STEP])
