@@ -146,7 +146,8 @@ def _case(
 
 def points(quick: bool) -> list[tuple[int, int, int, str]]:
     if quick:
-        return [(2, 32, 3, "target"), (1, 32, 1, "K"), (2, 17, 2, "H")]
+        # CPU: the interpreter runs these in seconds each; the shapes only prove the plumbing.
+        return [(2, 16, 2, "target"), (1, 17, 1, "H")]
     pts = [(TARGET["K"], TARGET["H"], TARGET["T"], "target")]
     pts += [(k, 256, 50, "K") for k in (1, 2, 8, 16)]
     pts += [(5, h, 50, "H") for h in (64, 128, 512, 1024)]
