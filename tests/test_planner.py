@@ -304,7 +304,8 @@ def test_trainer_predict_entry_and_correct_by_hand():
     assert c["weights"] == 2 * Pm and c["master_weights"] == 4 * Pm
     assert c["gradients"] == 0  # the accumulator is freed first
     assert c["optimizer_state"] == 2 * (Pm + 4 * math.ceil(Pm / 256))  # still on the GPU
-    assert c["workspace"] == CUBLAS_WORKSPACE + PREDICT_ENTRY_TEMP_BYTES[8] * Pm
+    assert c["temporaries"] == PREDICT_ENTRY_TEMP_BYTES[8] * Pm
+    assert c["workspace"] == CUBLAS_WORKSPACE
     assert predict.peak_bytes == sum(c.values())
     direction = Pm + 4 * math.ceil(Pm / DIRECTION_BLOCK)
     full, correct = est.phases["full"], est.phases["correct"]

@@ -90,6 +90,7 @@ COMPONENTS = (
     "activations",
     "autocast_cache",
     "logits_and_loss",
+    "temporaries",
     "workspace",
     "inputs",
     "allocator_rounding",
@@ -393,9 +394,9 @@ class _Step:
         tl.free(self.accumulator)
         self.accumulator = None
         if s.optimizer == "adamw" and self.moments:
-            temp = tl.alloc("workspace", PREDICT_ENTRY_TEMP_BYTES[s.state_bits] * P)
+            temp = tl.alloc("temporaries", PREDICT_ENTRY_TEMP_BYTES[s.state_bits] * P)
             tl.free(temp)
-        d = tl.alloc("workspace", 4 * P)  # the fp32 direction, quantized below
+        d = tl.alloc("temporaries", 4 * P)  # the fp32 direction, quantized below
         self.direction = self.alloc_direction()
         tl.free(d)
         if s.predict_moments in ("offload", "drop", "compress"):
@@ -419,8 +420,8 @@ class _Step:
         tl, r = self.tl, self.r
         low = None
         if self.autocast and from_matmul and p.kind == "linear":
-            low = tl.alloc("workspace", self.c * p.numel)  # the matmul's bf16 gradient
-        incoming = tl.alloc("workspace", r * p.numel)  # cast back to the parameter dtype
+            low = tl.alloc("temporaries", self.c * p.numel)  # the matmul's bf16 gradient
+        incoming = tl.alloc("temporaries", r * p.numel)  # cast back to the parameter dtype
         tl.free(low)
         if self.setup.grad_mode == "hook":
             tl.free(incoming)  # folded into the fp32 accumulator by the hook, then dropped
@@ -476,7 +477,7 @@ class _Step:
             tl.free(a_in)
         math_probs = None
         if self.setup.attention == "math":
-            scores = self.act(H * self.setup.seq_len, c, "workspace")
+            scores = self.act(H * self.setup.seq_len, c, "temporaries")
             math_probs = self.act(H * self.setup.seq_len, c)
             tl.free(scores)
         out = self.act(q, c)
@@ -489,7 +490,7 @@ class _Step:
             proj_in = None  # flash's output already has the [B, T, H, D] layout
         if not save:
             tl.free(qkv, v, lse, math_probs)
-        y = self.act(d, c, "workspace")
+        y = self.act(d, c, "temporaries")
         tl.free(out if not save else None, proj_in if not save else None)
         x1 = self.act(d, r)
         tl.free(y)
@@ -511,7 +512,7 @@ class _Step:
             hidden.append(self.act(f, c))  # silu(gate) * up
         if not save:
             tl.free(m_in, *hidden[:-1])
-        z = self.act(d, c, "workspace")
+        z = self.act(d, c, "temporaries")
         if not save:
             tl.free(hidden[-1])
         x2 = self.act(d, r)
@@ -549,56 +550,56 @@ class _Step:
         attn_p = [p for k, p in params.items() if k.startswith("attn.")]
         norm1_p = [p for k, p in params.items() if k.startswith(("ln_1", "input_layernorm"))]
         tl.at("backward", f"block {i} MLP")
-        gm = self.act(d, c, "workspace") if self.autocast else None  # grad cast to bf16
+        gm = self.act(d, c, "temporaries") if self.autocast else None  # grad cast to bf16
         hidden = [saved.pop(f"hidden{k}") for k in range(2 if gelu else 4)]
-        gh = self.act(f, c, "workspace")  # grad of the down projection's input
+        gh = self.act(f, c, "temporaries")  # grad of the down projection's input
         for p in mlp_p:
             if p.name.endswith(("c_proj.weight", "c_proj.bias", "down_proj.weight")):
                 self.param_grad(p)
         tl.free(gm, hidden[-1])
         if gelu:
-            gh2 = self.act(f, c, "workspace")  # GELU backward
+            gh2 = self.act(f, c, "temporaries")  # GELU backward
             tl.free(gh, hidden[0])
         else:
-            g_up = self.act(f, c, "workspace")  # grad of up: gh * silu(gate)
-            g_silu = self.act(f, c, "workspace")  # grad of silu(gate): gh * up
+            g_up = self.act(f, c, "temporaries")  # grad of up: gh * silu(gate)
+            g_silu = self.act(f, c, "temporaries")  # grad of silu(gate): gh * up
             tl.free(gh, hidden[2], hidden[1])
-            gh2 = self.act(f, c, "workspace")  # silu backward -> grad of gate
+            gh2 = self.act(f, c, "temporaries")  # silu backward -> grad of gate
             tl.free(g_silu, hidden[0])
             gh2b = g_up
-        g_min = self.act(d, c, "workspace")  # grad of the MLP input
+        g_min = self.act(d, c, "temporaries")  # grad of the MLP input
         for p in mlp_p:
             if not p.name.endswith(("c_proj.weight", "c_proj.bias", "down_proj.weight")):
                 self.param_grad(p)
         tl.free(gh2, None if gelu else gh2b, saved.pop("m_in"))
         if self.autocast:
-            g_norm = self.act(d, r, "workspace")
+            g_norm = self.act(d, r, "temporaries")
             tl.free(g_min)
         else:
             g_norm = g_min
-        g_x1 = self.act(d, r, "workspace")  # norm backward
+        g_x1 = self.act(d, r, "temporaries")  # norm backward
         for p in norm2_p:
             self.param_grad(p, from_matmul=False)
         tl.free(g_norm, saved.pop("stats2"), saved.pop("x1"))
         # the residual's gradient and the MLP branch's are summed in place into one buffer
         tl.free(g)
         tl.at("backward", f"block {i} attention")
-        ga = self.act(d, c, "workspace") if self.autocast else None
-        g_out = self.act(q, c, "workspace")  # grad of the attention output
+        ga = self.act(d, c, "temporaries") if self.autocast else None
+        g_out = self.act(q, c, "temporaries")  # grad of the attention output
         for p in attn_p:
             if p.name.endswith(("c_proj.weight", "c_proj.bias", "o_proj.weight")):
                 self.param_grad(p)
         tl.free(ga, saved.pop("proj_in"))
         if self.setup.attention == "flash":
-            g_qkv = self.act(q + 2 * kv, c, "workspace")  # dq, dk, dv
+            g_qkv = self.act(q + 2 * kv, c, "temporaries")  # dq, dk, dv
             # flash attention 2 accumulates dq in fp32, plus a [B, H, T] fp32 softmax term
-            accum = self.act(q, 4, "workspace") if c < 4 else None
-            delta = self.act(H, 4, "workspace")
+            accum = self.act(q, 4, "temporaries") if c < 4 else None
+            delta = self.act(H, 4, "temporaries")
             tl.free(accum, delta)
         else:
-            gp = self.act(H * self.setup.seq_len, c, "workspace")
-            gs = self.act(H * self.setup.seq_len, c, "workspace")
-            g_qkv = self.act(q + 2 * kv, c, "workspace")
+            gp = self.act(H * self.setup.seq_len, c, "temporaries")
+            gs = self.act(H * self.setup.seq_len, c, "temporaries")
+            g_qkv = self.act(q + 2 * kv, c, "temporaries")
             tl.free(gp, gs)
         tl.free(
             g_out,
@@ -609,23 +610,23 @@ class _Step:
             saved.pop("probs"),
         )
         if gelu:  # split's backward concatenates dq, dk, dv into the fused grad
-            cat = self.act(q + 2 * kv, c, "workspace")
+            cat = self.act(q + 2 * kv, c, "temporaries")
             tl.free(g_qkv)
             g_qkv = cat
         else:  # RoPE backward on dq, dk
-            rot = self.act(q + kv, c, "workspace")
+            rot = self.act(q + kv, c, "temporaries")
             tl.free(rot)
-        g_ain = self.act(d, c, "workspace")
+        g_ain = self.act(d, c, "temporaries")
         for p in attn_p:
             if not p.name.endswith(("c_proj.weight", "c_proj.bias", "o_proj.weight")):
                 self.param_grad(p)
         tl.free(g_qkv, saved.pop("a_in"))
         if self.autocast:
-            g_norm = self.act(d, r, "workspace")
+            g_norm = self.act(d, r, "temporaries")
             tl.free(g_ain)
         else:
             g_norm = g_ain
-        g_x = self.act(d, r, "workspace")
+        g_x = self.act(d, r, "temporaries")
         for p in norm1_p:
             self.param_grad(p, from_matmul=False)
         tl.free(g_norm, saved.pop("stats"), saved.pop("x"))
@@ -705,15 +706,15 @@ class _Step:
         else:
             g_logits = g_ls
         tl.at("backward", "output head")
-        g_head = self.act(d, c, "workspace")
+        g_head = self.act(d, c, "temporaries")
         self.param_grad(self.lm_head)
         tl.free(g_logits, head_in)
         if self.autocast:
-            g_norm = self.act(d, r, "workspace")
+            g_norm = self.act(d, r, "temporaries")
             tl.free(g_head)
         else:
             g_norm = g_head
-        g = self.act(d, r, "workspace")
+        g = self.act(d, r, "temporaries")
         for p in self.outside:
             if p.kind == "norm":
                 self.param_grad(p, from_matmul=False)
@@ -751,11 +752,11 @@ class _Step:
         before = None
         if self.trainer and self.phase == "correct":
             # Correct keeps the master weights as they were before the step (the residual)
-            before = tl.alloc("workspace", 4 * self.spec.num_params)
-        tl.alloc("workspace", 0)  # a point on the timeline: the fused step has no temporaries
+            before = tl.alloc("temporaries", 4 * self.spec.num_params)
+        tl.alloc("temporaries", 0)  # a point on the timeline: the fused step has no temporaries
         if before is not None:
             # then dequantizes the predicted update one segment group at a time (fp32)
-            tl.free(tl.alloc("workspace", 4 * max(direction_groups(self.spec))))
+            tl.free(tl.alloc("temporaries", 4 * max(direction_groups(self.spec))))
         tl.free(before)
         for h in self.grads.values():  # zero_grad(set_to_none=True)
             tl.free(h)

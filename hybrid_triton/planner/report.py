@@ -25,7 +25,8 @@ _LABELS = {
     "activations": "activations",
     "autocast_cache": "autocast weight copies",
     "logits_and_loss": "logits and loss",
-    "workspace": "workspace and temporaries",
+    "temporaries": "temporaries",
+    "workspace": "cuBLAS workspace",
     "inputs": "input batch",
     "allocator_rounding": "allocator rounding",
 }
