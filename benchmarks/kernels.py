@@ -217,7 +217,7 @@ def summary(df: pd.DataFrame) -> str:
             f"{r.gbps:>9.1f} {r.pct_of_copy:>6.1f}"
         )
     for r in speed.itertuples(index=False):
-        lines.append(f"{r.case[:52]:<52} {r.metric:<30} {r.value:>7.2f}x")
+        lines.append(f"{r.case[:52]:<52} {r.metric:<30} {r.value:>7.3g}x")
     return "\n".join(lines)
 
 

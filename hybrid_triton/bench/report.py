@@ -175,23 +175,27 @@ def _title(ax, text: str) -> None:
     ax.set_title(text, fontsize=9)
 
 
-def _grouped_bars(ax, wide: pd.DataFrame, ylabel: str) -> None:
+def _grouped_bars(ax, wide: pd.DataFrame, label: str) -> None:
+    """Horizontal grouped bars: one group per row of ``wide`` (case labels stay readable
+    however long they are), one bar per column."""
     import numpy as np
 
     n_groups, n_series = wide.shape
-    x = np.arange(n_groups)
-    width = 0.8 / max(n_series, 1)
+    y = np.arange(n_groups)
+    height = 0.8 / max(n_series, 1)
     for i, col in enumerate(wide.columns):
-        ax.bar(x + (i - (n_series - 1) / 2) * width, wide[col].to_numpy(float), width, label=col)
-    ax.set_xticks(x)
-    ax.set_xticklabels([str(i) for i in wide.index], rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=7)
-    ax.grid(axis="y", alpha=0.3)
+        offset = (i - (n_series - 1) / 2) * height
+        ax.barh(y + offset, wide[col].to_numpy(float), height, label=col)
+    ax.set_yticks(y)
+    ax.set_yticklabels([str(i) for i in wide.index], fontsize=7)
+    ax.invert_yaxis()  # first case on top, as in the table
+    ax.set_xlabel(label)
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(axis="x", alpha=0.3)
 
 
-def _size_for(n_groups: int) -> tuple[float, float]:
-    return (max(6.0, min(24.0, 1.0 + 0.6 * n_groups)), 4.8)
+def _size_for(n_groups: int, n_series: int = 1) -> tuple[float, float]:
+    return (11.0, max(3.0, min(60.0, 1.2 + 0.18 * n_groups * max(1.5, min(n_series, 3)))))
 
 
 def _chart_gbps(df: pd.DataFrame, fig_title: str):
@@ -200,13 +204,13 @@ def _chart_gbps(df: pd.DataFrame, fig_title: str):
         return None
     ceiling = df[df["metric"] == "copy_gbps"]
     wide = rows.pivot_table(index="case", columns="provider", values="value", sort=False)
-    fig = _figure(*_size_for(len(wide)))
+    fig = _figure(*_size_for(len(wide), wide.shape[1]))
     ax = fig.add_subplot(1, 1, 1)
     _grouped_bars(ax, wide, "GB/s (read + write)")
     if not ceiling.empty:
         per_case = ceiling.groupby("case", sort=False)["value"].first().reindex(wide.index)
         ax.scatter(
-            range(len(wide)), per_case.to_numpy(float), marker="_", s=600, c="k",
+            per_case.to_numpy(float), range(len(wide)), marker="|", s=300, c="k",
             label="copy ceiling (same run)", zorder=3,
         )  # fmt: skip
         ax.legend(fontsize=7)
@@ -221,10 +225,12 @@ def _chart_speedup(df: pd.DataFrame, fig_title: str):
         return None
     rows = rows.assign(baseline=rows["metric"].str.removeprefix("speedup_vs_"))
     wide = rows.pivot_table(index="case", columns="baseline", values="value", sort=False)
-    fig = _figure(*_size_for(len(wide)))
+    fig = _figure(*_size_for(len(wide), wide.shape[1]))
     ax = fig.add_subplot(1, 1, 1)
-    _grouped_bars(ax, wide, "speedup of hybrid_triton (x)")
-    ax.axhline(1.0, color="k", lw=0.8)
+    _grouped_bars(ax, wide, "speedup of hybrid_triton (x, log scale)")
+    ax.axvline(1.0, color="k", lw=0.8)
+    if (wide.to_numpy(float) > 0).any():
+        ax.set_xscale("log")  # ratios: 0.5x and 2x are the same distance from 1x
     _title(ax, f"{fig_title}: speedup over PyTorch's paths (>1: hybrid_triton faster)")
     fig.tight_layout()
     return fig
@@ -236,7 +242,7 @@ def _chart_latency(df: pd.DataFrame, fig_title: str):
     if rows.empty:
         return None
     wide = rows.pivot_table(index="case", columns="provider", values="value", sort=False)
-    fig = _figure(*_size_for(len(wide)))
+    fig = _figure(*_size_for(len(wide), wide.shape[1]))
     ax = fig.add_subplot(1, 1, 1)
     _grouped_bars(ax, wide, "median time (ms)")
     _title(ax, f"{fig_title}: latency-bound cases")
@@ -254,7 +260,7 @@ def _chart_memory(df: pd.DataFrame, fig_title: str):
 
     cases = list(dict.fromkeys([*measured["case"], *total["case"]]))
     x = np.arange(len(cases))
-    fig = _figure(*_size_for(len(cases)))
+    fig = _figure(max(8.0, min(40.0, 2.0 + 0.8 * len(cases))), 6.0)
     ax = fig.add_subplot(1, 1, 1)
     w = 0.4
     m = measured.groupby("case", sort=False)["value"].first().reindex(cases).to_numpy(float)
@@ -294,10 +300,10 @@ def _chart_savings(df: pd.DataFrame, fig_title: str):
         series=rows["provider"] + " vs " + rows["metric"].str.removeprefix("saving_vs_")
     )
     wide = rows.pivot_table(index="case", columns="series", values="value", sort=False)
-    fig = _figure(*_size_for(len(wide)))
+    fig = _figure(*_size_for(len(wide), wide.shape[1]))
     ax = fig.add_subplot(1, 1, 1)
     _grouped_bars(ax, wide, "memory saved (%)")
-    ax.axhline(0.0, color="k", lw=0.8)
+    ax.axvline(0.0, color="k", lw=0.8)
     _title(ax, f"{fig_title}: savings against the baselines, measured and estimated")
     fig.tight_layout()
     return fig
