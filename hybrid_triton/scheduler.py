@@ -105,7 +105,10 @@ class TrainerConfig:
     divergence_sigma: float = 4.0
     divergence_history: int = 50
     divergence_escalate_after: int = 3
-    # Dynamics model (free-form keyword arguments for its constructor).
+    # Dynamics model: "rssm" (hybrid_triton.dynamics.DynamicsModel, trained on Full steps) or
+    # "trend" (a host-side linear-trend ensemble); ``dynamics`` holds keyword arguments for
+    # its configuration (DynamicsConfig fields for "rssm").
+    dynamics_model: str = "rssm"
     dynamics: dict[str, Any] = field(default_factory=dict)
     # Host side: a step's device values (loss, norms) are read once this many newer steps
     # are queued, so the host never waits on the GPU (0: read at the next step, which waits).
@@ -177,6 +180,7 @@ class TrainerConfig:
         choice("offload", OFFLOAD_STRATEGIES)
         choice("direction_format", QUANT_FORMATS)
         choice("residual_format", QUANT_FORMATS)
+        choice("dynamics_model", ("rssm", "trend"))
         for flag in ("async_restore", "residual_error_feedback", "progress"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(

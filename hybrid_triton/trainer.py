@@ -69,24 +69,91 @@ from hybrid_triton.residuals import Corrector, ResidualStore
 from hybrid_triton.scheduler import Phase, PhaseController, PhasePlan, TrainerConfig
 
 TRAINER_FORMAT = "hybrid_triton.HybridTrainer/1"
+SCALE_LIMIT = 4.0  # bound on the dynamics model's per-group step multipliers
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
 # --------------------------------------------------------------------------------- dynamics
-@dataclass
-class Prediction:
-    """What the dynamics model says about the next ``T`` steps."""
+class EpisodePrediction:
+    """The predicted losses of one Predict episode on their way to the host.
 
-    loss_mean: list[float]  # [T] predicted loss before each step's update
-    loss_var: list[float]  # [T]
-    scales: torch.Tensor  # float32 [G] per-group step-size multipliers (device)
-    confidence: float
+    ``raw``: predicted loss before each step of the horizon, plus one for the first Correct
+    step (device tensor copied without blocking, or host floats); ``bias``: the corrector's
+    relative loss bias at Predict entry, applied to every value.
+    """
+
+    def __init__(self, raw: torch.Tensor | list[float], bias: float) -> None:
+        self.bias = float(bias)
+        self.event = None
+        if isinstance(raw, torch.Tensor):
+            raw = raw.detach().reshape(-1).to(torch.float64)
+            if raw.device.type == "cuda":
+                host = torch.empty(raw.shape, dtype=torch.float64, pin_memory=True)
+                host.copy_(raw, non_blocking=True)
+                self.event = torch.cuda.Event()
+                self.event.record()
+                raw = host
+            else:
+                raw = raw.clone()
+        self.raw = raw
+
+    @property
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def raw_values(self) -> list[float]:
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+        raw = self.raw.tolist() if isinstance(self.raw, torch.Tensor) else list(self.raw)
+        return [float(x) for x in raw]
+
+    def values(self) -> list[float]:
+        return [x * (1.0 + self.bias) for x in self.raw_values()]
+
+    def at(self, t: int) -> float | None:
+        vals = self.values()
+        return vals[t] if 0 <= t < len(vals) else None
+
+
+class RSSMDynamics:
+    """The RSSM ensemble (:class:`hybrid_triton.dynamics.DynamicsModel`) behind the trainer's
+    dynamics interface. Everything stays on the device: ``observe_device`` takes device
+    tensors at step time (Full steps only: they train it), ``confidence`` is a 0-d tensor the
+    trainer reads ``host_lag`` steps late, ``predict`` returns device tensors."""
+
+    device_side = True
+
+    def __init__(self, num_groups: int, device: torch.device | str, **config: Any) -> None:
+        from hybrid_triton.dynamics import DynamicsConfig, DynamicsModel
+
+        self.model = DynamicsModel(num_groups, DynamicsConfig(device=device, **config))
+
+    def observe_device(self, stats: dict[str, Any]) -> None:
+        self.model.observe(stats)
+
+    def observe(self, loss: float, phase: str) -> None:
+        """Host-side observation: nothing to do (the device path already observed)."""
+
+    def confidence(self) -> torch.Tensor:
+        return self.model.confidence()
+
+    def predict(self, horizon: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss_mean [T], scales [T, G])``."""
+        p = self.model.predict(horizon)
+        return p.loss_mean, p.scales_mean
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state)
 
 
 class TrendDynamics:
-    """A small host-side stand-in for the RSSM dynamics model (used when none is given).
+    """A small host-side stand-in for the RSSM dynamics model (``dynamics_model = "trend"``).
 
     An ensemble of K linear loss trends fitted on windows of different lengths over the recent
     real losses. Prediction = ensemble mean; disagreement = ensemble spread relative to the
@@ -95,6 +162,8 @@ class TrendDynamics:
     relative errors), times ``exp(-disagreement / rel_tol)``. Per-group scales are 1 (the frozen
     Adam direction at its own step size); the corrector adjusts them.
     """
+
+    device_side = False
 
     def __init__(
         self,
@@ -161,13 +230,13 @@ class TrendDynamics:
         coverage = sum(self.hits) / len(self.hits)
         return float(coverage * math.exp(-disagreement / self.rel_tol))
 
-    def predict(self, horizon: int) -> Prediction:
+    def predict(self, horizon: int) -> tuple[list[float], torch.Tensor]:
+        """``(loss_mean [T], scales [T, G])``: the ensemble mean, and unit scales."""
         members = self._members(horizon)
         k = len(members)
         mean = [sum(m[t] for m in members) / k for t in range(horizon)]
-        var = [sum((m[t] - mean[t]) ** 2 for m in members) / k for t in range(horizon)]
-        scales = torch.ones(self.num_groups, dtype=torch.float32, device=self.device)
-        return Prediction(mean, var, scales, self.confidence())
+        scales = torch.ones(horizon, self.num_groups, dtype=torch.float32, device=self.device)
+        return mean, scales
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -264,9 +333,17 @@ class _Pending:
     step: int
     phase: str
     episode: int
-    values: torch.Tensor  # host float64 [3] (loss, grad_norm, loss_scale) once copied
+    values: torch.Tensor  # host float64 [4] (loss, grad_norm, loss_scale, confidence)
     event: Any
     info: dict[str, Any] = field(default_factory=dict)
+    prediction: EpisodePrediction | None = None
+
+    def predicted_loss(self) -> float | None:
+        if self.prediction is None or "predicted_index" not in self.info:
+            return self.info.get("predicted_loss")
+        vals = self.prediction.values()
+        i = self.info["predicted_index"]
+        return vals[i] if -len(vals) <= i < len(vals) else None
 
     def floats(self) -> list[float]:
         if self.event is not None:
@@ -355,11 +432,12 @@ class HybridTrainer:
             cfg.divergence_history,
             cfg.divergence_escalate_after,
         )
-        self.dynamics = (
-            dynamics
-            if dynamics is not None
-            else TrendDynamics(self.num_groups, self.device, **cfg.dynamics)
-        )
+        if dynamics is not None:
+            self.dynamics = dynamics
+        elif cfg.dynamics_model == "rssm":
+            self.dynamics = RSSMDynamics(self.num_groups, self.device, **cfg.dynamics)
+        else:
+            self.dynamics = TrendDynamics(self.num_groups, self.device, **cfg.dynamics)
         self.metrics = MetricsCollector(cfg.metrics_path, cfg.progress, device=self.device)
         self.metrics.note_precision(self.controller.plan.precision)
         self.confidence = 0.0
@@ -369,7 +447,7 @@ class HybridTrainer:
         self._snapshot: torch.Tensor | None = None
         self._direction: list[Any] | None = None  # one QuantizedTensor per group
         self._alphas: torch.Tensor | None = None  # float32 [G]: -lr * scale_g * correction_g
-        self._predicted: list[float] = []
+        self._prediction: EpisodePrediction | None = None
         self._rolled_back_episode = -1
         self._accum_freed = False
         self._last_flags: dict[str, Any] = {}
@@ -486,6 +564,17 @@ class HybridTrainer:
         self.optimizer.step(grad=acc.accumulator, found_inf=flag, grad_sumsq=acc.total_sumsq)
         if before is not None:
             self._record_residual(before, flag)
+        if plan.phase is Phase.FULL and getattr(self.dynamics, "device_side", False):
+            self.dynamics.observe_device(
+                {
+                    "loss": loss_sum,
+                    "grad_norm": acc.grad_norm().reshape(()),
+                    "update_norms": self._update_norms(),
+                    "lr": self.optimizer._lr.reshape(()),
+                    "step": self.controller.step,
+                    "phase": plan.phase.value,
+                }
+            )
         if plan.precision == "fp16" and self.scaler is not None:
             self.scaler.update()
         else:
@@ -503,24 +592,35 @@ class HybridTrainer:
                 with self._autocast(plan.precision):
                     loss = self.loss_fn(self.model, piece)
                 loss_sum = loss_sum + loss.detach().float() * (n / size)
-            self._apply_predicted_update()
+            self._apply_predicted_update(self.controller.phase_step)
         return loss_sum
+
+    def _after_predict(self) -> bool:
+        """True in the first step of a Correct phase entered from Predict."""
+        last = self.controller.transitions[-1] if self.controller.transitions else None
+        return (
+            self.phase is Phase.CORRECT
+            and self.controller.phase_step == 0
+            and last is not None
+            and last[1] == Phase.PREDICT.value
+            and self._prediction is not None
+        )
 
     def _correct_prediction(self) -> float | None:
         """The predicted loss of the first step after a Predict phase (it measures the last
-        predicted update), or None."""
-        horizon = self.controller.transitions[-1] if self.controller.transitions else None
-        if horizon is None or horizon[1] != Phase.PREDICT.value:
+        predicted update) when it has already reached the host, else None (no waiting)."""
+        if not self._after_predict() or not self._prediction.ready:
             return None
-        t = len(self._predicted) - 1
-        return self._predicted[t] if t >= 0 else None
+        return self._prediction.values()[-1]
 
-    def _apply_predicted_update(self) -> None:
+    def _apply_predicted_update(self, t: int) -> None:
+        """Step ``t`` of the horizon: ``master += alphas[t, g] * dequant(dir_g)`` per group."""
         from hybrid_triton.kernels import cast_scale, dequantize_add
 
+        row = min(t, self._alphas.shape[0] - 1)
         for gi, (start, end, _) in enumerate(self.groups):
             target = self.master[start:end]
-            dequantize_add(target, self._direction[gi], alpha=self._alphas[gi : gi + 1])
+            dequantize_add(target, self._direction[gi], alpha=self._alphas[row, gi : gi + 1])
         if self.optimizer.master_weights:
             cast_scale(self.master, 1.0, out=self.group.flat, out_dtype=self.group.flat.dtype)
 
@@ -568,6 +668,32 @@ class HybridTrainer:
             d.add_(self.master, alpha=hp["weight_decay"])
         return d
 
+    def _update_norms(self) -> torch.Tensor:
+        """float32 [G]: per-group norms of the AdamW update just taken, ``lr * ||m_hat /
+        (sqrt(v_hat) + eps) + weight_decay * w||`` (the dynamics model's features), computed
+        per group so the temporaries stay group-sized (whole-buffer for 8/4-bit moments)."""
+        opt = self.optimizer
+        if opt.state_bits not in (32, 16):
+            d = self._adam_direction()
+            norms = [torch.linalg.vector_norm(d[s:e]) for s, e, _ in self.groups]
+            del d
+        else:
+            hp = opt.param_groups[0]
+            beta1, beta2 = hp["betas"]
+            st = opt.flat_state
+            t = st["step"].clamp_min(1.0)
+            bc1 = 1.0 - torch.pow(torch.full_like(t, beta1), t)
+            bc2 = 1.0 - torch.pow(torch.full_like(t, beta2), t)
+            norms = []
+            for start, end, _ in self.groups:
+                m = st["exp_avg"][start:end].float()
+                v = st["exp_avg_sq"][start:end].float()
+                d = v.sqrt().div_(bc2.sqrt()).add_(hp["eps"]).reciprocal_().mul_(m).div_(bc1)
+                if hp["weight_decay"]:
+                    d.add_(self.master[start:end], alpha=hp["weight_decay"])
+                norms.append(torch.linalg.vector_norm(d))
+        return torch.stack(norms) * opt._lr
+
     def _enter_predict(self, plan: PhasePlan) -> None:
         from hybrid_triton.kernels import quantize_blockwise
 
@@ -592,14 +718,18 @@ class HybridTrainer:
         ]
         del d
         # One step past the horizon: the first Correct step's loss measures the last update.
-        prediction = self.dynamics.predict(plan.steps + 1)
-        self._predicted = [self.corrector.adjust_loss(x) for x in prediction.loss_mean]
-        scales = prediction.scales.to(self.device, torch.float32).reshape(-1)
-        if scales.numel() != self.num_groups:
+        loss_mean, scales = self.dynamics.predict(plan.steps + 1)
+        self._prediction = EpisodePrediction(loss_mean, self.corrector.loss_bias)
+        scales = scales.to(self.device, torch.float32)
+        if scales.shape != (plan.steps + 1, self.num_groups):
             raise ValueError(
-                f"dynamics model returned {scales.numel()} scales for {self.num_groups} groups"
+                f"dynamics model returned scales of shape {tuple(scales.shape)}; expected "
+                f"{(plan.steps + 1, self.num_groups)} (steps, segment groups)"
             )
-        self._alphas = -(self.optimizer._lr * scales * self.corrector.correction)
+        # Scales are ratios to the last observed update norm: bounded, so one bad forecast
+        # cannot make a step more than SCALE_LIMIT times larger or smaller than Adam's own.
+        scales = scales.nan_to_num(1.0, 1.0, 1.0).clamp(1.0 / SCALE_LIMIT, SCALE_LIMIT)
+        self._alphas = -(self.optimizer._lr * scales * self.corrector.correction[None, :])
         self.offloader.offload(self.optimizer.state_tensors())
         if self.cfg.offload == "drop":
             # Re-initialized moments: restart bias correction too, or the first step after
@@ -626,7 +756,7 @@ class HybridTrainer:
         dots, pred_sq, norms = [], [], []
         for gi, (start, end, _) in enumerate(self.groups):
             pred = dequantize_blockwise(self._direction[gi], dtype=torch.float32)
-            pred.mul_(self._alphas[gi])
+            pred.mul_(self._alphas[-1, gi])
             a = actual[start:end]
             dots.append(torch.dot(a, pred))
             pred_sq.append(torch.dot(pred, pred))
@@ -660,16 +790,21 @@ class HybridTrainer:
 
     # ------------------------------------------------------------------ host side
     def _push(self, loss, gnorm, scale, plan: PhasePlan, size: int) -> None:
+        nan = torch.full((), math.nan, device=self.device)
+        conf = nan
+        if plan.phase is Phase.FULL and getattr(self.dynamics, "device_side", False):
+            conf = self.dynamics.confidence()
         vals = torch.stack(
             [
                 loss.float().reshape(()),
                 gnorm.float().reshape(()),
                 (scale.reshape(()) if scale is not None else torch.ones((), device=self.device)),
+                torch.as_tensor(conf, dtype=torch.float32, device=self.device).reshape(()),
             ]
         ).to(torch.float64)
         event = None
         if self.device.type == "cuda":
-            host = torch.empty(3, dtype=torch.float64, pin_memory=True)
+            host = torch.empty(4, dtype=torch.float64, pin_memory=True)
             host.copy_(vals, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
@@ -692,13 +827,16 @@ class HybridTrainer:
             "optimizer_state_offloaded": self.offloader.offloaded,
             "bytes_freed": self.offloader.stats.bytes_freed if plan.phase is Phase.PREDICT else 0,
         }
+        prediction = None
         if plan.phase is Phase.PREDICT:
-            info["predicted_loss"] = self._predicted[t] if t < len(self._predicted) else None
-        elif plan.phase is Phase.CORRECT and t == 0:
-            info["predicted_loss"] = self._correct_prediction()
-            info["after_predict"] = info["predicted_loss"] is not None
+            prediction, info["predicted_index"] = self._prediction, t
+        elif self._after_predict():
+            prediction, info["predicted_index"] = self._prediction, -1
+            info["after_predict"] = True
         self._pending.append(
-            _Pending(self.controller.step, plan.phase.value, self.episode, vals, event, info)
+            _Pending(
+                self.controller.step, plan.phase.value, self.episode, vals, event, info, prediction
+            )
         )
 
     def _drain(self, keep: int) -> None:
@@ -707,13 +845,15 @@ class HybridTrainer:
             self._process(self._pending.popleft())
 
     def _process(self, rec: _Pending) -> None:
-        loss, gnorm, scale = rec.floats()
+        loss, gnorm, scale, conf = rec.floats()
         out = {"step": rec.step, "phase": rec.phase, "loss": loss, "grad_norm": gnorm}
         out.update(rec.info)
+        out.pop("predicted_index", None)
+        out["predicted_loss"] = rec.predicted_loss()
         out["loss_scale"] = scale
         checked = rec.phase == Phase.PREDICT.value or rec.info.get("after_predict", False)
         if checked:
-            predicted = rec.info.get("predicted_loss")
+            predicted = out["predicted_loss"]
             if rec.phase == Phase.PREDICT.value:
                 out["grad_norm"] = None
             if rec.episode != self._rolled_back_episode:
@@ -730,7 +870,10 @@ class HybridTrainer:
         if not checked:
             self.divergence.observe(loss)
             self.dynamics.observe(loss, rec.phase)
-            self.confidence = float(self.dynamics.confidence())
+            if not getattr(self.dynamics, "device_side", False):
+                self.confidence = float(self.dynamics.confidence())
+        if not math.isnan(conf):
+            self.confidence = conf
         self.metrics.record(out)
 
     def flush(self) -> None:
@@ -784,13 +927,15 @@ class HybridTrainer:
             opt_state = cpu(self.optimizer.state_dict())
         pending = []
         for rec in self._pending:
+            info = {k: v for k, v in rec.info.items() if k != "predicted_index"}
+            info["predicted_loss"] = rec.predicted_loss()
             pending.append(
                 {
                     "step": rec.step,
                     "phase": rec.phase,
                     "episode": rec.episode,
                     "values": rec.floats(),
-                    "info": rec.info,
+                    "info": info,
                 }
             )
         predict = None
@@ -824,7 +969,12 @@ class HybridTrainer:
             "rolled_back_episode": self._rolled_back_episode,
             "drop_reset": bool(getattr(self, "_drop_reset", False)),
             "snapshot": None if self._snapshot is None else self._snapshot.clone(),
-            "predicted": list(self._predicted),
+            "prediction": None
+            if self._prediction is None
+            else {
+                "raw": self._prediction.raw_values(),
+                "bias": self._prediction.bias,
+            },
             "predict": predict,
             "pending": pending,
             "rng": rng,
@@ -913,7 +1063,8 @@ class HybridTrainer:
         self._snapshot = None if state["snapshot"] is None else state["snapshot"].clone()
         if self._snapshot is not None and self.device.type == "cuda":
             self._snapshot = self._snapshot.pin_memory()
-        self._predicted = list(state["predicted"])
+        p = state["prediction"]
+        self._prediction = None if p is None else EpisodePrediction(list(p["raw"]), p["bias"])
         if state["predict"] is not None:
             p = state["predict"]
             self._direction = [

@@ -31,6 +31,7 @@ CYCLE = dict(
     confidence_threshold=0.3,
     max_consecutive_predicts=2,
     offload="pinned",
+    dynamics_model="trend",  # host-side and fast; the RSSM has its own test below
 )
 
 
@@ -141,11 +142,12 @@ def test_predict_step_applies_one_step_update(corpus):
     data = batches(corpus, 40)
     used = _run_into_predict(tr, data)
     before = tr.master.clone()
+    t = tr.controller.phase_step  # index of the coming step in the horizon
     tr.step(data[used])
     assert tr.phase is Phase.PREDICT
     expected = before.clone()
     for gi, (start, end, _) in enumerate(tr.groups):
-        expected[start:end] += tr._alphas[gi] * dequantize_blockwise_ref(tr._direction[gi])
+        expected[start:end] += tr._alphas[t, gi] * dequantize_blockwise_ref(tr._direction[gi])
     torch.testing.assert_close(tr.master, expected, atol=1e-7, rtol=1e-6)
     assert not torch.equal(tr.master, before)
     # The frozen direction is the optimizer's own AdamW step direction: one predicted step at
