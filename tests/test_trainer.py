@@ -263,3 +263,43 @@ def test_phase_peaks_and_summary(corpus):
     assert peaks == {} if not torch.cuda.is_available() else set(peaks) >= {"warmup", "full"}
     s = tr.summary()
     assert s["records"] == 5 and s["phase_steps"]["warmup"] == 4
+
+
+RSSM_SMALL = dict(
+    ensemble=3, hidden=16, latent=4, bptt_window=4, min_calibration=4, calibration_horizon=4
+)
+
+
+def test_rssm_dynamics_drives_predict(corpus, tmp_path, monkeypatch):
+    # The RSSM rollout runs at every observe; through the interpreter that is seconds per
+    # step, so this run takes the torch references of every op (the kernels have their own
+    # tests); the trainer logic is the same.
+    monkeypatch.setenv("HYBRID_TRITON_IMPL", "torch")
+    cfg = {
+        **CYCLE,
+        "dynamics_model": "rssm",
+        "dynamics": RSSM_SMALL,
+        "confidence_threshold": 0.05,
+        "full_steps": 10,
+        "metrics_path": str(tmp_path / "m.jsonl"),
+    }
+    tr = make_trainer(cfg)
+    for batch in batches(corpus, 30):
+        tr.step(batch)
+    s = tr.summary()
+    tr.close()
+    model = tr.dynamics.model
+    assert model._observed == s["phase_steps"]["full"]  # Full steps train it, only they
+    assert s["phase_steps"]["predict"] > 0, s["transitions"]
+    records = read_jsonl(tmp_path / "m.jsonl")
+    predict = [r for r in records if r["phase"] == "predict"]
+    assert all(r["predicted_loss"] is not None and r["predicted_loss"] > 0 for r in predict)
+    assert any(r["confidence"] > 0 for r in records)
+    # Its state goes into the checkpoint and comes back.
+    path = tmp_path / "r.ckpt"
+    tr.save(path)
+    other = make_trainer({**cfg, "metrics_path": None}, seed=7)
+    other.load(path)
+    for (k, a), b in zip(model.state_dict().items(), other.dynamics.model.state_dict().values()):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), k
