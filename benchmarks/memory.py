@@ -20,7 +20,8 @@ How each setup is run (the planner's ``SETUP_PRESETS``):
 
 Records (``provider`` / ``metric``): ``measured`` / ``peak_allocated``, ``peak_reserved``,
 ``inactive_split_peak``, ``device_used`` ... per ``case = "<config> [<phase>]"``;
-``planner`` / ``total`` and ``component:<name>`` (GiB); ``measured``/``planner`` /
+``planner`` / ``total`` and ``component:<name>`` (GiB); ``traced`` / ``total`` (the planner's
+fake-tensor trace of the real module, baseline setups); ``measured``/``planner`` /
 ``saving_vs_fp32``, ``saving_vs_bf16-autocast`` (%) per ``"<config> [peak]"``.
 With ``--memory-cap GiB``: ``fits_cap`` (1 or 0), measured and planned.
 The CUDA step itself is not timed here (the training suite does that).
@@ -150,6 +151,17 @@ def planner_estimate(cfg: MemoryConfig, device: torch.device):
     spec = gpt2_spec(cfg.model, args["n_layer"], args["n_embd"], args["n_head"],
                      vocab_size=args["vocab_size"], block_size=args["block_size"])  # fmt: skip
     return estimate(spec, planner_setup(cfg, device))
+
+
+def traced_peak(cfg: MemoryConfig, device: torch.device) -> int:
+    """The planner's traced mode: the real module's step under fake tensors (no memory, no
+    GPU), built on the meta device; baseline setups only (torch's own optimizer)."""
+    from hybrid_triton.models.gpt2 import GPT2
+    from hybrid_triton.planner.traced import trace_step
+
+    with torch.device("meta"):
+        module = GPT2(_gpt2_config(cfg))
+    return trace_step(module, planner_setup(cfg, device)).peak_bytes
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -282,6 +294,15 @@ def run_config(ctx: SuiteContext, cfg: MemoryConfig) -> tuple[float | None, floa
     except Exception as err:
         rec.status(cfg.label, "planner", STATUS_ERROR, config=config,
                    message=f"{type(err).__name__}: {err}")  # fmt: skip
+    if cfg.setup in RECIPE_FOR_SETUP and not cfg.checkpointing:
+        try:
+            traced = traced_peak(cfg, ctx.device)
+            rec.add(f"{cfg.label} [full]", "traced", "total", "GiB", traced / GIB,
+                    config={**config, "phase": "full"},
+                    note="planner traced mode: fake tensors, CPU kernels' allocations")  # fmt: skip
+        except Exception as err:
+            rec.status(cfg.label, "traced", STATUS_ERROR, config=config,
+                       message=f"{type(err).__name__}: {err}")  # fmt: skip
     probe = MemoryProbe(ctx.device, snapshot_dir=ctx.snapshot_dir)
     steps = 1 if ctx.quick else 3
     measured_peak = None
@@ -360,6 +381,8 @@ def summary(df: pd.DataFrame) -> str:
     """Measured vs estimated allocated peak per configuration and phase (GiB)."""
     measured = df[(df["provider"] == "measured") & (df["metric"] == "peak_allocated")]
     planned = df[(df["provider"] == "planner") & (df["metric"] == "total")]
+    traced = df[(df["provider"] == "traced") & (df["metric"] == "total")]
+    tr = traced.groupby("case", sort=False)["value"].first()
     m = measured.groupby("case", sort=False)["value"].first()
     p = planned.groupby("case", sort=False)["value"].first()
     on_cpu = bool(len(df)) and str(df["device"].iloc[0]).startswith("cpu")
@@ -372,11 +395,14 @@ def summary(df: pd.DataFrame) -> str:
     cases = list(dict.fromkeys([*p.index, *m.index]))
     if not cases:
         return "(no memory measurements)"
-    lines = [f"{'configuration [phase]':<56} {'measured':>9} {'planner':>9} {'error':>7}"]
+    lines = [
+        f"{'configuration [phase]':<56} {'measured':>9} {'planner':>9} {'error':>7} {'traced':>9}"
+    ]
     for case in cases:
         mv, pv = m.get(case, math.nan), p.get(case, math.nan)
         err = 100.0 * (pv - mv) / mv if mv and not math.isnan(mv) else math.nan
-        lines.append(f"{case[:56]:<56} {mv:>9.4g} {pv:>9.4g} {err:>6.1f}%")
+        tv = tr.get(case, math.nan)
+        lines.append(f"{case[:56]:<56} {mv:>9.4g} {pv:>9.4g} {err:>6.1f}% {tv:>9.4g}")
     return "\n".join(lines) + "\n" + footer
 
 

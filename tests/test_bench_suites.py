@@ -47,6 +47,8 @@ def test_memory_quick_baseline_end_to_end(tmp_path, machine):
     planner = df[(df["case"] == case) & (df["provider"] == "planner")]
     assert planner[planner["metric"] == "total"]["value"].iloc[0] > 0
     assert (planner["metric"].str.startswith("component:")).sum() >= 3
+    traced = df[(df["case"] == case) & (df["provider"] == "traced")]
+    assert traced[traced["metric"] == "total"]["value"].iloc[0] > 0  # fake-tensor trace
     saving = df[
         (df["metric"] == "saving_vs_fp32") & (df["case"] == "gpt2-micro fp32 32b 2x64 [peak]")
     ]

@@ -277,6 +277,11 @@ def _chart_memory(df: pd.DataFrame, fig_title: str):
     else:
         t = total.groupby("case", sort=False)["value"].first().reindex(cases).to_numpy(float)
         ax.bar(x + w / 2, t, w, label="planner estimate", color="tab:orange")
+    traced = df[(df["provider"] == "traced") & (df["metric"] == "total")]
+    if not traced.empty:
+        tv = traced.groupby("case", sort=False)["value"].first().reindex(cases).to_numpy(float)
+        ax.scatter(x + w / 2, tv, marker="D", color="k", s=18, zorder=3,
+                   label="traced (fake tensors)")  # fmt: skip
     oom = problems(df)
     oom_cases = set(oom[oom["note"].str.startswith("oom")]["case"])
     for i, c in enumerate(cases):
