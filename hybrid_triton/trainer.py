@@ -639,60 +639,43 @@ class HybridTrainer:
         if plan.phase is Phase.PREDICT:
             self._enter_predict(plan)
 
-    def _adam_direction(self) -> torch.Tensor:
-        """``m_hat / (sqrt(v_hat) + eps) + weight_decay * w`` as fp32 [n] (a temporary)."""
+    def _direction_groups(self):
+        """Yield, per segment group, ``m_hat / (sqrt(v_hat) + eps) + weight_decay * w`` as an
+        fp32 temporary of the group's size (the AdamW step direction; 8/4-bit moments are
+        dequantized whole first, a temporary of the arena's size)."""
         opt = self.optimizer
         hp = opt.param_groups[0]
         beta1, beta2 = hp["betas"]
         st = opt.flat_state
-        n = self.group.numel
         if opt.state_bits in (32, 16):
-            m, v = st["exp_avg"].float(), st["exp_avg_sq"].float()
+            m_all, v_all = st["exp_avg"], st["exp_avg_sq"]
         else:
             from hybrid_triton.kernels.adamw import dequantize_moments_ref
 
-            q = opt.qblock
-            m = dequantize_moments_ref(
+            n, q = self.group.numel, opt.qblock
+            m_all = dequantize_moments_ref(
                 st["exp_avg"], st["exp_avg_scale"], n, opt.state_bits, "exp_avg", q
             )
-            v = dequantize_moments_ref(
+            v_all = dequantize_moments_ref(
                 st["exp_avg_sq"], st["exp_avg_sq_scale"], n, opt.state_bits, "exp_avg_sq", q
             )
         t = st["step"].clamp_min(1.0)
         bc1 = 1.0 - torch.pow(torch.full_like(t, beta1), t)
-        bc2 = 1.0 - torch.pow(torch.full_like(t, beta2), t)
-        # Out of place first: for 32-bit state, v is the optimizer's own buffer.
-        d = v.sqrt().div_(bc2.sqrt()).add_(hp["eps"]).reciprocal_().mul_(m).div_(bc1)
-        del m
-        if hp["weight_decay"]:
-            d.add_(self.master, alpha=hp["weight_decay"])
-        return d
+        sqrt_bc2 = (1.0 - torch.pow(torch.full_like(t, beta2), t)).sqrt()
+        for start, end, _ in self.groups:
+            m = m_all[start:end].float()
+            # Out of place first: with 32-bit state, v is the optimizer's own buffer.
+            d = v_all[start:end].float().sqrt().div_(sqrt_bc2).add_(hp["eps"])
+            d.reciprocal_().mul_(m).div_(bc1)
+            if hp["weight_decay"]:
+                d.add_(self.master[start:end], alpha=hp["weight_decay"])
+            yield d
 
     def _update_norms(self) -> torch.Tensor:
-        """float32 [G]: per-group norms of the AdamW update just taken, ``lr * ||m_hat /
-        (sqrt(v_hat) + eps) + weight_decay * w||`` (the dynamics model's features), computed
-        per group so the temporaries stay group-sized (whole-buffer for 8/4-bit moments)."""
-        opt = self.optimizer
-        if opt.state_bits not in (32, 16):
-            d = self._adam_direction()
-            norms = [torch.linalg.vector_norm(d[s:e]) for s, e, _ in self.groups]
-            del d
-        else:
-            hp = opt.param_groups[0]
-            beta1, beta2 = hp["betas"]
-            st = opt.flat_state
-            t = st["step"].clamp_min(1.0)
-            bc1 = 1.0 - torch.pow(torch.full_like(t, beta1), t)
-            bc2 = 1.0 - torch.pow(torch.full_like(t, beta2), t)
-            norms = []
-            for start, end, _ in self.groups:
-                m = st["exp_avg"][start:end].float()
-                v = st["exp_avg_sq"][start:end].float()
-                d = v.sqrt().div_(bc2.sqrt()).add_(hp["eps"]).reciprocal_().mul_(m).div_(bc1)
-                if hp["weight_decay"]:
-                    d.add_(self.master[start:end], alpha=hp["weight_decay"])
-                norms.append(torch.linalg.vector_norm(d))
-        return torch.stack(norms) * opt._lr
+        """float32 [G]: per-group norms of the AdamW update just taken, ``lr * ||direction_g||``
+        (the dynamics model's features)."""
+        norms = [torch.linalg.vector_norm(d) for d in self._direction_groups()]
+        return torch.stack(norms) * self.optimizer._lr
 
     def _enter_predict(self, plan: PhasePlan) -> None:
         from hybrid_triton.kernels import quantize_blockwise
@@ -711,12 +694,11 @@ class HybridTrainer:
         self.accum.accumulator.untyped_storage().resize_(0)
         self._accum_freed = True
         # The frozen update direction, compact on the device.
-        d = self._adam_direction()
+        # Group by group, so the fp32 temporary is one group's size.
         self._direction = [
-            quantize_blockwise(d[start:end], self.cfg.direction_format, self.cfg.quant_block)
-            for start, end, _ in self.groups
+            quantize_blockwise(d, self.cfg.direction_format, self.cfg.quant_block)
+            for d in self._direction_groups()
         ]
-        del d
         # One step past the horizon: the first Correct step's loss measures the last update.
         loss_mean, scales = self.dynamics.predict(plan.steps + 1)
         self._prediction = EpisodePrediction(loss_mean, self.corrector.loss_bias)
@@ -923,6 +905,10 @@ class HybridTrainer:
                 return type(x)(cpu(v) for v in x)
             return x
 
+        if self.device.type == "cuda":
+            # Host buffers (snapshot, offloaded moments) may still be filling from
+            # non-blocking copies: a checkpoint is a place where waiting is fine.
+            torch.cuda.synchronize(self.device)
         with self.offloader.materialized():
             opt_state = cpu(self.optimizer.state_dict())
         pending = []
