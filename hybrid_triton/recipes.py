@@ -2,9 +2,16 @@
 
 - ``baseline_fp32``: fp32 weights and compute, ``torch.optim.AdamW`` (``fused=True`` on CUDA).
 - ``baseline_bf16``: fp32 weights, bf16 autocast for the forward and backward, fused AdamW.
+- ``toolkit_memory`` (issue 8, configuration 3): bf16 shadow weights in flat arenas with fp32
+  master weights kept by :class:`hybrid_triton.optim.FusedAdamW` (``state_bits=8`` by
+  default), gradients folded into an fp32 flat accumulator by post-accumulate-grad hooks
+  (:class:`hybrid_triton.accumulation.GradAccumulator`; no full-size bf16 gradient buffer),
+  clipping from the accumulator's device-side norm, activation checkpointing on by default.
+  Options (``build_recipe(..., state_bits=4, checkpointing=False)`` or ``run_training(...,
+  recipe_options={...})``): ``state_bits`` 32/16/8/4, ``checkpointing`` True/False.
 
-More recipes plug in with ``register_recipe`` (the toolkit's own, ``toolkit_memory``, needs the
-project's optimizer and accumulator and is added there).
+More recipes plug in with ``register_recipe``; a builder takes ``(GPT2Config, torch.device,
+OptimConfig, **options)``.
 
 ``run_training`` trains a recipe for a token budget on the standard-library corpus
 (``hybrid_triton.data``) and records, per optimizer step, the loss, the time and the tokens/s;
@@ -20,6 +27,7 @@ clipped to 1.0.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import time
@@ -29,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from hybrid_triton import arena as _arena
 from hybrid_triton.data import Corpus, TokenStream, batches_for_tokens, load_corpus
 from hybrid_triton.models.gpt2 import GPT2, GPT2Config
 
@@ -65,9 +74,17 @@ class RecipeParts:
     optimizer: torch.optim.Optimizer
     step: StepFn
     autocast_dtype: torch.dtype | None
+    # Every optimizer of the recipe (``optimizer`` first): the toolkit recipe keeps one per
+    # weight-decay group. Empty means ``(optimizer,)``.
+    optimizers: tuple[torch.optim.Optimizer, ...] = ()
+    options: dict = field(default_factory=dict)  # the recipe options it was built with
+
+    def __post_init__(self) -> None:
+        if not self.optimizers:
+            self.optimizers = (self.optimizer,)
 
 
-RecipeBuilder = Callable[[GPT2Config, torch.device, OptimConfig], RecipeParts]
+RecipeBuilder = Callable[..., RecipeParts]  # (GPT2Config, torch.device, OptimConfig, **options)
 RECIPES: dict[str, RecipeBuilder] = {}
 
 
@@ -132,17 +149,154 @@ def baseline_bf16(cfg: GPT2Config, device: torch.device, optim: OptimConfig) -> 
     return _plain_recipe(cfg, device, optim, torch.bfloat16)
 
 
+# ---------------------------------------------------------------------------------------------
+# toolkit_memory: bf16 shadows + fp32 master + hook accumulation + low-bit fused AdamW
+# ---------------------------------------------------------------------------------------------
+
+
+def _shadow_group(
+    named: list[tuple[str, torch.nn.Parameter]], device: torch.device
+) -> _arena.ArenaGroup:
+    # One flat bf16 buffer for these parameters; each becomes a view into it (the shadow).
+    return _arena.ArenaGroup(
+        next(_arena._arena_ids),
+        torch.bfloat16,
+        device,
+        [p for _, p in named],
+        [[name] for name, _ in named],
+    )
+
+
+@register_recipe("toolkit_memory")
+def toolkit_memory(
+    cfg: GPT2Config,
+    device: torch.device,
+    optim: OptimConfig,
+    *,
+    state_bits: int = 8,
+    checkpointing: bool = True,
+) -> RecipeParts:
+    """bf16 shadow weights, fp32 master weights, hook-accumulated fp32 gradients, fused AdamW
+    with ``state_bits`` moments, activation checkpointing when ``checkpointing``.
+
+    The parameters are split like the baselines' AdamW groups (matrices and embeddings decay,
+    biases and LayerNorm gains do not) into two flat bf16 arenas, each with its own
+    ``GradAccumulator`` and ``FusedAdamW``; the clipping norm is the global one, the sum of the
+    two accumulators' device-side sums of squares. The master weights start from the fp32
+    initialization (not from its bf16 rounding), so both recipes start from the same model.
+    """
+    from hybrid_triton.accumulation import GradAccumulator
+    from hybrid_triton.optim import FusedAdamW
+
+    if state_bits not in (32, 16, 8, 4):
+        raise ValueError(f"toolkit_memory: state_bits must be 32, 16, 8 or 4, got {state_bits!r}")
+    if not isinstance(checkpointing, bool):
+        raise ValueError(
+            f"toolkit_memory: checkpointing must be True or False, got {checkpointing!r}"
+        )
+    model = GPT2(cfg).to(device)
+    model.activation_checkpointing = checkpointing
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # tied: once
+    decay_named = [(n, p) for n, p in named if p.dim() >= 2]
+    plain_named = [(n, p) for n, p in named if p.dim() < 2]
+    fp32_init = {id(p): p.data for _, p in named}  # keeps the fp32 storages until copied
+    groups = [_shadow_group(decay_named, device), _shadow_group(plain_named, device)]
+    decays = [optim.weight_decay, 0.0]
+    optimizers = []
+    for group, weight_decay in zip(groups, decays):
+        opt = FusedAdamW(
+            group,
+            lr=optim.lr,
+            betas=optim.betas,
+            weight_decay=weight_decay,
+            state_bits=state_bits,
+            master_weights=True,
+            max_grad_norm=optim.grad_clip if optim.grad_clip > 0 else None,
+            # The finite check reads the norm the accumulators already computed: no extra pass.
+            check_finite=True,
+        )
+        with torch.no_grad():
+            for view, p in zip(group.views(opt.master), group.params):
+                view.copy_(fp32_init[id(p)])
+        optimizers.append(opt)
+    del fp32_init
+    accumulators: list[GradAccumulator] = []
+
+    def accumulators_for(num_micro_batches: int) -> list[GradAccumulator]:
+        # Built for a window of N micro-batches (alpha = 1/N); rebuilt, on the same fp32
+        # buffers, only if a step gets a different N.
+        nonlocal accumulators
+        if accumulators and accumulators[0].num_micro_batches == num_micro_batches:
+            return accumulators
+        buffers = [[a.accumulators[0]] for a in accumulators] or [None] * len(groups)
+        for a in accumulators:
+            a.remove()
+        accumulators = [
+            GradAccumulator(g, num_micro_batches, accumulators=buf)
+            for g, buf in zip(groups, buffers)
+        ]
+        return accumulators
+
+    def step(micro_batches: Sequence[Batch], lr: float) -> torch.Tensor:
+        if not micro_batches:
+            raise ValueError("toolkit_memory step: got no micro-batches")
+        model.train()
+        accs = accumulators_for(len(micro_batches))
+        total = torch.zeros((), device=device)
+        for x, y in micro_batches:
+            with _autocast(device, torch.bfloat16):
+                _, loss = model(x, y)
+            # Not divided by N: each hook folds grad * (1/N) into the fp32 accumulator.
+            loss.backward()
+            total += loss.detach().float()
+        if not all(a.ready for a in accs):  # host-side counters, no sync
+            raise RuntimeError("toolkit_memory step: the accumulators missed a backward pass")
+        # Global squared norm of the mean gradient, on the device (clip and finite check).
+        grad_sumsq = accs[0].total_sumsq + accs[1].total_sumsq
+        for opt, acc in zip(optimizers, accs):
+            opt.param_groups[0]["lr"] = lr
+            opt.step(grad=acc.accumulators[0], grad_sumsq=grad_sumsq)
+        return total / len(micro_batches)
+
+    return RecipeParts(
+        model,
+        optimizers[0],
+        step,
+        torch.bfloat16,
+        optimizers=tuple(optimizers),
+        options={"state_bits": state_bits, "checkpointing": checkpointing},
+    )
+
+
+def recipe_option_defaults(name: str) -> dict:
+    """The options recipe ``name`` accepts, with their defaults."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; expected one of {sorted(RECIPES)}")
+    params = inspect.signature(RECIPES[name]).parameters.values()
+    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def _check_options(name: str, options: dict) -> None:
+    accepted = recipe_option_defaults(name)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"recipe {name!r} has no option(s) {unknown}; it accepts {sorted(accepted) or 'none'}"
+        )
+
+
 def build_recipe(
     name: str,
     model_cfg: GPT2Config | str,
     device: str | torch.device = "cpu",
     optim: OptimConfig | None = None,
+    **options,
 ) -> RecipeParts:
-    """(model, optimizer, step) of recipe ``name`` for a GPT-2 config or preset name."""
-    if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; expected one of {sorted(RECIPES)}")
+    """(model, optimizer, step) of recipe ``name`` for a GPT-2 config or preset name;
+    ``options`` are the recipe's own (``recipe_option_defaults(name)``)."""
+    _check_options(name, options)
     cfg = GPT2Config.from_name(model_cfg) if isinstance(model_cfg, str) else model_cfg
-    return RECIPES[name](cfg, torch.device(device), optim or OptimConfig())
+    return RECIPES[name](cfg, torch.device(device), optim or OptimConfig(), **options)
 
 
 @dataclass
@@ -204,12 +358,14 @@ def run_training(
     optim: OptimConfig | None = None,
     eval_batches: int = 20,
     log: Callable[[str], None] | None = None,
+    recipe_options: dict | None = None,
 ) -> TrainingResult:
     """Train ``recipe`` on ``tokens`` training tokens (rounded up to whole optimizer steps of
     ``micro_batch * accum * seq_len`` tokens) and record the run.
 
     Validation: the first ``eval_batches`` batches of the validation split in corpus order
     (the same for every recipe and seed), every ``eval_every`` steps and after the last step.
+    ``recipe_options``: keyword options of the recipe (e.g. ``{"state_bits": 4}``).
     """
     if micro_batch < 1 or accum < 1 or seq_len < 1 or eval_every < 1 or eval_batches < 1:
         raise ValueError(
@@ -227,8 +383,7 @@ def run_training(
             f"the tokenizer's vocab ({corpus.tokenizer.vocab_size}) exceeds the model's "
             f"({cfg.vocab_size})"
         )
-    if recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r}; expected one of {sorted(RECIPES)}")
+    _check_options(recipe, recipe_options or {})
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_cuda = device.type == "cuda"
     optim = optim or OptimConfig()
@@ -236,7 +391,7 @@ def run_training(
     torch.manual_seed(seed)
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    parts = build_recipe(recipe, cfg, device, optim)
+    parts = build_recipe(recipe, cfg, device, optim, **(recipe_options or {}))
     train = TokenStream("train", micro_batch, seq_len, seed, corpus=corpus, device=device)
     val = TokenStream("val", micro_batch, seq_len, corpus=corpus, shuffle=False, device=device)
     val_set = list(val.take(min(eval_batches, max(1, val.num_windows // micro_batch))))
@@ -258,6 +413,7 @@ def run_training(
             device=str(device),
             tokenizer=corpus.tokenizer.kind,
             optim=asdict(optim),
+            recipe_options=dict(parts.options),
         ),
     )
     losses: list[torch.Tensor] = []
