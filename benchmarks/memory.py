@@ -186,6 +186,7 @@ def measure_recipe(
     state lazily), then ``steps`` measured steps; the highest is kept."""
     from hybrid_triton.recipes import build_recipe
 
+    probe.exclude_current_tensors()
     model_cfg = _gpt2_config(cfg)
     parts = build_recipe(RECIPE_FOR_SETUP[cfg.setup], model_cfg, device)
     x, y = _batch(cfg, device, model_cfg.vocab_size)
@@ -213,6 +214,7 @@ def measure_trainer(
         def confidence(self) -> float:
             return 1.0
 
+    probe.exclude_current_tensors()  # CPU: what earlier suites left alive is not this run's
     model_cfg = _gpt2_config(cfg)
     model = GPT2(model_cfg).to(device=device, dtype=torch.bfloat16)
     n = max(2, steps_per_phase)

@@ -110,6 +110,19 @@ def test_cpu_probe_tracks_tensor_peak_exactly():
     assert rows["peak_reserved"][0] is None and "not measured" in rows["peak_reserved"][1]
 
 
+def test_cpu_probe_can_leave_out_earlier_tensors():
+    earlier = torch.zeros(4096)  # 16 KiB alive before the model under test
+    probe = MemoryProbe("cpu")
+    probe.exclude_current_tensors()
+    kept = torch.zeros(1024)  # 4 KiB, alive at the phase start
+    with probe.phase("Full"):
+        x = torch.zeros(256)
+        del x
+    result = probe.results["Full"]
+    assert result.allocated_at_start == 4096 and result.peak_allocated == 4096 + 1024
+    del earlier, kept
+
+
 def test_probe_resets_per_phase():
     probe = MemoryProbe("cpu")
     with probe.phase("Full"):

@@ -198,6 +198,14 @@ class MemoryProbe:
         self.snapshot_dir = snapshot_dir
         self.results: dict[str, PhaseMemory] = {}
         self.history: list[PhaseMemory] = []
+        self._cpu_offset = 0
+
+    def exclude_current_tensors(self) -> None:
+        """CPU: leave every tensor alive now out of later figures (whatever the process held
+        before the model under test was built). Nothing to do on CUDA: phases measure peaks
+        of the allocator, which this does not change."""
+        if self.device.type == "cpu":
+            self._cpu_offset = live_tensor_bytes("cpu")
 
     @property
     def measures_allocator(self) -> bool:
@@ -257,7 +265,10 @@ class MemoryProbe:
 
     @contextlib.contextmanager
     def _cpu_phase(self, name: str, resident: list[object] | None) -> Iterator[None]:
-        start = live_tensor_bytes("cpu") if resident is None else resident_bytes(resident)
+        if resident is None:
+            start = max(0, live_tensor_bytes("cpu") - self._cpu_offset)
+        else:
+            start = resident_bytes(resident)
         tracker = _StorageTracker()
         try:
             with tracker.mode:
