@@ -58,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     from hybrid_triton.bench.runner import SUITES, SuiteNotFoundError, default_suites_dir, run_suite
 
     suites_dir = Path(args.suites_dir) if args.suites_dir else default_suites_dir()
-    out = Path(args.out) if args.out else (suites_dir.parent / "reports" if suites_dir else None)
-    if out is None:
+    if args.out:
+        out = Path(args.out)
+    elif not args.suites_dir and suites_dir is not None:
+        out = suites_dir.parent / "reports"  # the checkout's reports/, wherever we run from
+    else:
         out = Path("reports")
     if args.memory_cap is not None:
         try:

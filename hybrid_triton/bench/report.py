@@ -29,7 +29,7 @@ import math
 import os
 import shutil
 import sys
-import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -383,6 +383,14 @@ def _slug(text: str) -> str:
     return out.strip("-") or "unknown"
 
 
+def _temp_dir(parent: Path) -> Path:
+    # mkdir (not tempfile.mkdtemp, which makes it 0700): the renamed report keeps the
+    # permissions the user's umask gives a new directory.
+    tmp = parent / f"_tmp_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
 def _fill_report_dir(df: pd.DataFrame, directory: Path, title: str) -> None:
     write_csv(df, directory / "results.csv")
     (directory / "table.md").write_text(table_markdown(df, title))
@@ -407,7 +415,7 @@ def write_report(df: pd.DataFrame, out: str | os.PathLike, suite: str) -> Path:
     while final.exists():
         n += 1
         final = parent / f"{name}_{n}"
-    tmp = Path(tempfile.mkdtemp(prefix="_tmp_", dir=parent))
+    tmp = _temp_dir(parent)
     try:
         _fill_report_dir(df, tmp, f"{suite} suite")
         os.rename(tmp, final)
@@ -471,7 +479,7 @@ def regenerate(csv_path: str | os.PathLike, out_dir: str | os.PathLike | None = 
     target.mkdir(parents=True, exist_ok=True)
     suites = ", ".join(dict.fromkeys(df["suite"])) or "empty"
     title = f"{suites} suite"
-    tmp = Path(tempfile.mkdtemp(prefix="_tmp_", dir=target))
+    tmp = _temp_dir(target)
     try:
         (tmp / "table.md").write_text(table_markdown(df, title))
         charts = write_charts(df, tmp, title)
