@@ -296,9 +296,9 @@ def run_probe_overhead(ctx: SuiteContext, size: TrainingSize, corpus) -> None:
 # ----------------------------------------------------------------------------- the suite
 
 
-def _on_reference_path(ctx: SuiteContext, job, size: TrainingSize, corpus) -> None:
+def _on_reference_path(ctx: SuiteContext, job, *args) -> None:
     with reference_path_on_cpu(ctx.device):
-        job(ctx, size, corpus)
+        job(ctx, *args)
 
 
 def run(ctx: SuiteContext) -> None:
@@ -306,7 +306,10 @@ def run(ctx: SuiteContext) -> None:
 
     size = size_for(ctx.quick)
     corpus = _corpus(size)
-    jobs = [(f"recipe {name}", lambda n=name: run_recipe(ctx, n, size, corpus)) for name in RECIPES]
+    jobs = [
+        (f"recipe {name}", lambda n=name: _on_reference_path(ctx, run_recipe, n, size, corpus))
+        for name in RECIPES
+    ]
     jobs.append(("hybrid_trainer", lambda: _on_reference_path(ctx, run_trainer, size, corpus)))
     jobs.append(("probe overhead", lambda: run_probe_overhead(ctx, size, corpus)))
     jobs = [(label, job) for label, job in jobs if ctx.selected(label)]
