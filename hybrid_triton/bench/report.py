@@ -256,6 +256,7 @@ def _chart_memory(df: pd.DataFrame, fig_title: str):
     total = df[(df["provider"] == "planner") & (df["metric"] == "total")]
     if measured.empty and total.empty:
         return None
+    import matplotlib
     import numpy as np
 
     cases = list(dict.fromkeys([*measured["case"], *total["case"]]))
@@ -265,14 +266,20 @@ def _chart_memory(df: pd.DataFrame, fig_title: str):
     w = 0.4
     m = measured.groupby("case", sort=False)["value"].first().reindex(cases).to_numpy(float)
     ax.bar(x - w / 2, m, w, label="measured peak allocated", color="tab:blue")
+    on_cpu = str(df["device"].iloc[0]).startswith("cpu")
+    if on_cpu:
+        # The planner models CUDA; its cuBLAS workspace does not exist on CPU.
+        estimate = estimate[estimate["metric"] != "component:workspace"]
     if not estimate.empty:
         comp = estimate.assign(component=estimate["metric"].str.removeprefix("component:"))
         wide = comp.pivot_table(index="case", columns="component", values="value", sort=False)
         wide = wide.reindex(cases).fillna(0.0)
         bottom = np.zeros(len(cases))
-        for col in wide.columns:
+        palette = matplotlib.colormaps["tab20"]
+        for i, col in enumerate(wide.columns):
             vals = wide[col].to_numpy(float)
-            ax.bar(x + w / 2, vals, w, bottom=bottom, label=f"estimate: {col}", alpha=0.8)
+            ax.bar(x + w / 2, vals, w, bottom=bottom, label=f"estimate: {col}",
+                   color=palette((i + 2) % 20))  # fmt: skip
             bottom += vals
     else:
         t = total.groupby("case", sort=False)["value"].first().reindex(cases).to_numpy(float)
@@ -292,7 +299,8 @@ def _chart_memory(df: pd.DataFrame, fig_title: str):
     ax.set_ylabel("GiB")
     ax.legend(fontsize=6, ncol=2)
     ax.grid(axis="y", alpha=0.3)
-    _title(ax, f"{fig_title}: measured peak per phase vs the planner (stacked by component)")
+    cpu_note = " (CPU: no CUDA workspace)" if on_cpu else ""
+    _title(ax, f"{fig_title}: measured peak per phase vs the planner, by component{cpu_note}")
     fig.tight_layout()
     return fig
 
