@@ -374,6 +374,7 @@ def run_training(
         )
     if tokens < 1:
         raise ValueError(f"tokens must be >= 1, got {tokens}")
+    _check_options(recipe, recipe_options or {})  # also rejects an unknown recipe
     cfg = GPT2Config.from_name(model_cfg) if isinstance(model_cfg, str) else model_cfg
     if seq_len > cfg.block_size:
         raise ValueError(f"seq_len {seq_len} exceeds the model's block_size {cfg.block_size}")
@@ -383,7 +384,6 @@ def run_training(
             f"the tokenizer's vocab ({corpus.tokenizer.vocab_size}) exceeds the model's "
             f"({cfg.vocab_size})"
         )
-    _check_options(recipe, recipe_options or {})
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_cuda = device.type == "cuda"
     optim = optim or OptimConfig()

@@ -15,7 +15,7 @@ import pytest
 from hybrid_triton.bench.results import read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 6
+STEPS = 4
 
 
 def _load_suite():
