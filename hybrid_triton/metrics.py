@@ -50,6 +50,9 @@ class MetricsCollector:
         self.phase_peaks: dict[str, dict[str, int]] = {}
         self.last_precision: str | None = None
         self.losses: dict[str, list[float]] = {}
+        # Step times (ms) per phase, and of the first step of each phase instance.
+        self.step_ms: dict[str, list[float]] = {}
+        self.first_step_ms: dict[str, list[float]] = {}
         self._fh = None
         self._bar = None
         if progress:
@@ -102,6 +105,13 @@ class MetricsCollector:
         loss = rec.get("loss")
         if isinstance(loss, float):
             self.losses.setdefault(phase, []).append(loss)
+        ms = rec.get("step_ms")
+        if isinstance(ms, float):
+            self.step_ms.setdefault(phase, []).append(ms)
+            del self.step_ms[phase][:-1000]
+            if rec.get("phase_step") == 0:
+                self.first_step_ms.setdefault(phase, []).append(ms)
+                del self.first_step_ms[phase][:-1000]
         self.records += 1
         if self.path is not None:
             if self._fh is None:
@@ -119,6 +129,14 @@ class MetricsCollector:
             p: (sum(v[-20:]) / len(v[-20:]) if v else None) for p, v in self.losses.items()
         }
         saved = {p: self.memory_saved(p) for p in self.phase_peaks if p != "full"}
+
+        def median(xs: list[float]) -> float | None:
+            if not xs:
+                return None
+            ys = sorted(xs)
+            mid = len(ys) // 2
+            return ys[mid] if len(ys) % 2 else (ys[mid - 1] + ys[mid]) / 2
+
         return _clean(
             {
                 "records": self.records,
@@ -126,6 +144,8 @@ class MetricsCollector:
                 "phase_peaks": self.phase_peaks,
                 "memory_saved_vs_full": saved,
                 "recent_mean_loss": mean_loss,
+                "step_ms_median": {p: median(v) for p, v in self.step_ms.items()},
+                "first_step_ms_median": {p: median(v) for p, v in self.first_step_ms.items()},
             }
         )
 
@@ -145,6 +165,8 @@ class MetricsCollector:
             "phase_peaks": json.loads(json.dumps(self.phase_peaks)),
             "last_precision": self.last_precision,
             "losses": {k: list(v[-100:]) for k, v in self.losses.items()},
+            "step_ms": {k: list(v) for k, v in self.step_ms.items()},
+            "first_step_ms": {k: list(v) for k, v in self.first_step_ms.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -153,3 +175,5 @@ class MetricsCollector:
         self.phase_peaks = state["phase_peaks"]
         self.last_precision = state["last_precision"]
         self.losses = {k: list(v) for k, v in state["losses"].items()}
+        self.step_ms = {k: list(v) for k, v in state.get("step_ms", {}).items()}
+        self.first_step_ms = {k: list(v) for k, v in state.get("first_step_ms", {}).items()}

@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -337,6 +338,7 @@ class _Pending:
     event: Any
     info: dict[str, Any] = field(default_factory=dict)
     prediction: EpisodePrediction | None = None
+    timing: tuple[Any, Any] | None = None  # CUDA events around the step's work
 
     def predicted_loss(self) -> float | None:
         if self.prediction is None or "predicted_index" not in self.info:
@@ -349,6 +351,11 @@ class _Pending:
         if self.event is not None:
             self.event.synchronize()
             self.event = None
+        if self.timing is not None:
+            started, ended = self.timing
+            ended.synchronize()
+            self.info["step_ms"] = started.elapsed_time(ended)
+            self.timing = None
         return [float(v) for v in self.values.tolist()]
 
 
@@ -500,6 +507,13 @@ class HybridTrainer:
         steps later."""
         size = _batch_size(batch)
         self._drain(self.cfg.host_lag)
+        # Step time: from here (phase entry work included) to the end of the step's work;
+        # CUDA events on the device (read late, with the loss), the wall clock on CPU.
+        if self.device.type == "cuda":
+            started = torch.cuda.Event(enable_timing=True)
+            started.record()
+        else:
+            started = time.perf_counter()
         plan, new_phase = self.controller.begin_step(self.confidence)
         if new_phase:
             self._transition(plan)
@@ -511,7 +525,7 @@ class HybridTrainer:
         scale = (
             self.scaler.scale if (self.scaler is not None and plan.precision == "fp16") else None
         )
-        self._push(loss, gnorm, scale, plan, size)
+        self._push(loss, gnorm, scale, plan, size, started)
         self.controller.end_step()
         return {
             "step": self.controller.step - 1,
@@ -771,7 +785,7 @@ class HybridTrainer:
         self.divergence.reset_streak()
 
     # ------------------------------------------------------------------ host side
-    def _push(self, loss, gnorm, scale, plan: PhasePlan, size: int) -> None:
+    def _push(self, loss, gnorm, scale, plan: PhasePlan, size: int, started) -> None:
         nan = torch.full((), math.nan, device=self.device)
         conf = nan
         if plan.phase is Phase.FULL and getattr(self.dynamics, "device_side", False):
@@ -785,7 +799,11 @@ class HybridTrainer:
             ]
         ).to(torch.float64)
         event = None
+        timing = None
         if self.device.type == "cuda":
+            ended = torch.cuda.Event(enable_timing=True)
+            ended.record()
+            timing = (started, ended)
             host = torch.empty(4, dtype=torch.float64, pin_memory=True)
             host.copy_(vals, non_blocking=True)
             event = torch.cuda.Event()
@@ -809,6 +827,8 @@ class HybridTrainer:
             "optimizer_state_offloaded": self.offloader.offloaded,
             "bytes_freed": self.offloader.stats.bytes_freed if plan.phase is Phase.PREDICT else 0,
         }
+        if timing is None:
+            info["step_ms"] = (time.perf_counter() - started) * 1e3
         prediction = None
         if plan.phase is Phase.PREDICT:
             prediction, info["predicted_index"] = self._prediction, t
@@ -817,7 +837,14 @@ class HybridTrainer:
             info["after_predict"] = True
         self._pending.append(
             _Pending(
-                self.controller.step, plan.phase.value, self.episode, vals, event, info, prediction
+                self.controller.step,
+                plan.phase.value,
+                self.episode,
+                vals,
+                event,
+                info,
+                prediction,
+                timing,
             )
         )
 
@@ -913,6 +940,7 @@ class HybridTrainer:
             opt_state = cpu(self.optimizer.state_dict())
         pending = []
         for rec in self._pending:
+            values = rec.floats()  # first: it also resolves the step time into info
             info = {k: v for k, v in rec.info.items() if k != "predicted_index"}
             info["predicted_loss"] = rec.predicted_loss()
             pending.append(
@@ -920,7 +948,7 @@ class HybridTrainer:
                     "step": rec.step,
                     "phase": rec.phase,
                     "episode": rec.episode,
-                    "values": rec.floats(),
+                    "values": values,
                     "info": info,
                 }
             )

@@ -125,6 +125,9 @@ def test_every_phase_occurs_and_training_learns(corpus, tmp_path):
         assert key in records[0], key
     predict = [r for r in records if r["phase"] == "predict"]
     assert all(r["predicted_loss"] is not None for r in predict)
+    assert all(r["step_ms"] > 0 for r in records)
+    assert set(summary["step_ms_median"]) == {p.value for p in Phase}
+    assert summary["first_step_ms_median"]["correct"] > 0
     losses = [r["loss"] for r in records]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
 
