@@ -16,7 +16,8 @@ Strategies (``OFFLOAD_STRATEGIES``):
 - ``compress``: float tensors are quantized on the device (``quantize_blockwise``, format
   ``int8_dynamic`` by default: its cubic code keeps the small values of Adam's second moment)
   and freed; the codes and scales stay on the device; the restore dequantizes them. Tensors
-  that are not floating point (already-quantized 8/4-bit states) stay as they are.
+  that are not floating point (already-quantized 8/4-bit states) and the per-block scales of
+  such states (names ending in ``scale``) stay as they are.
 - ``drop``: freed without a copy; the restore refills them with zeros (the optimizer forgets
   its moments; this changes the training, and the trainer says so).
 
@@ -151,6 +152,12 @@ class StateOffloader:
                 raise OffloadError(f"offload: {name} shares its storage with another tensor")
             seen.add(ptr)
 
+    @staticmethod
+    def compressible(name: str, t: torch.Tensor) -> bool:
+        """Float moments are compressed; codes of 8/4-bit moments are already compact, and
+        their per-block scales (``*_scale``, 1/128-1/256 of the elements) must stay exact."""
+        return t.is_floating_point() and not name.endswith("scale")
+
     # ----------------------------------------------------------------- offload
     def offload(self, tensors: dict[str, torch.Tensor]) -> None:
         """Free ``tensors`` on the device according to the strategy (no host sync)."""
@@ -170,8 +177,8 @@ class StateOffloader:
         for name, t in self._tensors.items():
             if t.numel() == 0:
                 continue
-            if self.strategy == "compress" and not t.is_floating_point():
-                continue  # already compact (8/4-bit codes): stays on the device
+            if self.strategy == "compress" and not self.compressible(name, t):
+                continue  # stays on the device as it is
             if self.strategy in ("cpu", "pinned"):
                 host = self._host_buffer(name, t)
                 host.copy_(t, non_blocking=host.is_pinned())
