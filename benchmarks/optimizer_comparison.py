@@ -445,7 +445,7 @@ def run(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Run the comparison and write the report; returns the report directory."""
-    from hybrid_triton.data import load_corpus
+    from hybrid_triton.data import bpe_available, load_corpus
 
     unknown = sorted(set(providers) - set(PROVIDERS))
     if unknown:
@@ -458,6 +458,9 @@ def run(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     machine = machine_info()
     log(machine.line())
+    if size.tokenizer == "bpe" and not bpe_available():
+        log("the tokenizers package is not installed: byte tokens instead of the BPE")
+        size = dataclasses.replace(size, tokenizer="byte")
     started = time.perf_counter()
     corpus = load_corpus(
         tokenizer=size.tokenizer,
