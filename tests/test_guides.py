@@ -88,7 +88,6 @@ def test_python_blocks_run(guide, tmp_path):
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    env["HYBRID_TRITON_CHECKOUT"] = str(ROOT)
     proc = subprocess.run(
         [sys.executable, "runner.py", "blocks.json", f"docs/guides/{guide}"],
         cwd=tmp_path,
