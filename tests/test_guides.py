@@ -140,3 +140,28 @@ def test_recorded_cli_output_is_real(guide, command, expected):
     assert buf.getvalue().rstrip() == expected.rstrip(), (
         f"{guide}: the output of `{command}` changed; paste the new output:\n{buf.getvalue()}"
     )
+
+
+def test_runner_reports_the_failing_block(tmp_path):
+    """The runner shares one namespace between blocks and names the block that fails."""
+    import json
+
+    (tmp_path / "blocks.json").write_text(json.dumps([[3, "x = 1\n"], [9, "assert x == 2\n"]]))
+    (tmp_path / "runner.py").write_text(RUNNER)
+    proc = subprocess.run(
+        [sys.executable, "runner.py", "blocks.json", "docs/guides/demo.md"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "FAILED: docs/guides/demo.md, python block at line 9" in proc.stderr
+
+
+def test_block_extraction_takes_only_python_fences():
+    text = (
+        "intro\n```python\na = 1\n```\n```text\nnot code\n```\n"
+        "```bash\nls\n```\n```python\nb = 2\n```\n"
+    )
+    assert blocks(text, "python") == [(2, "a = 1\n"), (11, "b = 2\n")]
