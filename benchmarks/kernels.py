@@ -19,7 +19,9 @@ of memory: each becomes a ``status`` row and the suite goes on.
 from __future__ import annotations
 
 import gc
+import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -190,11 +192,25 @@ def run(ctx: SuiteContext) -> None:
     for case in bar:
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(case_label(case))
+        t0 = time.perf_counter()
         try:
             run_case(ctx, case, ceiling)
         except Exception as err:  # a bug in the case itself: record it and go on
             ctx.recorder.status(case_label(case), "-", STATUS_ERROR, message=_short(err))
             free_device_memory()
+        _checkpoint_rows(ctx, case, time.perf_counter() - t0)
+
+
+def _checkpoint_rows(ctx: SuiteContext, case: KernelCase, seconds: float) -> None:
+    """One progress line per case; with ``HYBRID_TRITON_PARTIAL_CSV`` set, also the rows so
+    far, so a run stopped by a time limit still leaves its finished cases behind (the report
+    itself is only ever written whole)."""
+    print(f"[kernels] {case_label(case)}: done in {seconds:.1f} s", file=sys.stderr, flush=True)
+    partial = os.environ.get("HYBRID_TRITON_PARTIAL_CSV")
+    if partial:
+        tmp = f"{partial}.tmp"
+        ctx.recorder.frame().to_csv(tmp, index=False)
+        os.replace(tmp, partial)
 
 
 def summary(df: pd.DataFrame) -> str:

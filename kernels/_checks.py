@@ -19,6 +19,21 @@ def _names(dtypes: Iterable[torch.dtype]) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Devices equal, where an index-less ``cuda`` means the current device (``cuda:0`` and
+    ``cuda`` agree on a one-GPU machine); no device query is made unless an index is missing."""
+    if a.type != b.type:
+        return False
+    if a.index == b.index or a.type == "cpu":
+        return True
+    if a.type == "cuda":
+        current = torch.cuda.current_device()
+        return (a.index if a.index is not None else current) == (
+            b.index if b.index is not None else current
+        )
+    return False
+
+
 def check_tensor(
     op: str,
     name: str,
@@ -39,7 +54,7 @@ def check_tensor(
                 f"{op}: {name} has dtype {str(t.dtype).replace('torch.', '')}; "
                 f"expected one of: {_names(dtypes)}"
             )
-    if device is not None and t.device != torch.device(device):
+    if device is not None and not same_device(t.device, torch.device(device)):
         raise KernelInputError(
             f"{op}: {name} is on {t.device}, but the other operands are on {device}; "
             "move them to one device first"

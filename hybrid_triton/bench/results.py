@@ -64,6 +64,9 @@ def _repo_root() -> Path:
 def git_sha() -> str:
     """The checkout's commit (with ``+dirty`` when tracked files have uncommitted changes),
     or ``unknown`` outside a git checkout."""
+    override = os.environ.get("HYBRID_TRITON_GIT_SHA")
+    if override:  # a copy of the tree without .git (e.g. a remote GPU machine)
+        return override
     root = _repo_root()
     try:
         sha = subprocess.run(
