@@ -10,7 +10,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-LOG=${OUT:-/tmp/hybrid_triton_gpu}
+LOG=$(mktemp -d)/logs
 mkdir -p "$LOG"
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests kernels memory training optim)
@@ -39,6 +39,22 @@ family_timeout() {  # seconds per kernel family (KERNELS_TIMEOUT overrides all)
     echo "${KERNELS_TIMEOUT:-${limits[$1]:-120}}"
 }
 
+merge_report() {  # merge_report SUITE DIR: every DIR/*.csv into one report under reports/
+    python3 - "$1" "$2" <<'PY'
+import glob, sys
+import pandas as pd
+from hybrid_triton.bench.report import update_index, write_report
+from hybrid_triton.bench.results import read_csv
+suite, folder = sys.argv[1], sys.argv[2]
+parts = sorted(glob.glob(f"{folder}/*.csv"))
+if not parts:
+    sys.exit(f"{suite}: no rows to report")
+df = pd.concat([read_csv(p) for p in parts], ignore_index=True)
+print(write_report(df, "reports", suite))
+update_index("reports")
+PY
+}
+
 for stage in "${stages[@]}"; do
     case $stage in
     tests)
@@ -54,21 +70,23 @@ for stage in "${stages[@]}"; do
                 "$(family_timeout "$family")" hybrid-triton bench kernels --no-progress \
                 --cases "$family/*" --out "$parts/$family" ${QUICK:+--quick}
         done
-        python3 - "$parts" <<'PY'
-import sys, glob, pandas as pd
-from hybrid_triton.bench.report import write_report, update_index
-from hybrid_triton.bench.results import read_csv
-parts = sorted(glob.glob(f"{sys.argv[1]}/*.csv"))
-df = pd.concat([read_csv(p) for p in parts], ignore_index=True)
-print(write_report(df, "reports", "kernels")); update_index("reports")
-PY
-        ;;
-    memory) run memory "${MEMORY_TIMEOUT:-300}" hybrid-triton bench memory --no-progress ;;
+        merge_report kernels "$parts" ;;
+    memory)
+        # One process per model, so a time limit on one keeps the other's rows.
+        parts=$(mktemp -d)
+        for model in ${MEMORY_MODELS:-gpt2-small gpt2-medium}; do
+            run "memory_$model" "${MEMORY_TIMEOUT:-240}" hybrid-triton bench memory --no-progress \
+                --cases "$model *" --out "$parts/$model" ${QUICK:+--quick}
+            find "$parts/$model" -name results.csv -exec cp {} "$parts/$model.csv" \;
+        done
+        merge_report memory "$parts" ;;
     training) run training "${TRAINING_TIMEOUT:-300}" hybrid-triton bench training --no-progress ;;
     optim) run optim "${OPTIM_TIMEOUT:-300}" python3 benchmarks/optimizer_comparison.py --out reports/optim ;;
     *) echo "unknown stage $stage (tests kernels memory training optim)"; exit 2 ;;
     esac
 done
+# Everything in two files: the lent machine returns at most 8 files from $OUT.
 if [ -n "${OUT:-}" ]; then
-    tar czf "$OUT/reports.tgz" reports
+    tar czf "$OUT/gpu_run.tgz" reports -C "$(dirname "$LOG")" logs
+    cp "$LOG/env.txt" "$OUT/env.txt"
 fi
