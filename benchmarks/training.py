@@ -165,7 +165,7 @@ def run_trainer(ctx: SuiteContext, size: TrainingSize, corpus) -> None:
     try:
         from hybrid_triton.data import TokenStream
         from hybrid_triton.models.gpt2 import GPT2
-        from hybrid_triton.recipes import evaluate
+        from hybrid_triton.recipes import OptimConfig, evaluate
         from hybrid_triton.scheduler import TrainerConfig
         from hybrid_triton.trainer import HybridTrainer
     except ImportError as err:
@@ -182,7 +182,22 @@ def run_trainer(ctx: SuiteContext, size: TrainingSize, corpus) -> None:
             precision="bf16" if device.type == "cuda" else "fp32",
             offload="pinned" if device.type == "cuda" else "keep",
         )  # fmt: skip
-        trainer = HybridTrainer(model, lambda m, b: m(b[0], b[1])[1], config=tcfg, lr=6e-4)
+        # The recipes' optimizer and schedule (OptimConfig: betas (0.9, 0.95), weight decay
+        # 0.1, clipping at 1.0, linear warm-up then cosine decay), so the comparison is of the
+        # phases alone. FusedAdamW has one weight decay for the whole arena: here it also
+        # decays biases and norms, which the recipes leave alone.
+        optim = OptimConfig()
+        trainer = HybridTrainer(
+            model,
+            lambda m, b: m(b[0], b[1])[1],
+            config=tcfg,
+            lr=optim.lr_at(0, size.steps),
+            optimizer_kwargs={
+                "betas": optim.betas,
+                "weight_decay": optim.weight_decay,
+                "max_grad_norm": optim.grad_clip if optim.grad_clip > 0 else None,
+            },
+        )
         train = TokenStream(
             "train", size.micro_batch, size.seq_len, 0, corpus=corpus, device=device
         )
@@ -197,6 +212,8 @@ def run_trainer(ctx: SuiteContext, size: TrainingSize, corpus) -> None:
         _sync(device)
         start = time.perf_counter()
         for i in range(size.steps):
+            # Set before the step: a Predict phase freezes the rate of its entry step.
+            trainer.optimizer.param_groups[0]["lr"] = optim.lr_at(i, size.steps)
             with probe.phase("step", resident=() if device.type == "cpu" else None):
                 out = trainer.step(train.batch(i))
             phase = str(out["phase"])

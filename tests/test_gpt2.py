@@ -209,3 +209,85 @@ def test_gpt2_small_bf16_autocast_on_gpu():
             _, loss16 = model(idx, targets)
     assert abs(loss32.item() - math.log(50304)) < 0.5
     assert abs(loss16.item() - loss32.item()) < 0.05
+
+
+# ----------------------------------------------------------------------------- chunked loss
+
+
+@pytest.mark.parametrize(
+    "shape, chunk",
+    [((1, 1), 1), ((2, 7), 1), ((2, 7), 5), ((3, 13), 4), ((3, 64), 1024), ((2, 61), 64)],
+    ids=["b1t1_c1", "b2t7_c1", "b2t7_c5", "b3t13_c4_prime", "b3t64_one_chunk", "b2t61_c64"],
+)
+def test_no_grad_loss_is_chunked_and_equals_full_cross_entropy(shape, chunk):
+    torch.manual_seed(1)
+    model = build_gpt2("gpt2-tiny", **SMALL, loss_chunk_tokens=chunk).double()
+    idx, targets = _tokens(*shape, 97), _tokens(*shape, 97)
+    targets.view(-1)[1::3] = -1  # ignored positions, in most chunks
+    with torch.no_grad():
+        full_logits, _ = model(idx)  # no targets: the logits, whole
+        logits, loss = model(idx, targets)
+    assert logits is None  # documented: the full logits are never built
+    expected = F.cross_entropy(full_logits.view(-1, 97), targets.view(-1), ignore_index=-1)
+    assert loss.dtype == torch.float64
+    assert_close("chunked loss", loss, expected, rtol=1e-12, atol=0.0)
+    # With autograd on, the loss is the ordinary one (and logits come back).
+    grad_logits, grad_loss = model(idx, targets)
+    assert grad_logits.shape == (*shape, 97)
+    assert_close("loss with grad", grad_loss.detach(), expected, rtol=1e-12, atol=0.0)
+
+
+def test_chunked_loss_every_target_ignored_is_nan_like_cross_entropy():
+    model = build_gpt2("gpt2-tiny", **SMALL, loss_chunk_tokens=3)
+    idx = _tokens(2, 7, 97)
+    targets = torch.full_like(idx, -1)
+    with torch.no_grad():
+        _, loss = model(idx, targets)
+        reference = F.cross_entropy(model(idx)[0].view(-1, 97), targets.view(-1), ignore_index=-1)
+    assert torch.isnan(reference) and torch.isnan(loss)
+
+
+def test_chunked_loss_off_returns_logits():
+    model = build_gpt2("gpt2-tiny", **SMALL, loss_chunk_tokens=0)
+    idx, targets = _tokens(2, 7, 97), _tokens(2, 7, 97)
+    with torch.no_grad():
+        logits, loss = model(idx, targets)
+    assert logits.shape == (2, 7, 97)
+    expected = F.cross_entropy(logits.double().view(-1, 97), targets.view(-1))
+    assert_close("loss", loss, expected, rtol=1e-6)
+
+
+def test_chunked_loss_never_allocates_full_logits():
+    """Under no_grad, no tensor as large as the [B, T, V] logits is ever allocated; with the
+    chunking off (or autograd on) one is (so the check can fail)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestAllocation(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    b, t, chunk, vocab = 2, 40, 8, 509
+    full_logits = b * t * vocab  # 40720; a chunk's logits: 4072; the MLP's [B, T, 4C]: 10240
+    idx, targets = _tokens(b, t, vocab), _tokens(b, t, vocab)
+    largest = {}
+    for name, chunk_tokens in (("chunked", chunk), ("off", 0)):
+        cfg = {**SMALL, "vocab_size": vocab, "loss_chunk_tokens": chunk_tokens}
+        model = build_gpt2("gpt2-tiny", **cfg)
+        with torch.no_grad(), LargestAllocation() as mode:
+            model(idx, targets)
+        largest[name] = mode.largest
+    assert largest["chunked"] < full_logits // 2, largest
+    assert largest["off"] >= full_logits, largest
+
+
+def test_bad_loss_chunk_tokens():
+    with pytest.raises(ValueError, match="loss_chunk_tokens must be an int >= 0"):
+        GPT2Config(loss_chunk_tokens=-1)

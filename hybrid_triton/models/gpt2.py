@@ -45,6 +45,9 @@ class GPT2Config:
     dropout: float = 0.0
     bias: bool = True
     activation_checkpointing: bool = False
+    # Without autograd and with targets, the loss is computed over this many tokens at a time
+    # and the full [B, T, V] logits never exist (forward returns logits=None); 0 turns it off.
+    loss_chunk_tokens: int = 1024
 
     def __post_init__(self) -> None:
         for field in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -54,6 +57,10 @@ class GPT2Config:
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"GPT2Config: n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})"
+            )
+        if not isinstance(self.loss_chunk_tokens, int) or self.loss_chunk_tokens < 0:
+            raise ValueError(
+                f"GPT2Config.loss_chunk_tokens must be an int >= 0, got {self.loss_chunk_tokens!r}"
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPT2Config.dropout must be in [0, 1), got {self.dropout}")
@@ -150,6 +157,7 @@ class GPT2(nn.Module):
         self.config = cfg
         # Read at each forward, so the trainer can switch it on or off after construction.
         self.activation_checkpointing = cfg.activation_checkpointing
+        self.loss_chunk_tokens = cfg.loss_chunk_tokens  # read at each forward too
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
@@ -187,7 +195,15 @@ class GPT2(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``idx``, ``targets``: ``[B, T]`` int64 (``targets`` may use -1 to ignore a position).
         Returns ``logits [B, T, vocab_size]`` and the mean cross entropy (None without
-        targets)."""
+        targets).
+
+        Under ``torch.no_grad()`` with targets (an evaluation, or a Predict step of the
+        trainer) and ``loss_chunk_tokens > 0``, the loss is summed over chunks of
+        ``loss_chunk_tokens`` positions and divided by the count of counted targets: the same
+        mean cross entropy up to summation order (computed in at least fp32, so a bf16 model
+        gets an fp32 loss), while at most one chunk's logits (and cross entropy's
+        temporaries) exist at a time. ``logits`` is then None; call without targets to get
+        them."""
         if idx.dim() != 2 or idx.dtype != torch.int64:
             raise ValueError(
                 f"GPT2: idx must be a [B, T] int64 tensor, got {idx.dtype} of shape "
@@ -210,13 +226,40 @@ class GPT2(nn.Module):
             # Non-reentrant checkpointing keeps only each block's input; the block's
             # activations are recomputed in backward.
             x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))
+        x = self.transformer.ln_f(x)
+        if targets is not None and not torch.is_grad_enabled() and self.loss_chunk_tokens > 0:
+            return None, self._chunked_loss(x, targets)
+        logits = self.lm_head(x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
                 logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1
             )
         return logits, loss
+
+    def _chunked_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross entropy of ``lm_head(x)`` against ``targets`` (-1 ignored), one chunk of
+        positions at a time (no autograd: nothing is kept for a backward). No host sync: the
+        chunk bounds come from shapes only."""
+        rows = x.reshape(-1, x.size(-1))
+        flat_targets = targets.reshape(-1)
+        total = None
+        for start in range(0, rows.size(0), self.loss_chunk_tokens):
+            end = start + self.loss_chunk_tokens
+            logits = self.lm_head(rows[start:end])
+            # At least fp32, as autocast runs cross_entropy: a bf16 sum over a chunk would
+            # round to bf16's 8 bits.
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            part = F.cross_entropy(
+                logits, flat_targets[start:end], ignore_index=-1, reduction="sum"
+            )
+            total = part if total is None else total + part
+            del logits, part  # before the next chunk's logits are allocated
+        if total is None:  # no positions (B = 0)
+            total = rows.new_zeros((), dtype=torch.promote_types(rows.dtype, torch.float32))
+        counted = (flat_targets != -1).sum()
+        # 0 / 0 = nan when every target is ignored, as F.cross_entropy's mean gives.
+        return total / counted
 
 
 def build_gpt2(
