@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from hybrid_triton.arena import ArenaError, ArenaGroup, FlatArena
+from hybrid_triton.kernels._checks import same_device
 from hybrid_triton.kernels.accumulate import accumulate_grads
 
 
@@ -93,7 +94,7 @@ class GradAccumulator:
                 )
             for g, buf in zip(groups, accumulators):
                 g.check_buffer(buf, "accumulator")
-                if buf.dtype != torch.float32 or buf.device != g.device:
+                if buf.dtype != torch.float32 or not same_device(buf.device, g.device):
                     raise ArenaError(
                         f"GradAccumulator: an accumulator must be float32 on {g.device}, got "
                         f"{buf.dtype} on {buf.device}"

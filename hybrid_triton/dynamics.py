@@ -169,7 +169,12 @@ class FeatureEncoder(nn.Module):
         log_lr = scalar(stats["lr"]).clamp_min(1e-20).log()
         step = scalar(stats["step"])
         opt = stats.get("optimizer")
-        log_opt = scalar(opt).clamp_min(1e-20).log() if opt is not None else scalar(0.0)
+        # zeros() fills on the device; scalar(0.0) would copy a host float (a synchronizing copy).
+        log_opt = (
+            scalar(opt).clamp_min(1e-20).log()
+            if opt is not None
+            else torch.zeros((), device=device)
+        )
         phase = stats.get("phase", "full")
         phase_id = PHASES.index(phase.lower()) if isinstance(phase, str) else int(phase)
 

@@ -152,10 +152,15 @@ def _adamw_math(p, g, m, v, beta1, beta2, lr, weight_decay, step_size, inv_sqrt_
 @triton.jit
 def _step_constants(step_ptr, lr, log2_beta1, log2_beta2):
     # t counts this step; beta^t = exp2(t * log2(beta)) with log2(beta) taken in fp64 on the host.
-    t = tl.load(step_ptr).to(tl.float32) + 1.0
+    # In fp64, as torch does on the host: 1 - beta2^t cancels (0.001 at t=1), so an fp32 beta^t
+    # (and the GPU's approximate fp32 exp2/sqrt) would put ~1e-5 relative error into every early
+    # step; fp64 keeps the constants within an fp32 rounding of torch's. Two scalars a program.
+    t = tl.load(step_ptr).to(tl.float64) + 1.0
     bc1 = 1.0 - tl.exp2(t * log2_beta1)
     bc2 = 1.0 - tl.exp2(t * log2_beta2)
-    return lr / bc1, 1.0 / tl.sqrt(bc2)
+    step_size = lr / bc1  # fp32 lr, promoted to fp64
+    inv_sqrt_bc2 = 1.0 / tl.sqrt(bc2)
+    return step_size.to(tl.float32), inv_sqrt_bc2.to(tl.float32)
 
 
 @triton.jit

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from helpers import SIZE_IDS, SIZES, assert_close
@@ -12,6 +14,17 @@ from tolerances import tol
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
+
+
+@pytest.fixture
+def free_gpu_memory():
+    """For the tests past 2^31 elements (8+ GiB each): return cached blocks before and after,
+    passed or failed, so the next big test finds the memory free."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    yield
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def run_both(acc0, grad, **kwargs):
@@ -283,6 +296,7 @@ def test_gpu_flat_gpt2_small_bit_exact(dtype):
     assert kw["found_inf"].item() == 0.0
 
 
+@pytest.mark.usefixtures("free_gpu_memory")
 @pytest.mark.gpu
 def test_gpu_past_2_pow_31_elements():
     n = 2**31 + 1031

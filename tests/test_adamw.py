@@ -3,6 +3,7 @@ scalars from device tensors, the shadow write, low-bit codes, bad input."""
 
 from __future__ import annotations
 
+import gc
 import math
 
 import pytest
@@ -23,6 +24,17 @@ from tests.helpers import SIZE_IDS, SIZES, assert_close, bf16_ulp, fp16_ulp
 from tests.tolerances import tol
 
 HP = {"lr": 3e-3, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8, "weight_decay": 0.05}
+
+
+@pytest.fixture
+def free_gpu_memory():
+    """For the tests past 2^31 elements (8+ GiB each): return cached blocks before and after,
+    passed or failed, so the next big test finds the memory free."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    yield
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def _ulp(dtype: torch.dtype):
@@ -393,6 +405,7 @@ def test_bad_input_raises_before_anything_changes(case, over):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("free_gpu_memory")
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [32, 8])
 def test_past_2_pow_31_elements(bits):

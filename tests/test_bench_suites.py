@@ -43,7 +43,10 @@ def test_memory_quick_baseline_end_to_end(tmp_path, machine):
     start = measured[measured["metric"] == "allocated_at_start"]["value"].iloc[0]
     assert peak > start > 0  # weights, grads, moments resident; activations on top
     reserved = measured[measured["metric"] == "peak_reserved"]
-    assert math.isnan(reserved["value"].iloc[0]) and "not measured" in reserved["note"].iloc[0]
+    if machine.device_kind == "cuda":  # the caching allocator reserves at least what it hands out
+        assert reserved["value"].iloc[0] >= peak
+    else:  # CPU: no caching allocator, so nothing reserved to measure
+        assert math.isnan(reserved["value"].iloc[0]) and "not measured" in reserved["note"].iloc[0]
     planner = df[(df["case"] == case) & (df["provider"] == "planner")]
     assert planner[planner["metric"] == "total"]["value"].iloc[0] > 0
     assert (planner["metric"].str.startswith("component:")).sum() >= 3

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from helpers import SIZE_IDS, SIZES, assert_close, bf16_ulp
@@ -11,6 +13,17 @@ from tolerances import tol
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 DTYPE_IDS = ["bf16", "fp16", "fp32"]
+
+
+@pytest.fixture
+def free_gpu_memory():
+    """For the tests past 2^31 elements (8+ GiB each): return cached blocks before and after,
+    passed or failed, so the next big test finds the memory free."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    yield
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def check_cast(name: str, actual: torch.Tensor, expected: torch.Tensor, on_gpu: bool) -> None:
@@ -143,6 +156,7 @@ def test_gpu_bit_exact_big(out_dtype):
     )
 
 
+@pytest.mark.usefixtures("free_gpu_memory")
 @pytest.mark.gpu
 def test_gpu_past_2_pow_31_elements():
     n = 2**31 + 4099

@@ -4,6 +4,8 @@ as a device tensor; non-finite blocks stay visible; bad input fails before anyth
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from helpers import SIZE_IDS, SIZES, assert_close, bf16_ulp
@@ -19,6 +21,17 @@ from tolerances import tol
 
 FMTS = list(FORMATS)
 TARGETS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.fixture
+def free_gpu_memory():
+    """For the tests past 2^31 elements (8+ GiB each): return cached blocks before and after,
+    passed or failed, so the next big test finds the memory free."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    yield
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def assert_target_close(name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -106,6 +119,7 @@ def test_bad_input_raises_clearly(device):
         assert not target.any(), f"{message}: target changed"
 
 
+@pytest.mark.usefixtures("free_gpu_memory")
 @pytest.mark.gpu
 def test_past_int32_indexing():
     n, block = 2**31 + 4099, 256

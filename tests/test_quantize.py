@@ -4,6 +4,7 @@ rounding, bit-exact packing round trips, non-finite input and bad input."""
 
 from __future__ import annotations
 
+import gc
 import math
 
 import pytest
@@ -29,6 +30,17 @@ from tolerances import QUANT_SNR_FLOOR_DB, TOLERANCES
 
 FMTS = list(FORMATS)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.fixture
+def free_gpu_memory():
+    """For the tests past 2^31 elements (8+ GiB each): return cached blocks before and after,
+    passed or failed, so the next big test finds the memory free."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    yield
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def codes_of(q: QuantizedTensor) -> torch.Tensor:
@@ -448,6 +460,7 @@ def test_matches_reference_large(fmt, stochastic):
         assert_close("error", error, error_ref, **_exact())
 
 
+@pytest.mark.usefixtures("free_gpu_memory")
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["int8", "int4", "ternary"])
 def test_past_int32_indexing(fmt):

@@ -263,7 +263,13 @@ def test_phase_peaks_and_summary(corpus):
     for batch in batches(corpus, 5):
         tr.step(batch)
     peaks = tr.phase_peaks()
-    assert peaks == {} if not torch.cuda.is_available() else set(peaks) >= {"warmup", "full"}
+    # Peaks come from the CUDA allocator of the trainer's device: this model is on the CPU even
+    # on a machine with a GPU, so what counts is the trainer's device, not torch.cuda.
+    if tr.device.type == "cuda":
+        assert set(peaks) >= {"warmup", "full"}
+        assert all(p["reserved"] >= p["allocated"] > 0 for p in peaks.values())
+    else:
+        assert peaks == {}
     s = tr.summary()
     assert s["records"] == 5 and s["phase_steps"]["warmup"] == 4
 

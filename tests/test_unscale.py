@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from helpers import SIZE_IDS, SIZES, assert_close
@@ -11,6 +13,17 @@ from tolerances import tol
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 DTYPE_IDS = ["fp16", "bf16", "fp32"]
+
+
+@pytest.fixture
+def free_gpu_memory():
+    """For the tests past 2^31 elements (8+ GiB each): return cached blocks before and after,
+    passed or failed, so the next big test finds the memory free."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    yield
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 @pytest.mark.parametrize("n", SIZES, ids=SIZE_IDS)
@@ -111,6 +124,7 @@ def test_gpu_bit_exact(dtype):
     assert torch.equal(unscale(grad, inv), unscale_ref(grad, inv))
 
 
+@pytest.mark.usefixtures("free_gpu_memory")
 @pytest.mark.gpu
 def test_gpu_past_2_pow_31_elements():
     n = 2**31 + 77
