@@ -244,8 +244,25 @@ def test_autocast_components_by_hand():
     # bias copies died with autocast's cache at the end of forward
     weights = sum(p.numel for p in SMALL.params if p.kind == "linear" and "bias" not in p.name)
     assert c["autocast_cache"] == 2 * weights
-    # cross-entropy runs in fp32 under autocast: the same three fp32 [N, V] buffers
-    assert c["logits_and_loss"] == 3 * 4 * N * V
+    # F.cross_entropy: log_softmax keeps the logits' dtype (bf16, saved), nll_loss (autocast's
+    # fp32 list) saves an fp32 copy, and its backward's fp32 gradient is alive beside both
+    assert full.peak_at == "backward: cross-entropy"
+    assert c["logits_and_loss"] == (2 + 4 + 4) * N * V
+
+
+def test_fp32_held_logits_add_one_fp32_buffer():
+    # the baseline recipes' ``_, loss = model(x, y)``: the fp32 logits live through backward
+    held = estimate(SMALL, setup_preset("fp32", micro_batch=B, seq_len=T)).phases["full"]
+    assert held.components["logits_and_loss"] == 4 * 4 * N * V
+    assert held.peak_bytes - _full().peak_bytes == 4 * N * V
+
+
+def test_baseline_presets_hold_the_logits_for_the_step():
+    # the recipes bind the logits to ``_`` until the step returns; the trainer drops them
+    assert setup_preset("fp32").logits_lifetime == "step"
+    assert setup_preset("bf16-autocast").logits_lifetime == "step"
+    assert setup_preset("hybrid").logits_lifetime == "loss_only"
+    assert setup_preset("bf16-master").logits_lifetime == "loss_only"
 
 
 def test_logits_lifetime_adds_the_held_logits():

@@ -4,9 +4,9 @@ How it works: instead of one closed formula, :func:`estimate` replays the step a
 it, as a sequence of allocations and frees (forward op by op, the loss, backward node by node
 in reverse, the optimizer step), each rounded as the caching allocator rounds it, and records
 the live bytes per component at the highest point. The peak therefore lands where it really
-does (for GPT-2 with a 50k vocabulary that is the cross-entropy backward, where the fp32
-log-softmax output, its gradient and the gradient of the logits are alive at once with every
-saved activation), and the breakdown says what is alive there.
+does (for GPT-2 with a 50k vocabulary that is the cross-entropy backward, where the saved
+log-probabilities and the first vocabulary-sized gradients are alive at once with every saved
+activation), and the breakdown says what is alive there.
 
 What is modelled (per token of a micro-batch, ``N = micro_batch * seq_len``, width ``d``):
 
@@ -19,8 +19,11 @@ What is modelled (per token of a micro-batch, ``N = micro_batch * seq_len``, wid
   gate, up, silu(gate), product).
 - Autocast (fp32 parameters): a bf16 copy of every linear weight and bias is cached during
   forward; weight copies stay alive (saved by the matmul) until that layer's backward, bias
-  copies until autocast exits; the residual stream and norms stay fp32. Cross-entropy runs
-  in fp32 (autocast casts the bf16 logits up), so its saved log-softmax output is fp32.
+  copies until autocast exits; the residual stream and norms stay fp32.
+- Cross-entropy as ``F.cross_entropy`` runs it: ``log_softmax`` in the logits' dtype (it is
+  called with an explicit dtype, which autocast keeps), saved; under autocast ``nll_loss``
+  (autocast's fp32 list) saves an fp32 copy of it and its backward makes an fp32 gradient,
+  cast back to the compute dtype. Logits held by the caller (``logits_lifetime``) add theirs.
 - Activation checkpointing (per block, non-reentrant): only each block's input is kept; in
   backward one block is recomputed at a time (with its weight copies under autocast).
 - Gradients: "full" mode allocates each ``.grad`` as backward produces it (``AccumulateGrad``
@@ -673,10 +676,12 @@ class _Step:
         if not train:
             tl.free(head_in)
         tl.at("forward", "cross-entropy")
-        ls_bytes = 4 if self.autocast else c
-        up = self.act(V, 4, "logits_and_loss") if self.autocast else None  # fp32 cast
-        log_probs = self.act(V, ls_bytes, "logits_and_loss")
-        tl.free(up)
+        # F.cross_entropy calls log_softmax(logits, dtype=logits.dtype): autocast leaves an
+        # explicit dtype alone, so the log-probabilities (saved by LogSoftmaxBackward) are in
+        # the compute dtype. nll_loss is on autocast's fp32 list: it casts them to fp32 and
+        # saves that copy (NllLossBackward needs its input) until its backward has run.
+        log_probs = self.act(V, c, "logits_and_loss")
+        nll_in = self.act(V, 4, "logits_and_loss") if self.autocast else None
         if self.logits is not None:  # the previous step's logits die when forward returns
             tl.free(self.logits)
             self.logits = None
@@ -687,7 +692,7 @@ class _Step:
                 if p.name in self.cache:
                     tl.free(self.cache.pop(p.name))
         if not train:
-            tl.free(log_probs, logits)
+            tl.free(nll_in, log_probs, logits)
             for h in self.cache.values():
                 tl.free(h)
             self.cache = {}
@@ -697,14 +702,17 @@ class _Step:
             logits = None
         # ---- backward
         tl.at("backward", "cross-entropy")
-        g_nll = self.act(V, ls_bytes, "logits_and_loss")
-        g_ls = self.act(V, ls_bytes, "logits_and_loss")
-        tl.free(g_nll, log_probs)
+        # nll_loss_backward: a zero-filled gradient of its input (fp32 under autocast)
+        g_nll = self.act(V, 4 if self.autocast else c, "logits_and_loss")
         if self.autocast:
-            g_logits = self.act(V, c, "logits_and_loss")
-            tl.free(g_ls)
+            tl.free(nll_in)  # released once NllLossBackward has run
+            g_lp = self.act(V, c, "logits_and_loss")  # the cast's backward: back to bf16
+            tl.free(g_nll)
         else:
-            g_logits = g_ls
+            g_lp = g_nll
+        # _log_softmax_backward_data writes the logits' gradient in the compute dtype
+        g_logits = self.act(V, c, "logits_and_loss")
+        tl.free(g_lp, log_probs)
         tl.at("backward", "output head")
         g_head = self.act(d, c, "temporaries")
         self.param_grad(self.lm_head)

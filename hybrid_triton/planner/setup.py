@@ -77,11 +77,13 @@ class TrainSetup:
     - ``phases``: the phase plan (a subset of warmup, full, predict, correct, in run order).
     - ``attention``: "flash" (fused SDPA: saves q, k, v, out, logsumexp) or "math" (the T x T
       scores and probabilities are materialized).
-    - ``logits_lifetime``: how long the caller holds the returned logits: "loss_only" (``_,
-      loss = model(x, y)``, as the project's recipes and HybridTrainer do; the default),
-      "step" (held through backward and the optimizer step), or "next_forward" (``logits,
-      loss = model(x, y)`` in a loop: the old logits live until the next forward returns, as
-      in nanoGPT).
+    - ``logits_lifetime``: how long the caller holds the returned logits: "loss_only" (the
+      loss function drops them as the forward returns, as HybridTrainer's ``loss_fn`` does
+      with ``model(x, y)[1]``; the default), "step" (held through backward and the optimizer
+      step: ``_, loss = model(x, y)`` inside a step function keeps them bound to ``_`` until it
+      returns, as the project's baseline recipes do), or "next_forward" (``logits, loss =
+      model(x, y)`` in a loop: the old logits live until the next forward returns, as in
+      nanoGPT).
     - ``trainer``: count ``HybridTrainer``'s own tensors: at Predict entry the fp32
       temporaries that build the update direction (the moments are still on the GPU), the
       moments prefetched back before Predict ends, the direction kept through Correct and
@@ -178,9 +180,11 @@ class TrainSetup:
         return ", ".join(parts)
 
 
+# The baselines are the project's recipes (``hybrid_triton.recipes._plain_recipe``): their step
+# binds the logits to ``_`` (``_, loss = model(x, y)``), which lives until the step returns.
 SETUP_PRESETS: dict[str, dict] = {
-    "fp32": dict(param_dtype="fp32"),
-    "bf16-autocast": dict(param_dtype="fp32", autocast="bf16"),
+    "fp32": dict(param_dtype="fp32", logits_lifetime="step"),
+    "bf16-autocast": dict(param_dtype="fp32", autocast="bf16", logits_lifetime="step"),
     "bf16-master": dict(param_dtype="bf16", master_weights=True, grad_mode="hook"),
     "hybrid": dict(
         param_dtype="bf16", master_weights=True, grad_mode="hook", state_bits=8, checkpointing=True
