@@ -2,8 +2,8 @@
 
 The estimate models CUDA's kernels and the traced step runs CPU kernels (under fake tensors),
 so they can differ where the two save different tensors. For the project's GPT-2 they save
-the same ones, and the allocated peaks agree to within ``TRACE_RTOL`` once the cuBLAS
-workspace (which only a GPU allocates) is set aside.
+the same ones except the autocast cross-entropy (counted below), and the allocated peaks agree
+to within ``TRACE_RTOL`` once the cuBLAS workspace (which only a GPU allocates) is set aside.
 """
 
 from __future__ import annotations
@@ -39,14 +39,20 @@ def test_traced_gpt2_agrees_with_estimate(kwargs):
     setup = TrainSetup(micro_batch=2, seq_len=96, **{"logits_lifetime": "loss_only", **kwargs})
     traced = trace_step(module, setup)
     full = estimate(spec_from_module(module), setup).phases["full"]
-    formula = full.peak_bytes - CUBLAS_WORKSPACE
+    # The one place where CPU and CUDA kernels differ here: CPU autocast lists
+    # cross_entropy_loss as fp32 (the log-probabilities are fp32, 4 B), CUDA autocast does not
+    # (log_softmax keeps the bf16 dtype, 2 B; nll_loss's fp32 copy is there on both).
+    cpu_extra = (4 - 2) * setup.tokens_per_micro_batch * module.config.vocab_size
+    cpu_extra = cpu_extra if setup.autocast else 0
+    formula = full.peak_bytes - CUBLAS_WORKSPACE + cpu_extra
     assert abs(formula - traced.peak_bytes) <= TRACE_RTOL * traced.peak_bytes, (
         formula,
         traced.peak_bytes,
     )
     for stage in ("forward", "backward"):
         measured = traced.stage_peaks[stage]
-        assert abs(full.stage_peaks[stage] - CUBLAS_WORKSPACE - measured) <= TRACE_RTOL * measured
+        expected = full.stage_peaks[stage] - CUBLAS_WORKSPACE + cpu_extra
+        assert abs(expected - measured) <= TRACE_RTOL * measured, (stage, expected, measured)
     param_bytes = sum(p.numel() for p in module.parameters()) * (
         2 if setup.param_dtype == "bf16" else 4
     )

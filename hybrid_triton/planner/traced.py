@@ -11,8 +11,10 @@ temporaries).
 
 Limits: the kernels that run are the CPU ones (their meta implementations), and autocast
 follows the CPU op lists, so what one op saves can differ from its CUDA kernel (attention in
-particular). Use it for the structure of an unknown model; use :func:`estimate` where the
-formulas know the model. The module given is not changed.
+particular; and CPU autocast lists ``cross_entropy_loss`` as fp32, CUDA's does not, so the
+traced log-probabilities are fp32 where CUDA keeps them bf16: 2 B per token and vocabulary
+entry more than a GPU allocates). Use it for the structure of an unknown model; use
+:func:`estimate` where the formulas know the model. The module given is not changed.
 """
 
 from __future__ import annotations
