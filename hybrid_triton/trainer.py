@@ -655,35 +655,48 @@ class HybridTrainer:
 
     def _direction_groups(self):
         """Yield, per segment group, ``m_hat / (sqrt(v_hat) + eps) + weight_decay * w`` as an
-        fp32 temporary of the group's size (the AdamW step direction; 8/4-bit moments are
-        dequantized whole first, a temporary of the arena's size)."""
+        fp32 temporary of the group's size (the AdamW step direction). 8/4-bit moments are
+        dequantized one group at a time too (the quantization blocks that cover the group), so
+        no temporary of the arena's size exists."""
         opt = self.optimizer
         hp = opt.param_groups[0]
         beta1, beta2 = hp["betas"]
         st = opt.flat_state
-        if opt.state_bits in (32, 16):
-            m_all, v_all = st["exp_avg"], st["exp_avg_sq"]
-        else:
-            from hybrid_triton.kernels.adamw import dequantize_moments_ref
-
-            n, q = self.group.numel, opt.qblock
-            m_all = dequantize_moments_ref(
-                st["exp_avg"], st["exp_avg_scale"], n, opt.state_bits, "exp_avg", q
-            )
-            v_all = dequantize_moments_ref(
-                st["exp_avg_sq"], st["exp_avg_sq_scale"], n, opt.state_bits, "exp_avg_sq", q
-            )
         t = st["step"].clamp_min(1.0)
         bc1 = 1.0 - torch.pow(torch.full_like(t, beta1), t)
         sqrt_bc2 = (1.0 - torch.pow(torch.full_like(t, beta2), t)).sqrt()
         for start, end, _ in self.groups:
-            m = m_all[start:end].float()
+            if opt.state_bits in (32, 16):
+                m = st["exp_avg"][start:end].float()
+                v = st["exp_avg_sq"][start:end].float()
+            else:
+                m = self._dequantized_moment("exp_avg", start, end)
+                v = self._dequantized_moment("exp_avg_sq", start, end)
             # Out of place first: with 32-bit state, v is the optimizer's own buffer.
-            d = v_all[start:end].float().sqrt().div_(sqrt_bc2).add_(hp["eps"])
+            d = v.sqrt().div_(sqrt_bc2).add_(hp["eps"])
+            del v
             d.reciprocal_().mul_(m).div_(bc1)
+            del m
             if hp["weight_decay"]:
                 d.add_(self.master[start:end], alpha=hp["weight_decay"])
             yield d
+
+    def _dequantized_moment(self, which: str, start: int, end: int | None) -> torch.Tensor:
+        """float32 ``[end - start]``: elements ``start:end`` of an 8/4-bit moment, decoded from
+        the quantization blocks that cover them only."""
+        from hybrid_triton.kernels.adamw import dequantize_moments_ref
+
+        opt = self.optimizer
+        st, q, bits = opt.flat_state, opt.qblock, opt.state_bits
+        end = self.group.numel if end is None else end  # the last group runs to the end
+        first, last = start // q, -(-end // q)  # blocks [first, last)
+        lo = first * q
+        hi = min(last * q, self.group.numel)
+        # 8-bit: one code per element; 4-bit: two per byte, each block's q // 2 bytes together.
+        codes = st[which][lo:hi] if bits == 8 else st[which][first * q // 2 : last * q // 2]
+        scale = st[f"{which}_scale"][first:last]
+        vals = dequantize_moments_ref(codes, scale, hi - lo, bits, which, q)
+        return vals[start - lo : end - lo]
 
     def _update_norms(self) -> torch.Tensor:
         """float32 [G]: per-group norms of the AdamW update just taken, ``lr * ||direction_g||``
