@@ -22,6 +22,7 @@ memory, fragmentation, device-level use) is reported as not measured, with the r
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import weakref
 from collections.abc import Iterable, Iterator
@@ -71,18 +72,26 @@ class PhaseMemory:
         ]
 
 
-def _nvml_used(index: int = 0) -> int | None:
+@functools.cache
+def _nvml_handle(index: int):
+    """NVML is initialised once per process and the device handle kept: an init and shutdown
+    around every read cost more than the probe's whole budget (1% of a training step)."""
     try:
         import pynvml  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    try:
+
         pynvml.nvmlInit()
-        try:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
-        finally:
-            pynvml.nvmlShutdown()
+        return pynvml, pynvml.nvmlDeviceGetHandleByIndex(index)
+    except Exception:
+        return None
+
+
+def _nvml_used(index: int = 0) -> int | None:
+    found = _nvml_handle(index)
+    if found is None:
+        return None
+    pynvml, handle = found
+    try:
+        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
     except Exception:
         return None
 
