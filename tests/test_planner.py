@@ -257,6 +257,15 @@ def test_fp32_held_logits_add_one_fp32_buffer():
     assert held.peak_bytes - _full().peak_bytes == 4 * N * V
 
 
+def test_autocast_forward_only_cross_entropy_by_hand():
+    # Predict (no_grad) under autocast: bf16 logits, bf16 log-probabilities and nll_loss's fp32
+    # copy of them are alive together at the loss; nothing vocabulary-sized is saved
+    setup = TrainSetup(micro_batch=B, seq_len=T, autocast="bf16", phases=("predict",))
+    predict = estimate(SMALL, setup).phases["predict"]
+    assert predict.peak_at == "forward: cross-entropy"
+    assert predict.components["logits_and_loss"] == (2 + 2 + 4) * N * V
+
+
 def test_baseline_presets_hold_the_logits_for_the_step():
     # the recipes bind the logits to ``_`` until the step returns; the trainer drops them
     assert setup_preset("fp32").logits_lifetime == "step"
