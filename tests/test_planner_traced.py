@@ -95,7 +95,8 @@ def test_traced_rejects_bad_input():
 @pytest.mark.parametrize("bits", [32, 16, 8, 4])
 def test_predict_entry_temporaries_match_the_trainer_code(bits):
     """PREDICT_ENTRY_TEMP_BYTES against a measurement of the steps HybridTrainer's
-    _adam_direction takes (the moments read as fp32, then the direction), under fake tensors."""
+    _direction_groups takes for one segment group of n elements (the moments read as fp32,
+    then the direction), under fake tensors."""
     from hybrid_triton.kernels.adamw import dequantize_moments_ref, new_state
     from torch._subclasses.fake_tensor import FakeTensorMode
 

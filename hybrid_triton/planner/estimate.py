@@ -36,7 +36,8 @@ What is modelled (per token of a micro-batch, ``N = micro_batch * seq_len``, wid
 - Predict phase: forward under ``no_grad`` (nothing saved), no gradients, moments per policy,
   plus the compact update direction (int8 blockwise: 1 B + fp32 scale per 256). With
   ``setup.trainer`` (HybridTrainer): the Predict entry builds the direction from the moments
-  (fp32 temporaries, ``PREDICT_ENTRY_TEMP_BYTES``), and the moments come back before Predict
+  one segment group at a time (fp32 temporaries, ``PREDICT_ENTRY_TEMP_BYTES`` per element of
+  the largest group), and the moments come back before Predict
   ends; Correct keeps the direction and copies the master weights around its step.
 - Allocator: every block is rounded up to ``ALLOC_ROUND`` bytes (``allocator_rounding``).
   ``segment_slack_bytes`` (reported apart, not in the allocated peak) is what rounding the
@@ -68,13 +69,13 @@ LARGE_BLOCK = 1 * MiB
 # (TrainerConfig.quant_block).
 STATE_BLOCK = {8: 256, 4: 128}
 DIRECTION_BLOCK = 256
-# Bytes per parameter of temporaries alive at the worst point of HybridTrainer's Predict entry
-# (_adam_direction), counted from its code: 32-bit state: the fp32 direction (4); 16-bit: fp32
-# copies of both moments and the direction (12); 8-bit: inside the torch reference
-# dequantize_moments_ref, the int32 codes, their magnitude or shifted bits, a bool mask and
-# the fp32 result (17, the first moment's 4 included while the second is decoded); 4-bit: the
-# same plus the unpacked nibbles (19). They change when that code does; the memory suite's
-# Predict rows check them.
+# Bytes per element of a segment group of temporaries alive at the worst point of
+# HybridTrainer's Predict entry (_direction_groups, one group at a time), counted from its code:
+# 32-bit state: the group's fp32 direction (4); 16-bit: fp32 copies of both moments and the
+# direction (12); 8-bit: inside the torch reference dequantize_moments_ref, the int32 codes,
+# their magnitude or shifted bits, a bool mask and the fp32 result (17, the first moment's 4
+# included while the second is decoded); 4-bit: the same plus the unpacked nibbles (19). They
+# change when that code does; the memory suite's Predict rows check them.
 PREDICT_ENTRY_TEMP_BYTES = {32: 4, 16: 12, 8: 17, 4: 19}
 # NVIDIA's recommended cuBLAS workspace on Hopper; PyTorch allocates it through the caching
 # allocator on the first matmul, so it shows in max_memory_allocated. Calibration constant.
@@ -392,16 +393,19 @@ class _Step:
     def enter_predict(self) -> None:
         """HybridTrainer's Predict entry: free the accumulator, build the Adam direction from
         the moments (fp32 temporaries), quantize it, then offload the moments per policy."""
-        tl, s, P = self.tl, self.setup, self.spec.num_params
+        tl, s = self.tl, self.setup
         tl.at("predict entry", "Adam direction")
         tl.free(self.accumulator)
         self.accumulator = None
-        if s.optimizer == "adamw" and self.moments:
-            temp = tl.alloc("temporaries", PREDICT_ENTRY_TEMP_BYTES[s.state_bits] * P)
-            tl.free(temp)
-        d = tl.alloc("temporaries", 4 * P)  # the fp32 direction, quantized below
+        # The direction is built and quantized one segment group at a time
+        # (HybridTrainer._direction_groups): the moments of one group are read (8/4-bit: only
+        # the quantization blocks covering it are decoded) and the group's fp32 direction is
+        # made, so the temporaries are the largest group's. Counted with the whole compact
+        # direction already allocated (the last group's moment: it is nearly all there).
         self.direction = self.alloc_direction()
-        tl.free(d)
+        if s.optimizer == "adamw" and self.moments:
+            group = max(direction_groups(self.spec))
+            tl.free(tl.alloc("temporaries", PREDICT_ENTRY_TEMP_BYTES[s.state_bits] * group))
         if s.predict_moments in ("offload", "drop", "compress"):
             tl.free(*self.moments)
             self.moments = []
