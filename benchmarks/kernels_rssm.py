@@ -155,7 +155,9 @@ def points(quick: bool) -> list[tuple[int, int, int, str]]:
     return pts
 
 
-def cases(quick: bool, compile_points: str = "target", split: int | None = None) -> list[KernelCase]:
+def cases(
+    quick: bool, compile_points: str = "target", split: int | None = None
+) -> list[KernelCase]:
     out = []
     for K, H, T, curve in points(quick):
         with_compile = not quick and (

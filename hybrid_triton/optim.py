@@ -192,7 +192,15 @@ class FusedAdamW(torch.optim.Optimizer):
     def _gather_grads(self) -> torch.Tensor:
         g = self.arena_group
         if self._flat_grad is not None:
-            return self._flat_grad
+            # Frameworks that call ``model.zero_grad()`` (set_to_none) detach the views: the
+            # next backward then writes fresh tensors and the flat buffer is stale. Detect it
+            # by storage pointer (host-side, no sync) and fall back to gathering.
+            base, size = self._flat_grad.data_ptr(), self._flat_grad.element_size()
+            if all(
+                p.grad is not None and p.grad.data_ptr() == base + seg.offset * size
+                for p, seg in zip(g.params, g.table)
+            ):
+                return self._flat_grad
         flat = torch.zeros(g.numel, dtype=g.dtype, device=g.device)
         # Slow path (one copy per tensor): call attach_flat_grads() to avoid it. A parameter
         # without a gradient counts as a zero gradient (weight decay and momentum still apply).

@@ -316,3 +316,27 @@ def test_step_never_syncs_with_the_host(bits):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert opt.flat_state["step"].item() == 3
+
+
+def test_attached_flat_grads_detached_by_zero_grad_none_are_not_reused():
+    """A framework's ``model.zero_grad()`` (set_to_none) detaches the flat-grad views; the
+    next step must use the fresh gradients, not the stale flat buffer."""
+    from hybrid_triton import FlatArena
+    from hybrid_triton.optim import FusedAdamW
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    twin = torch.nn.Linear(4, 3)
+    twin.load_state_dict(model.state_dict())
+    opt = FusedAdamW(FlatArena.from_module(model), lr=1e-2, weight_decay=0.0)
+    ref = torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=0.0)
+    opt.attach_flat_grads()
+    for step in range(3):
+        x = torch.randn(8, 4)
+        for m in (model, twin):
+            m.zero_grad(set_to_none=True)
+            m(x).square().mean().backward()
+        opt.step()
+        ref.step()
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert torch.allclose(p, q, atol=1e-5, rtol=1e-4), f"step {step}: stale gradient"
