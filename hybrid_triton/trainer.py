@@ -929,8 +929,16 @@ class HybridTrainer:
         return out
 
     def close(self) -> None:
+        """Flush the metrics and let go of the model: the optimizer state comes back if a
+        Predict phase had moved it, the accumulation hooks are removed (parameters get
+        ordinary ``.grad`` again) and the Predict buffers (direction, snapshot) are dropped,
+        so nothing the trainer made stays reachable from the model's parameters."""
         self.flush()
         self.metrics.close()
+        if self.offloader.offloaded:
+            self.offloader.restore()
+        self.accum.remove()
+        self._direction = self._alphas = self._snapshot = None
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

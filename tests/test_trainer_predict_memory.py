@@ -166,3 +166,19 @@ def test_predict_frees_gradients_moments_and_logits(state_bits):
     for name, t in moments.items():
         assert t.untyped_storage().nbytes() > 0, name
     trainer.close()
+
+
+def test_close_during_predict_gives_the_model_back():
+    trainer = make(8, offload="cpu")
+    for i in range(4):
+        out = trainer.step(batch(i))
+    assert out["phase"] == "predict"
+    moments = trainer.optimizer.state_tensors()
+    assert all(t.untyped_storage().nbytes() == 0 for t in moments.values())
+    trainer.close()
+    # The moments are back, the Predict buffers dropped, and backward fills ordinary .grad.
+    assert all(t.untyped_storage().nbytes() > 0 for t in moments.values())
+    assert trainer._direction is None and trainer._snapshot is None
+    _, loss = trainer.model(*batch(9))
+    loss.backward()
+    assert all(p.grad is not None for p in trainer.group.params)
