@@ -136,8 +136,6 @@ def planner_setup(cfg: MemoryConfig, device: torch.device):
         checkpointing=cfg.checkpointing,
         state_bits=cfg.state_bits,
         phases=TRAINER_PHASES if trainer else ("full",),
-        # The recipes and the trainer's loss_fn drop the logits at once: ``_, loss = ...``.
-        logits_lifetime="loss_only",
         # On CUDA the trainer's Predict moves the moments to pinned host memory.
         predict_moments="offload" if device.type == "cuda" else "keep",
     )
