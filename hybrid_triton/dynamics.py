@@ -197,8 +197,9 @@ class FeatureEncoder(nn.Module):
         self.prev_log_upd.copy_(log_upd)
         self.seen.fill_(True)
 
-        phase_vec = torch.zeros(4, device=device)
-        phase_vec[phase_id] = 1.0
+        # A comparison with a Python int is a kernel argument; item assignment of a Python
+        # float would copy a host scalar to the device (a sync under sync-debug mode).
+        phase_vec = (torch.arange(4, device=device) == phase_id).to(torch.float32)
         head = torch.stack(
             [
                 log_loss,
