@@ -260,10 +260,52 @@ def test_fp32_held_logits_add_one_fp32_buffer():
 def test_autocast_forward_only_cross_entropy_by_hand():
     # Predict (no_grad) under autocast: bf16 logits, bf16 log-probabilities and nll_loss's fp32
     # copy of them are alive together at the loss; nothing vocabulary-sized is saved
-    setup = TrainSetup(micro_batch=B, seq_len=T, autocast="bf16", phases=("predict",))
+    # (unchunked: loss_chunk_tokens=0, any model without GPT2's chunked no_grad loss)
+    setup = TrainSetup(
+        micro_batch=B, seq_len=T, autocast="bf16", phases=("predict",), loss_chunk_tokens=0
+    )
     predict = estimate(SMALL, setup).phases["predict"]
     assert predict.peak_at == "forward: cross-entropy"
     assert predict.components["logits_and_loss"] == (2 + 2 + 4) * N * V
+
+
+@pytest.mark.parametrize("param_dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("chunk", [1, 7, 1024, 10**6])
+def test_chunked_predict_loss_by_hand(param_dtype, chunk):
+    # GPT2._chunked_loss: one chunk of C = min(chunk, N) positions at a time; at its top the
+    # fp32 logits (bf16 parameters: a .to(fp32) copy, the bf16 ones freed) and cross-entropy's
+    # fp32 log-probabilities are alive together: 8 bytes per position and vocabulary entry
+    C = min(chunk, N)
+    setup = TrainSetup(
+        param_dtype=param_dtype, micro_batch=B, seq_len=T, phases=("predict",),
+        loss_chunk_tokens=chunk,
+    )  # fmt: skip
+    predict = estimate(SMALL, setup).phases["predict"]
+    if 4 * N * SMALL.d_model < 8 * C * V:  # else the blocks' activations are the peak
+        assert predict.peak_at == "forward: chunked cross-entropy"
+        assert predict.components["logits_and_loss"] == 8 * C * V
+
+
+def test_chunked_predict_peak_does_not_grow_with_the_batch():
+    def peak(micro_batch: int, chunk: int) -> int:
+        setup = setup_preset("hybrid", micro_batch=micro_batch, loss_chunk_tokens=chunk)
+        return estimate(SMALL, setup).phases["predict"].stage_peaks["forward"]
+
+    # the logits part is one chunk's; what grows is the [N, d] activations only
+    grow = peak(16, 1024) - peak(8, 1024)
+    assert 0 < grow < 8 * 1024 * SMALL.d_model * 4 * 2
+    # unchunked, the full [N, V] logits: much more than the chunked peak
+    assert peak(8, 0) - peak(8, 1024) > 3 * (8 * 1024 - 2 * 1024) * V
+
+
+def _round_up_512(nbytes: int) -> int:
+    return -(-nbytes // 512) * 512
+
+
+def test_loss_chunk_tokens_is_validated():
+    for bad in (-1, 1.5, True, "1024"):
+        with pytest.raises(PlannerError, match="loss_chunk_tokens"):
+            TrainSetup(loss_chunk_tokens=bad)
 
 
 def test_baseline_presets_hold_the_logits_for_the_step():
@@ -374,7 +416,9 @@ def test_predict_phase_policies():
     direction = P + 4 * math.ceil(P / DIRECTION_BLOCK)
     offloaded = predict(predict_moments="offload")
     assert offloaded.components["optimizer_state"] == 0
-    assert offloaded.components["gradients"] == offloaded.components["activations"] == 0
+    assert offloaded.components["gradients"] == 0
+    # at the chunked loss only the final norm's [N, d] output is an activation
+    assert offloaded.components["activations"] <= _round_up_512(N * SMALL.d_model * 4)
     assert offloaded.components["update_direction"] == direction
     assert offloaded.peak_at.startswith("forward")
     kept = predict(predict_moments="keep")

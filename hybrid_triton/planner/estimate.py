@@ -34,6 +34,9 @@ What is modelled (per token of a micro-batch, ``N = micro_batch * seq_len``, wid
   scale per 256, 4-bit 0.5 B + one scale per 128 (``STATE_BLOCK``); the step is fused (no
   temporaries). Offloaded state is not on the GPU.
 - Predict phase: forward under ``no_grad`` (nothing saved), no gradients, moments per policy,
+  the loss over chunks of ``setup.loss_chunk_tokens`` positions for GPT-2 (the project's
+  model: one chunk's logits, their fp32 copy and the fp32 log-probabilities, see
+  ``_Step.chunked_loss``; other families and ``loss_chunk_tokens=0``: the full logits),
   plus the compact update direction (int8 blockwise: 1 B + fp32 scale per 256). With
   ``setup.trainer`` (HybridTrainer): the Predict entry builds the direction from the moments
   one segment group at a time (fp32 temporaries, ``PREDICT_ENTRY_TEMP_BYTES`` per element of
@@ -668,6 +671,9 @@ class _Step:
         tl.at("forward", "final norm and logits")
         self.weight_copy(self.lm_head)
         norm_out = self.act(d, r)
+        if not train and sp.family == "gpt2" and s.loss_chunk_tokens > 0:
+            self.chunked_loss(x, norm_out)
+            return
         stats = self.act(1, 8) if train else None
         if self.autocast:
             head_in = self.act(d, c)
@@ -748,6 +754,33 @@ class _Step:
             self.param_grad(p, from_matmul=False)  # dense embedding gradient, then stored
         tl.free(g)
         self.logits = logits  # None for "loss_only"; freed by the next forward or the step
+
+    def chunked_loss(self, x: int, norm_out: int) -> None:
+        """GPT2._chunked_loss (no_grad with targets): the final norm's output stays whole, the
+        logits exist for one chunk of ``C = min(loss_chunk_tokens, N)`` positions at a time.
+        Per chunk: ``lm_head`` on the chunk (compute dtype; under autocast the chunk's input is
+        cast first), ``.to(fp32)`` (a copy unless already fp32: both alive while it is made),
+        then ``F.cross_entropy``'s fp32 log-probabilities beside the fp32 logits; the loss is a
+        scalar. Chunks reuse the same sizes, so one chunk is the peak."""
+        tl, c, V, d = self.tl, self.c, self.spec.vocab_size, self.spec.d_model
+        C = min(self.setup.loss_chunk_tokens, self.N)
+        tl.free(x)  # the last block's output dies once the final norm has run
+        tl.at("forward", "chunked cross-entropy")
+        head_in = tl.alloc("temporaries", c * C * d) if self.autocast else None
+        logits = tl.alloc("logits_and_loss", c * C * V)
+        tl.free(head_in)
+        if c < 4:
+            logits32 = tl.alloc("logits_and_loss", 4 * C * V)
+            tl.free(logits)
+            logits = logits32
+        log_probs = tl.alloc("logits_and_loss", 4 * C * V)
+        tl.free(log_probs, logits, norm_out)
+        if self.logits is not None:
+            tl.free(self.logits)
+            self.logits = None
+        for h in self.cache.values():  # autocast's cache is cleared on exit
+            tl.free(h)
+        self.cache = {}
 
     def _alias(self, handle: int) -> int:
         """A second reference to a live tensor (the checkpoint keeps the original)."""

@@ -84,6 +84,10 @@ class TrainSetup:
       returns, as the project's baseline recipes do), or "next_forward" (``logits, loss =
       model(x, y)`` in a loop: the old logits live until the next forward returns, as in
       nanoGPT).
+    - ``loss_chunk_tokens``: the model computes a ``no_grad`` loss (Predict) over chunks of
+      this many positions without materializing the ``[N, V]`` logits, as the project's
+      ``GPT2`` does (``GPT2Config.loss_chunk_tokens``, default 1024); 0: the full logits, as
+      any other model. Only GPT-2 specs use it (Llama specs model Hugging Face modules).
     - ``trainer``: count ``HybridTrainer``'s own tensors: at Predict entry the fp32
       temporaries that build the update direction (the moments are still on the GPU), the
       moments prefetched back before Predict ends, the direction kept through Correct and
@@ -107,6 +111,7 @@ class TrainSetup:
     attention: str = "flash"
     logits_lifetime: str = "loss_only"
     trainer: bool | None = None
+    loss_chunk_tokens: int = 1024
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalize in place once
@@ -124,6 +129,9 @@ class TrainSetup:
         _count(self.micro_batch, "micro_batch")
         _count(self.seq_len, "seq_len")
         _count(self.accum_steps, "accum_steps")
+        chunk = self.loss_chunk_tokens
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+            raise PlannerError(f"loss_chunk_tokens must be an int >= 0, got {chunk!r}")
         phases = tuple(self.phases)
         if not phases:
             raise PlannerError("phases must name at least one phase")
