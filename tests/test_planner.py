@@ -370,13 +370,19 @@ def test_trainer_predict_entry_and_correct_by_hand():
     from hybrid_triton.planner.estimate import direction_groups
 
     # Predict entry: the accumulator is freed first; the moments are still on the GPU; the
-    # compact direction is built one segment group at a time, so the fp32 temporaries are the
-    # largest group's (HybridTrainer._direction_groups)
-    direction = Pm + 4 * math.ceil(Pm / DIRECTION_BLOCK)
+    # compact direction is built and quantized one segment group at a time, in arena order
+    # (HybridTrainer._enter_predict): group i's temporaries sit beside groups 0..i-1's int8
+    # directions only, and its fp32 direction beside its own int8 one while quantized
+    groups = direction_groups(est.spec)
+    compact = [n + 4 * math.ceil(n / DIRECTION_BLOCK) for n in groups]
+    direction = sum(compact)
+    building = max(
+        sum(compact[:i]) + max(PREDICT_ENTRY_TEMP_BYTES[8] * n, 4 * n + compact[i])
+        for i, n in enumerate(groups)
+    )
     moments = 2 * (Pm + 4 * math.ceil(Pm / 256))
-    temporaries = PREDICT_ENTRY_TEMP_BYTES[8] * max(direction_groups(est.spec))
     inputs = 2 * 8 * 2 * 128
-    entry = 2 * Pm + 4 * Pm + moments + direction + temporaries + CUBLAS_WORKSPACE + inputs
+    entry = 2 * Pm + 4 * Pm + moments + building + CUBLAS_WORKSPACE + inputs
     assert 0 <= predict.stage_peaks["predict entry"] - entry < 16 * ALLOC_ROUND
     # group-sized temporaries stay below the accumulator just freed: the phase's peak is the
     # model state it starts with (the accumulator is still there when the phase begins)
@@ -390,7 +396,11 @@ def test_trainer_predict_entry_and_correct_by_hand():
     assert correct.components["update_direction"] == direction
     # Correct holds the direction throughout, and the pre-step master copy during its step
     # (stage peaks count allocated blocks: each rounded up to ALLOC_ROUND)
-    rounded = sum(-(-n // ALLOC_ROUND) * ALLOC_ROUND for n in (Pm, 4 * math.ceil(Pm / 256)))
+    rounded = sum(
+        -(-n // ALLOC_ROUND) * ALLOC_ROUND
+        for g in groups
+        for n in (g, 4 * math.ceil(g / DIRECTION_BLOCK))
+    )
     assert correct.stage_peaks["backward"] - full.stage_peaks["backward"] == rounded
     # ... plus one segment group of the predicted update dequantized to fp32 at a time
     group = -(-4 * max(direction_groups(est.spec)) // ALLOC_ROUND) * ALLOC_ROUND
@@ -413,7 +423,10 @@ def test_predict_phase_policies():
         setup = TrainSetup(micro_batch=B, seq_len=T, autocast="bf16", **kw)
         return estimate(SMALL, setup).phases["predict"]
 
-    direction = P + 4 * math.ceil(P / DIRECTION_BLOCK)
+    from hybrid_triton.planner.estimate import direction_groups
+
+    # one int8 direction per segment group (quantize_blockwise per group)
+    direction = sum(n + 4 * math.ceil(n / DIRECTION_BLOCK) for n in direction_groups(SMALL))
     offloaded = predict(predict_moments="offload")
     assert offloaded.components["optimizer_state"] == 0
     assert offloaded.components["gradients"] == 0

@@ -39,9 +39,10 @@ What is modelled (per token of a micro-batch, ``N = micro_batch * seq_len``, wid
   ``_Step.chunked_loss``; other families and ``loss_chunk_tokens=0``: the full logits),
   plus the compact update direction (int8 blockwise: 1 B + fp32 scale per 256). With
   ``setup.trainer`` (HybridTrainer): the Predict entry builds the direction from the moments
-  one segment group at a time (fp32 temporaries, ``PREDICT_ENTRY_TEMP_BYTES`` per element of
-  the largest group), and the moments come back before Predict
-  ends; Correct keeps the direction and copies the master weights around its step.
+  one segment group at a time in arena order (fp32 temporaries, ``PREDICT_ENTRY_TEMP_BYTES``
+  per element of the group, beside the int8 directions of the groups before it only: each
+  group is quantized into its own tensor), and the moments come back before Predict ends;
+  Correct keeps the direction and copies the master weights around its step.
 - Allocator: every block is rounded up to ``ALLOC_ROUND`` bytes (``allocator_rounding``).
   ``segment_slack_bytes`` (reported apart, not in the allocated peak) is what rounding the
   live large blocks to the allocator's 2 MiB segment granularity adds: a floor for
@@ -385,13 +386,17 @@ class _Step:
                     out.append(tl.alloc("optimizer_state", 4))
         return out
 
-    def alloc_direction(self) -> list[int]:
-        """The frozen update direction, int8 blockwise: 1 B + an fp32 scale per block."""
-        P = self.spec.num_params
+    def alloc_direction_group(self, numel: int) -> list[int]:
+        """One segment group's frozen update direction (``quantize_blockwise`` per group,
+        int8): 1 B per element + an fp32 scale per block of the group."""
         return [
-            self.tl.alloc("update_direction", P),
-            self.tl.alloc("update_direction", 4 * math.ceil(P / DIRECTION_BLOCK)),
+            self.tl.alloc("update_direction", numel),
+            self.tl.alloc("update_direction", 4 * math.ceil(numel / DIRECTION_BLOCK)),
         ]
+
+    def alloc_direction(self) -> list[int]:
+        """The whole frozen update direction: a list of per-group int8 tensors."""
+        return [h for n in direction_groups(self.spec) for h in self.alloc_direction_group(n)]
 
     def enter_predict(self) -> None:
         """HybridTrainer's Predict entry: free the accumulator, build the Adam direction from
@@ -400,15 +405,22 @@ class _Step:
         tl.at("predict entry", "Adam direction")
         tl.free(self.accumulator)
         self.accumulator = None
-        # The direction is built and quantized one segment group at a time
-        # (HybridTrainer._direction_groups): the moments of one group are read (8/4-bit: only
-        # the quantization blocks covering it are decoded) and the group's fp32 direction is
-        # made, so the temporaries are the largest group's. Counted with the whole compact
-        # direction already allocated (the last group's moment: it is nearly all there).
-        self.direction = self.alloc_direction()
-        if s.optimizer == "adamw" and self.moments:
-            group = max(direction_groups(self.spec))
-            tl.free(tl.alloc("temporaries", PREDICT_ENTRY_TEMP_BYTES[s.state_bits] * group))
+        # The direction is built and quantized one segment group at a time, in arena order
+        # (HybridTrainer._enter_predict over _direction_groups): the moments of one group are
+        # read (8/4-bit: only the quantization blocks covering it are decoded), the group's
+        # fp32 direction is made and quantized into its own int8 tensor. So while group i is
+        # built only groups 0..i-1's compact directions exist (GPT-2's largest group, the
+        # embeddings, comes first, beside no direction at all).
+        self.direction = []
+        build = s.optimizer == "adamw" and self.moments
+        for numel in direction_groups(self.spec):
+            if build:  # the decode / direction temporaries at their worst point
+                tl.free(tl.alloc("temporaries", PREDICT_ENTRY_TEMP_BYTES[s.state_bits] * numel))
+                fp32_direction = tl.alloc("temporaries", 4 * numel)  # alive while quantized
+            else:
+                fp32_direction = None
+            self.direction += self.alloc_direction_group(numel)
+            tl.free(fp32_direction)
         if s.predict_moments in ("offload", "drop", "compress"):
             tl.free(*self.moments)
             self.moments = []
