@@ -131,3 +131,14 @@ def test_list(capsys):
     assert main(["--list"]) == 0
     out = capsys.readouterr().out
     assert "llama-13b" in out and "hybrid" in out and "h200" in out
+
+
+def test_loss_chunk_tokens_flag_reaches_the_predict_estimate(capsys):
+    def predict_peak(*extra: str) -> int:
+        assert main(["gpt2-small", "--setup", "hybrid", "--batch", "8", "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)["phase_peak_bytes"]["predict"]
+
+    chunked, full = predict_peak(), predict_peak("--loss-chunk-tokens", "0")
+    assert full > chunked  # the full [N, V] logits instead of one chunk's
+    assert main(["gpt2-small", "--loss-chunk-tokens", "-1"]) == 2
+    assert "loss_chunk_tokens" in capsys.readouterr().err

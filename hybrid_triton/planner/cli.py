@@ -79,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--phases", help=f"comma-separated subset of {','.join(PHASES)}")
     p.add_argument("--attention", choices=ATTENTION)
     p.add_argument("--logits-lifetime", choices=LOGITS_LIFETIME)
+    p.add_argument(
+        "--loss-chunk-tokens",
+        type=int,
+        help="positions per chunk of GPT-2's no_grad (Predict) loss; 0: full logits (1024)",
+    )
     p.add_argument("--gpu", help="a GPU preset (--list) or a size in GiB")
     p.add_argument("--margin", type=float, default=0.1, help="fraction kept free (0.1)")
     p.add_argument("--fit", action="store_true", help="search the setups for --gpu")
@@ -135,6 +140,7 @@ def _setup(args):
         ("predict_moments", args.predict_moments),
         ("attention", args.attention),
         ("logits_lifetime", args.logits_lifetime),
+        ("loss_chunk_tokens", args.loss_chunk_tokens),
     ):
         if value is not None:
             overrides[field] = value
