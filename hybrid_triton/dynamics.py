@@ -530,7 +530,7 @@ class DynamicsModel(nn.Module):
                 slot = self._calib_written % n_cal
                 self.calib_rel_err[slot] = rel_err
                 self.calib_ratio[slot] = rel_err / spread[lead - 1].clamp_min(1e-6)
-                self.calib_lead[slot] = lead
+                self.calib_lead[slot : slot + 1].fill_(lead)  # a kernel argument, not a copy
                 self._calib_written += 1
 
     def _confidence_for(self, spread: torch.Tensor) -> torch.Tensor:
