@@ -85,3 +85,12 @@ def check_scalar_tensor(op: str, name: str, value: object, device: torch.device)
             f"{op}: {name} must be a float or a one-element float32 tensor, got "
             f"{type(value).__name__}"
         )
+
+
+def scalar_operand(value: float | torch.Tensor) -> tuple[torch.Tensor | None, float]:
+    """How a launcher passes a scalar that may live on the device: ``(tensor, 1.0)`` for a
+    one-element device tensor (the kernel loads it: no sync), ``(None, value)`` for a Python
+    number (passed as a kernel argument)."""
+    if isinstance(value, torch.Tensor):
+        return value, 1.0
+    return None, float(value)

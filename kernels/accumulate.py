@@ -45,19 +45,13 @@ from hybrid_triton.kernels._checks import (
     check_flag,
     check_scalar_tensor,
     check_tensor,
+    scalar_operand,
 )
 from hybrid_triton.kernels._dispatch import use_triton
 from hybrid_triton.kernels._segments import Segments
 
 BLOCK = 4096
 NUM_WARPS = 8
-
-
-def _scalar_operand(value: float | torch.Tensor) -> tuple[torch.Tensor | None, float]:
-    """(device tensor read in the kernel, or None; the Python value used when there is none)."""
-    if isinstance(value, torch.Tensor):
-        return value, 1.0
-    return None, float(value)
 
 
 @triton.jit
@@ -277,8 +271,8 @@ def accumulate_grads(
     seg_slot = seg_sumsq
     if segment_index is not None:
         seg_slot = seg_sumsq[segment_index : segment_index + 1]
-    inv_ptr, inv_value = _scalar_operand(inv_scale if inv_scale is not None else 1.0)
-    alpha_ptr, alpha_value = _scalar_operand(alpha)
+    inv_ptr, inv_value = scalar_operand(inv_scale if inv_scale is not None else 1.0)
+    alpha_ptr, alpha_value = scalar_operand(alpha)
     _accumulate_kernel[(programs,)](
         acc,
         grad,

@@ -28,6 +28,7 @@ from hybrid_triton.kernels._checks import (
     check_flag,
     check_scalar_tensor,
     check_tensor,
+    scalar_operand,
 )
 from hybrid_triton.kernels._dispatch import use_triton
 
@@ -38,13 +39,6 @@ NUM_WARPS = 8
 
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def _scalar_operand(value: float | torch.Tensor) -> tuple[torch.Tensor | None, float]:
-    """Split a scalar operand into (device tensor or None, Python value used when no tensor)."""
-    if isinstance(value, torch.Tensor):
-        return value, 1.0
-    return None, float(value)
 
 
 @triton.jit
@@ -123,7 +117,7 @@ def cast_scale(
     n = x.numel()
     if n == 0:
         return out
-    scale_ptr, scale_value = _scalar_operand(scale)
+    scale_ptr, scale_value = scalar_operand(scale)
     grid = (-(-n // BLOCK),)
     _cast_scale_kernel[grid](
         x,

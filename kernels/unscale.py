@@ -25,18 +25,12 @@ from hybrid_triton.kernels._checks import (
     check_flag,
     check_scalar_tensor,
     check_tensor,
+    scalar_operand,
 )
 from hybrid_triton.kernels._dispatch import use_triton
 
 BLOCK = 4096
 NUM_WARPS = 8
-
-
-def _scalar_operand(value: float | torch.Tensor) -> tuple[torch.Tensor | None, float]:
-    """(device tensor read in the kernel, or None; the Python value used when there is none)."""
-    if isinstance(value, torch.Tensor):
-        return value, 1.0
-    return None, float(value)
 
 
 @triton.jit
@@ -106,7 +100,7 @@ def unscale(
     n = grad.numel()
     if n == 0:
         return out
-    inv_ptr, inv_value = _scalar_operand(inv_scale)
+    inv_ptr, inv_value = scalar_operand(inv_scale)
     _unscale_kernel[(-(-n // BLOCK),)](
         grad,
         out,
