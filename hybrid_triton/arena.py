@@ -79,6 +79,30 @@ class ArenaGroup:
                 p.data = view
         self._state_buffers: set[int] = set()
 
+    @classmethod
+    def from_params(
+        cls,
+        params: list[nn.Parameter],
+        names: list[list[str]] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> ArenaGroup:
+        """A group from a plain list of same-dtype, same-device parameters (for optimizers
+        built from ``model.parameters()``, or a chosen subset of a module's parameters).
+        ``names``: per parameter, its name and then any aliases (default ``param<i>``).
+        ``dtype``: the flat buffer's dtype (default: the parameters'); the parameters become
+        views of that dtype (e.g. fp32 parameters turned into bf16 shadows)."""
+        if not params:
+            raise ArenaError("ArenaGroup.from_params: got no parameters")
+        kinds = {(p.dtype, p.device) for p in params}
+        if len(kinds) != 1:
+            raise ArenaError(
+                f"ArenaGroup.from_params: parameters mix dtypes or devices "
+                f"({sorted(map(str, kinds))}); build one group per dtype and device"
+            )
+        param_dtype, device = next(iter(kinds))
+        names = names if names is not None else [[f"param{i}"] for i in range(len(params))]
+        return cls(next(_arena_ids), dtype or param_dtype, device, list(params), names)
+
     @property
     def numel(self) -> int:
         """Elements of the flat buffer, alignment gaps included."""

@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from hybrid_triton import arena as _arena
 from hybrid_triton.arena import ArenaError, ArenaGroup, FlatArena
 from hybrid_triton.kernels._checks import FLOAT_DTYPES, check_tensor
 
@@ -65,9 +64,7 @@ def _group_from_params(params: Iterable[Any]) -> ArenaGroup:
             f"FusedAdamW: parameters mix dtypes or devices ({sorted(map(str, kinds))}); "
             "build one optimizer per dtype and device"
         )
-    dtype, device = next(iter(kinds))
-    names = [[f"param{i}"] for i in range(len(plist))]
-    return ArenaGroup(next(_arena._arena_ids), dtype, device, plist, names)
+    return ArenaGroup.from_params(plist)
 
 
 class FusedAdamW(torch.optim.Optimizer):

@@ -158,12 +158,8 @@ def _shadow_group(
     named: list[tuple[str, torch.nn.Parameter]], device: torch.device
 ) -> _arena.ArenaGroup:
     # One flat bf16 buffer for these parameters; each becomes a view into it (the shadow).
-    return _arena.ArenaGroup(
-        next(_arena._arena_ids),
-        torch.bfloat16,
-        device,
-        [p for _, p in named],
-        [[name] for name, _ in named],
+    return _arena.ArenaGroup.from_params(
+        [p for _, p in named], [[name] for name, _ in named], dtype=torch.bfloat16
     )
 
 

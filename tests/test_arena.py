@@ -99,3 +99,20 @@ def test_mixed_dtypes_make_groups_and_no_params_is_an_error():
     frozen = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ArenaError, match="no trainable parameters"):
         FlatArena.from_module(frozen)
+
+
+def test_group_from_params_views_and_rejects_mixed_lists():
+    from hybrid_triton.arena import ArenaGroup
+
+    a, b = nn.Linear(3, 4), nn.Linear(4, 2)
+    params = [a.weight, b.bias]
+    before = [p.detach().clone() for p in params]
+    group = ArenaGroup.from_params(params, [["a.weight"], ["b.bias"]])
+    for p, seg, old in zip(params, group.table, before):
+        assert torch.equal(p.detach(), old)
+        assert p.data_ptr() == group.flat[seg.offset :].data_ptr()
+    assert group.segment("b.bias").numel == 2
+    with pytest.raises(ArenaError, match="mix dtypes"):
+        ArenaGroup.from_params([a.weight, nn.Linear(2, 2).double().weight])
+    with pytest.raises(ArenaError, match="no parameters"):
+        ArenaGroup.from_params([])
