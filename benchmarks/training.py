@@ -10,10 +10,12 @@ Runs:
 - ``HybridTrainer`` on the same model and data when it is available: a short run through
   Warmup → Full → Predict → Correct with :class:`~hybrid_triton.bench.probes.MemoryProbe`
   around every step: per-phase peaks, tokens/s, validation loss at the end;
-- ``probe overhead``: the same bf16 step timed in alternating blocks with and without a
-  ``MemoryProbe`` phase around every step, reporting the overhead in % of the step time
-  (the target is at most 1% on a GPU; on CPU the probe tracks tensors through a dispatch
-  mode and costs far more: the CPU figure only shows that the case runs).
+- ``probe overhead``: the same bf16 step timed in pairs of blocks with and without a
+  ``MemoryProbe`` phase around every step (order A B, B A, ...; CUDA events at the block
+  edges only), reporting the median paired overhead in % of the step time with a 95%
+  interval, and the probe's host cost per phase (the target is at most 1% on a GPU; on CPU
+  the probe tracks tensors through a dispatch mode and costs far more: the CPU figure only
+  shows that the case runs).
 
 Quick: ``gpt2-tiny``, byte tokenizer, a few steps of 4 x 64 tokens. Full (a GPU):
 ``gpt2-small``, 8 x 1024 tokens per step.
@@ -36,6 +38,7 @@ import torch
 from hybrid_triton.bench.probes import MemoryProbe, free_device_memory, is_oom
 from hybrid_triton.bench.results import STATUS_ERROR, STATUS_OK, STATUS_OOM
 from hybrid_triton.bench.runner import SuiteContext, reference_path_on_cpu
+from hybrid_triton.bench.timing import paired_overhead, run_paired_blocks
 
 GIB = 2**30
 
@@ -251,25 +254,91 @@ def run_trainer(ctx: SuiteContext, size: TrainingSize, corpus) -> None:
 # ----------------------------------------------------------------------------- probe overhead
 
 
+# Pairs of blocks (with / without a probe phase around every step). Quick: the case runs;
+# full: enough pairs for a 95% interval of the median paired difference (12 pairs: 96%).
+OVERHEAD_PAIRS = {True: 3, False: 12}
+PROBE_HOST_CALLS = 200  # empty probe phases timed on the host, for the per-phase host cost
+
+
 @contextlib.contextmanager
 def _no_probe() -> Iterator[None]:
     yield
 
 
+class BlockTimer:
+    """Time of a block of work: CUDA events recorded at the block's edges and read once
+    the end event completes (the only wait, at the block's edge, never inside it); on CPU
+    ``time.perf_counter``. Returns milliseconds."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.method = "cuda events at block edges" if device.type == "cuda" else "cpu perf_counter"
+
+    def __call__(self, block) -> float:
+        if self.device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(self.device)  # the previous block has drained
+            start.record()
+            block()
+            end.record()
+            end.synchronize()
+            return float(start.elapsed_time(end))
+        t0 = time.perf_counter()
+        block()
+        return (time.perf_counter() - t0) * 1e3
+
+
+def probe_host_cost_us(probe: MemoryProbe, calls: int = PROBE_HOST_CALLS) -> float:
+    """Median host time of one empty probe phase (enter + exit), in microseconds: what the
+    probe adds to the host's side of a step (an upper bound of its cost when the host is
+    the bottleneck; hidden behind GPU work otherwise)."""
+    samples = []
+    resident = () if probe.device.type == "cpu" else None  # CPU: no GC scan per phase
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        with probe.phase("empty", resident=resident):
+            pass
+        samples.append((time.perf_counter() - t0) * 1e6)
+    probe.history.clear()
+    probe.results.pop("empty", None)
+    return statistics.median(samples)
+
+
+def nvml_query_us(device: torch.device, calls: int = 50) -> float | None:
+    """Median time of one NVML memory query (``device_level=True`` adds one per phase), in
+    microseconds; ``None`` without CUDA or NVML."""
+    from hybrid_triton.bench.probes import _nvml_used
+
+    if device.type != "cuda" or _nvml_used(device.index or 0) is None:
+        return None
+    samples = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        _nvml_used(device.index or 0)
+        samples.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(samples)
+
+
 def run_probe_overhead(ctx: SuiteContext, size: TrainingSize, corpus) -> None:
-    """Time the same training step with and without a probe phase around it, in alternating
-    blocks (so drift in clocks or thermals hits both), median step time of each."""
+    """The harness's own cost on a training step: the same bf16 step timed in blocks of
+    ``overhead_steps`` steps with and without a ``MemoryProbe`` phase around every step
+    (the default probe, as a user wraps a step), in pairs whose order alternates (A B, B A,
+    ...); the overhead is the median of the paired relative differences, with a
+    distribution-free 95% interval. Also the probe's host cost per phase, timed directly."""
     from hybrid_triton.data import TokenStream
     from hybrid_triton.recipes import build_recipe
 
     rec = ctx.recorder
     case = f"probe overhead {size.model} baseline_bf16 {size.micro_batch}x{size.seq_len}"
+    pairs = OVERHEAD_PAIRS[ctx.quick]
+    device = ctx.device
     config = {
         "recipe": "baseline_bf16",
         "model": size.model,
         "steps_per_block": size.overhead_steps,
+        "pairs": pairs,
     }
-    device = ctx.device
     try:
         parts = build_recipe("baseline_bf16", model_config(size, ctx.quick), device)
         stream = TokenStream(
@@ -278,34 +347,56 @@ def run_probe_overhead(ctx: SuiteContext, size: TrainingSize, corpus) -> None:
         batch = [stream.batch(0)]
         probe = MemoryProbe(device)
         resident = [parts.model, parts.optimizer, batch]
-        for _ in range(2):  # warm-up: optimizer state, kernels, allocator
-            parts.step(batch, 1e-4)
-        times: dict[str, list[float]] = {"without": [], "with": []}
-        blocks = 2 if ctx.quick else 4
-        for _ in range(blocks):
-            for mode in ("without", "with"):
-                _sync(device)
-                start = time.perf_counter()
+        for _ in range(3):  # warm-up: optimizer state, kernels, allocator, the probe itself
+            with probe.phase("full", resident=resident):
+                parts.step(batch, 1e-4)
+        timer = BlockTimer(device)
+
+        def run_block(mode: str) -> float:
+            def steps() -> None:
                 for _ in range(size.overhead_steps):
-                    ctx_mgr = (
-                        probe.phase("full", resident=resident) if mode == "with" else _no_probe()
-                    )
-                    with ctx_mgr:
+                    with probe.phase("full", resident=resident) if mode == "with" else _no_probe():
                         parts.step(batch, 1e-4)
-                _sync(device)
-                times[mode].append((time.perf_counter() - start) / size.overhead_steps * 1e3)
+
+            return timer(steps) / size.overhead_steps
+
+        times = run_paired_blocks(run_block, pairs, modes=("without", "with"))
+        result = paired_overhead(times["without"], times["with"])
+        host_us = probe_host_cost_us(probe)
+        nvml_us = nvml_query_us(device)
     except Exception as err:
         status = STATUS_OOM if is_oom(err) else STATUS_ERROR
+        if status == STATUS_ERROR:
+            ctx.log(traceback.format_exc())
         rec.status(case, "-", status, config=config, message=f"{type(err).__name__}: {err}")
         free_device_memory()
         return
-    without = statistics.median(times["without"])
-    with_probe = statistics.median(times["with"])
-    note = f"median of {blocks} blocks of {size.overhead_steps} steps"
-    rec.add(case, "without_probe", "step_time_ms", "ms", without, config=config, note=note)
-    rec.add(case, "with_probe", "step_time_ms", "ms", with_probe, config=config, note=note)
-    rec.add(case, "with_probe", "probe_overhead_pct", "%", 100.0 * (with_probe - without) / without,
-            config=config, note="target <= 1% on a GPU")  # fmt: skip
+    how = f"{pairs} pairs of blocks of {size.overhead_steps} steps, order ABBA..., {timer.method}"
+    rec.add(case, "without_probe", "step_time_ms", "ms", result.baseline_ms, config=config,
+            note=f"median of {pairs} blocks; {how}")  # fmt: skip
+    rec.add(case, "with_probe", "step_time_ms", "ms", result.treated_ms, config=config,
+            note=f"median of {pairs} blocks; {how}")  # fmt: skip
+    rec.add(case, "without_probe", "block_spread_pct", "%", result.baseline_spread_pct,
+            config=config, note="(p80 - p20) / median of the blocks without the probe")  # fmt: skip
+    ci = (
+        f"{100 * result.confidence:.0f}% interval [{result.ci_low_pct:.3g}, "
+        f"{result.ci_high_pct:.3g}] %"
+    )
+    target = "target <= 1% on a GPU" if device.type == "cuda" else "cpu: the probe tracks tensors"
+    rec.add(case, "with_probe", "probe_overhead_pct", "%", result.median_pct, config=config,
+            note=f"median of {pairs} paired differences; {ci}; {target}")  # fmt: skip
+    rec.add(case, "with_probe", "probe_overhead_ci_low_pct", "%", result.ci_low_pct,
+            config=config, note=f"{100 * result.confidence:.0f}% interval")  # fmt: skip
+    rec.add(case, "with_probe", "probe_overhead_ci_high_pct", "%", result.ci_high_pct,
+            config=config, note=f"{100 * result.confidence:.0f}% interval")  # fmt: skip
+    rec.add(case, "with_probe", "probe_host_us", "us", host_us, config=config,
+            note=f"median host time of an empty probe phase over {PROBE_HOST_CALLS}")  # fmt: skip
+    rec.add(case, "with_probe", "probe_host_pct", "%", 100.0 * host_us * 1e-3 / result.baseline_ms,
+            config=config, note="host cost per phase / step time: the overhead if the host "
+            "were the bottleneck")  # fmt: skip
+    rec.add(case, "nvml", "nvml_query_us", "us", nvml_us, config=config,
+            note="one NVML memory query (MemoryProbe(device_level=True) adds one per phase)"
+            if nvml_us is not None else "not measured: no CUDA device or no NVML")  # fmt: skip
     rec.status(case, "-", STATUS_OK, config=config)
     free_device_memory()
 
