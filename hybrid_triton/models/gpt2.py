@@ -45,9 +45,18 @@ class GPT2Config:
     dropout: float = 0.0
     bias: bool = True
     activation_checkpointing: bool = False
+    # With activation_checkpointing on: how many blocks are checkpointed, the first ones
+    # (their recomputation comes last in backward, when the later blocks' saved activations
+    # are already freed); None: every block. A memory knob between none and all.
+    checkpoint_blocks: int | None = None
     # Without autograd and with targets, the loss is computed over this many tokens at a time
     # and the full [B, T, V] logits never exist (forward returns logits=None); 0 turns it off.
     loss_chunk_tokens: int = 1024
+    # With autograd on and targets: the loss comes from the chunked fused linear +
+    # cross-entropy (hybrid_triton.models.fused_loss, chunks of loss_chunk_tokens positions,
+    # gradients made during forward) and forward returns logits=None: the [B, T, V] logits
+    # and cross entropy's vocabulary-sized temporaries never exist.
+    fused_loss: bool = False
 
     def __post_init__(self) -> None:
         for field in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -61,6 +70,17 @@ class GPT2Config:
         if not isinstance(self.loss_chunk_tokens, int) or self.loss_chunk_tokens < 0:
             raise ValueError(
                 f"GPT2Config.loss_chunk_tokens must be an int >= 0, got {self.loss_chunk_tokens!r}"
+            )
+        blocks = self.checkpoint_blocks
+        if blocks is not None and (
+            isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0
+        ):
+            raise ValueError(
+                f"GPT2Config.checkpoint_blocks must be None or an int >= 0, got {blocks!r}"
+            )
+        if self.fused_loss and self.loss_chunk_tokens == 0:
+            raise ValueError(
+                "GPT2Config.fused_loss needs loss_chunk_tokens > 0 (the chunk of positions)"
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPT2Config.dropout must be in [0, 1), got {self.dropout}")
@@ -158,6 +178,8 @@ class GPT2(nn.Module):
         # Read at each forward, so the trainer can switch it on or off after construction.
         self.activation_checkpointing = cfg.activation_checkpointing
         self.loss_chunk_tokens = cfg.loss_chunk_tokens  # read at each forward too
+        self.checkpoint_blocks = cfg.checkpoint_blocks  # and these
+        self.fused_loss = cfg.fused_loss
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
@@ -203,7 +225,15 @@ class GPT2(nn.Module):
         mean cross entropy up to summation order (computed in at least fp32, so a bf16 model
         gets an fp32 loss), while at most one chunk's logits (and cross entropy's
         temporaries) exist at a time. ``logits`` is then None; call without targets to get
-        them."""
+        them.
+
+        With autograd on, targets and ``fused_loss`` (and ``loss_chunk_tokens > 0``), the loss
+        is :func:`~hybrid_triton.models.fused_loss.linear_cross_entropy` over chunks of
+        ``loss_chunk_tokens`` positions (fp32; the gradients of the final norm's output and of
+        the tied weight are made chunk by chunk during forward); ``logits`` is None as well.
+
+        ``activation_checkpointing`` recomputes the first ``checkpoint_blocks`` blocks (all
+        when None) in backward."""
         if idx.dim() != 2 or idx.dtype != torch.int64:
             raise ValueError(
                 f"GPT2: idx must be a [B, T] int64 tensor, got {idx.dtype} of shape "
@@ -222,13 +252,31 @@ class GPT2(nn.Module):
         pos = torch.arange(seq_len, dtype=torch.int64, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
-        for block in self.transformer.h:
+        blocks = self.transformer.h
+        checkpointed = len(blocks) if self.checkpoint_blocks is None else self.checkpoint_blocks
+        for i, block in enumerate(blocks):
             # Non-reentrant checkpointing keeps only each block's input; the block's
             # activations are recomputed in backward.
-            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+            if recompute and i < checkpointed:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         x = self.transformer.ln_f(x)
-        if targets is not None and not torch.is_grad_enabled() and self.loss_chunk_tokens > 0:
-            return None, self._chunked_loss(x, targets)
+        if targets is not None and self.loss_chunk_tokens > 0:
+            if not torch.is_grad_enabled():
+                return None, self._chunked_loss(x, targets)
+            if self.fused_loss:
+                # Imported here: importing the model must not import Triton.
+                from hybrid_triton.models.fused_loss import linear_cross_entropy
+
+                loss = linear_cross_entropy(
+                    x.reshape(-1, x.size(-1)),
+                    self.lm_head.weight,
+                    targets.reshape(-1),
+                    ignore_index=-1,
+                    chunk_tokens=self.loss_chunk_tokens,
+                )
+                return None, loss
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
