@@ -324,3 +324,53 @@ def test_gpt2_small_chunked_loss_on_gpu_equal_loss_and_lower_peak():
     assert_close("chunked loss", losses["chunked"], losses["full"], rtol=1e-4, atol=0.0)
     logits_bytes = b * t * vocab * 2
     assert peaks["full"] - peaks["chunked"] >= logits_bytes, peaks
+
+
+# ----------------------------------------------------------------------------- selective
+
+
+@pytest.mark.parametrize("blocks", [0, 1, 2, 3, None], ids=["k0", "k1", "k2", "k3_all", "all"])
+def test_checkpoint_blocks_recomputes_the_first_k(blocks):
+    """``checkpoint_blocks=K`` recomputes exactly the first K blocks in backward (None: all),
+    with the same loss and gradients as no checkpointing."""
+    model = build_gpt2("gpt2-tiny", **SMALL)
+    idx, targets = _tokens(2, 17, 97), _tokens(2, 17, 97)
+    calls: list[int] = []
+    for i, block in enumerate(model.transformer.h):
+        block.register_forward_pre_hook(lambda *_, i=i: calls.append(i))
+    loss_plain, grads_plain = _loss_and_grads(model, idx, targets)
+    calls.clear()
+    model.activation_checkpointing = True
+    model.checkpoint_blocks = blocks
+    loss_ckpt, grads_ckpt = _loss_and_grads(model, idx, targets)
+    k = SMALL["n_layer"] if blocks is None else blocks
+    recomputed = sorted(calls[SMALL["n_layer"] :])
+    assert recomputed == list(range(k)), f"recomputed blocks {recomputed}, expected the first {k}"
+    assert_close("loss", loss_ckpt, loss_plain)
+    for name, g in grads_plain.items():
+        assert_close(f"grad {name}", grads_ckpt[name], g, atol=1e-7, rtol=1e-6)
+
+
+def test_bad_checkpoint_blocks_and_fused_loss_config():
+    with pytest.raises(ValueError, match="checkpoint_blocks must be None or an int >= 0"):
+        GPT2Config(checkpoint_blocks=-1)
+    with pytest.raises(ValueError, match="checkpoint_blocks"):
+        GPT2Config(checkpoint_blocks=True)
+    with pytest.raises(ValueError, match="fused_loss needs loss_chunk_tokens > 0"):
+        GPT2Config(fused_loss=True, loss_chunk_tokens=0)
+
+
+def test_fused_loss_only_with_autograd_and_targets():
+    """``fused_loss``: no_grad keeps the chunked evaluation loss, no targets gives logits."""
+    model = build_gpt2("gpt2-tiny", **SMALL, fused_loss=True, loss_chunk_tokens=5)
+    idx, targets = _tokens(2, 9, 97), _tokens(2, 9, 97)
+    logits, loss = model(idx)
+    assert logits.shape == (2, 9, 97) and loss is None
+    with torch.no_grad():
+        none, eval_loss = model(idx, targets)
+    assert none is None
+    fused_none, fused = model(idx, targets)
+    assert fused_none is None and fused.requires_grad
+    expected = F.cross_entropy(logits.double().view(-1, 97), targets.view(-1))
+    assert_close("fused loss", fused, expected, rtol=1e-5)
+    assert_close("no_grad loss", eval_loss, expected, rtol=1e-5)
