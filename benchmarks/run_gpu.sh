@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the GPU tests and the full-size benchmark suites on a CUDA machine, in one go.
 #
-#   bash benchmarks/run_gpu.sh [STAGE ...]     stages: tests kernels memory training optim
+#   bash benchmarks/run_gpu.sh [STAGE ...]     stages: tests sweep_quantize kernels memory training optim
 #
 # Works offline: the project is installed editable without dependencies (torch, triton,
 # numpy, pandas, matplotlib must already be there). Reports land under reports/; when $OUT is
@@ -59,8 +59,15 @@ for stage in "${stages[@]}"; do
     case $stage in
     tests)
         # Most tests in parallel; the big-tensor GPU tests (> 2^31 elements) one at a time.
-        run tests "${TESTS_TIMEOUT:-200}" python3 -m pytest -q -n 8 -p no:cacheprovider -rfE -m "not gpu"
-        run tests_gpu "${TESTS_GPU_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider -rfE -m gpu ;;
+        # -v prints every test's verdict as it happens, so a run cut by its time limit still
+        # names the tests that failed before it (grep FAILED in the log).
+        run tests "${TESTS_TIMEOUT:-200}" python3 -m pytest -v -n 8 -p no:cacheprovider -rfE -m "not gpu"
+        grep -E "(FAILED|ERROR) tests/" "$LOG/tests.log" | sort -u | head -20
+        run tests_gpu "${TESTS_GPU_TIMEOUT:-200}" python3 -m pytest -v -p no:cacheprovider -rfE -m gpu
+        grep -E "(FAILED|ERROR) tests/" "$LOG/tests_gpu.log" | sort -u | head -20 ;;
+    sweep_quantize)
+        run sweep_quantize "${SWEEP_TIMEOUT:-240}" python3 -m benchmarks.sweep_quantize \
+            "$LOG/sweep_quantize.csv" ;;
     kernels)
         # One process per family, each under its own time limit, so a slow family cannot cost
         # the others their results; the rows are merged into one report at the end.
@@ -82,7 +89,7 @@ for stage in "${stages[@]}"; do
         merge_report memory "$parts" ;;
     training) run training "${TRAINING_TIMEOUT:-300}" hybrid-triton bench training --no-progress ;;
     optim) run optim "${OPTIM_TIMEOUT:-300}" python3 benchmarks/optimizer_comparison.py --out reports/optim ;;
-    *) echo "unknown stage $stage (tests kernels memory training optim)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests sweep_quantize kernels memory training optim)"; exit 2 ;;
     esac
 done
 # Everything in two files: the lent machine returns at most 8 files from $OUT.

@@ -96,6 +96,7 @@ DYNAMIC_CUBE = 127.0**3  # 2048383: largest cubed code, exact in fp32
 # (several blocks per program amortize the per-program scale work) and warps per program.
 DEFAULT_TILE = 4096
 DEFAULT_WARPS = 8
+PACKED_3D = True  # packed formats on a [blocks, bytes, codes-per-byte] tile (see the kernel)
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,27 @@ def _check_block(op: str, block: object) -> None:
 
 
 @triton.jit
+def _max_propagating_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _block_max(x, THREE_D: tl.constexpr):
+    """Per-block max of a [G, BLOCK] or [G, BYTES, PER_BYTE] tile, NaN-propagating, with the
+    reduced axes kept (so the result broadcasts against the tile)."""
+    if THREE_D:
+        x = tl.reduce(x, 2, _max_propagating_nan, keep_dims=True)
+    return tl.reduce(x, 1, _max_propagating_nan, keep_dims=True)
+
+
+@triton.jit
+def _block_sum(x, THREE_D: tl.constexpr):
+    if THREE_D:
+        x = tl.sum(x, axis=2, keep_dims=True)
+    return tl.sum(x, axis=1, keep_dims=True)
+
+
+@triton.jit
 def _quantize_blockwise_kernel(
     x_ptr,
     err_ptr,
@@ -199,25 +221,37 @@ def _quantize_blockwise_kernel(
     HAS_ERROR: tl.constexpr,
     STOCHASTIC: tl.constexpr,
     HAS_FLAG: tl.constexpr,
+    THREE_D: tl.constexpr,
 ):
-    # One program quantizes GROUPS consecutive blocks, held as a [GROUPS, BLOCK] tile.
+    # One program quantizes GROUPS consecutive blocks. Packed formats (several codes per byte)
+    # hold them as a [GROUPS, BYTES, PER_BYTE] tile, so the codes of one byte sit in one thread
+    # and packing is an in-register sum; the 8-bit formats use a [GROUPS, BLOCK] tile. Per-block
+    # values keep their reduced axes (shape [GROUPS, 1(, 1)]) and broadcast against the tile.
     pid = tl.program_id(0).to(tl.int64)
-    blk = pid * GROUPS + tl.arange(0, GROUPS).to(tl.int64)  # [G]
-    offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # [G, BLOCK], int64
+    BYTES: tl.constexpr = BLOCK // PER_BYTE
+    if THREE_D:
+        blk = (pid * GROUPS + tl.arange(0, GROUPS).to(tl.int64))[:, None, None]
+        byte_in_block = tl.arange(0, BYTES)[None, :, None]
+        offs = blk * BLOCK + byte_in_block * PER_BYTE + tl.arange(0, PER_BYTE)[None, None, :]
+    else:
+        blk = (pid * GROUPS + tl.arange(0, GROUPS).to(tl.int64))[:, None]
+        offs = blk * BLOCK + tl.arange(0, BLOCK)[None, :]
     in_range = offs < numel
     v = tl.load(x_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
     if HAS_ERROR:
         v += tl.load(err_ptr + offs, mask=in_range, other=0.0)
     mag = tl.abs(v)
-    finite = mag < float("inf")  # False for +-inf and NaN
-    block_ok = tl.min(finite.to(tl.int32), axis=1) > 0  # [G]
-    mag = tl.where(finite, mag, 0.0)  # keeps the reductions below well defined
-    absmax = tl.max(mag, axis=1)  # [G]
+    # One NaN-propagating max gives both the scale and the verdict: a block holding inf or NaN
+    # has a non-finite max. Such a block's codes and error are discarded below, so the values
+    # computed from it in between do not matter.
+    absmax = _block_max(mag, THREE_D)
+    block_ok = absmax < float("inf")  # False for inf and NaN
+    absmax = tl.where(block_ok, absmax, 0.0)
     # Per element only multiplies: y = |v| * (levels / absmax), with one IEEE division per
     # block (Triton's fp32 `/` is div.full.f32, up to 2 ulp off, hence div_rn). Blocks under
     # 2^-100 are first scaled by 2^64 (exact) so that levels / absmax cannot overflow.
     pre = tl.where(absmax < 7.888609052210118e-31, 18446744073709551616.0, 1.0)
-    mag_s = mag * pre[:, None]
+    mag_s = mag * pre
     denom = tl.where(absmax > 0.0, absmax * pre, 1.0)
     if STOCHASTIC:
         u = tl.rand(seed, offs)  # uniform [0, 1), Philox keyed by (seed, element index)
@@ -225,76 +259,86 @@ def _quantize_blockwise_kernel(
     if FMT == 3:  # ternary
         if STOCHASTIC:
             # TernGrad: scale absmax, P(code = sign) = |v| / absmax, unbiased.
-            inv = tl.math.div_rn(tl.full([GROUPS], 1.0, tl.float32), denom)
-            code = tl.where(u < mag_s * inv[:, None], 1.0, 0.0)
+            inv = tl.math.div_rn(tl.full(denom.shape, 1.0, tl.float32), denom)
+            code = tl.where(u < mag_s * inv, 1.0, 0.0)
             scale = absmax
         else:
             # TWN scale (mean magnitude above 0.7 * mean|v|), raised to absmax / 2 so no
             # element is more than one step away; then round to the nearest of {-s, 0, s}.
             count = tl.minimum(tl.maximum(numel - blk * BLOCK, 0), BLOCK).to(tl.float32)
-            delta = 0.7 * tl.math.div_rn(tl.sum(mag, axis=1), tl.maximum(count, 1.0))
-            above = mag > delta[:, None]
-            n_above = tl.sum(above.to(tl.float32), axis=1)
+            delta = 0.7 * tl.math.div_rn(_block_sum(mag, THREE_D), tl.maximum(count, 1.0))
+            above = mag > delta
+            n_above = _block_sum(above.to(tl.float32), THREE_D)
             twn = tl.math.div_rn(
-                tl.sum(tl.where(above, mag, 0.0), axis=1), tl.maximum(n_above, 1.0)
+                _block_sum(tl.where(above, mag, 0.0), THREE_D), tl.maximum(n_above, 1.0)
             )
             scale = tl.maximum(twn, 0.5 * absmax)
             step = tl.where(scale > 0.0, scale * pre, 1.0)
-            inv = tl.math.div_rn(tl.full([GROUPS], 1.0, tl.float32), step)
-            code = tl.minimum(tl.floor(mag_s * inv[:, None] + 0.5), 1.0)
-        deq_mag = code * scale[:, None]
+            inv = tl.math.div_rn(tl.full(step.shape, 1.0, tl.float32), step)
+            code = tl.minimum(tl.floor(mag_s * inv + 0.5), 1.0)
+        deq_mag = code * scale
     elif FMT == 1:  # int8_dynamic: cubic code
-        inv = tl.math.div_rn(tl.full([GROUPS], 2048383.0, tl.float32), denom)
-        y3 = mag_s * inv[:, None]
+        inv = tl.math.div_rn(tl.full(denom.shape, 2048383.0, tl.float32), denom)
+        y3 = mag_s * inv
         c = tl.floor(tl.exp2(tl.log2(tl.maximum(y3, 1e-30)) * (1.0 / 3.0)))
-        # The cube root above is approximate; fix c to the exact floor (c**3 <= y3 < (c+1)**3).
-        c = tl.where((c + 1.0) * (c + 1.0) * (c + 1.0) <= y3, c + 1.0, c)
-        c = tl.where(c * c * c > y3, c - 1.0, c)
+        if STOCHASTIC:
+            # The cube root above is approximate; the rounding probability needs the exact
+            # floor (c**3 <= y3 < (c+1)**3).
+            c = tl.where((c + 1.0) * (c + 1.0) * (c + 1.0) <= y3, c + 1.0, c)
+            c = tl.where(c * c * c > y3, c - 1.0, c)
+        # Nearest rounding needs no correction: the approximate c is off by at most one only
+        # where y3 is within ~1e-6 (relative) of an integer cube, and there both candidate
+        # pairs {c-1, c} and {c, c+1} choose that cube's code.
         lo = c * c * c
-        hi = (c + 1.0) * (c + 1.0) * (c + 1.0)
+        c1 = c + 1.0
+        hi = c1 * c1 * c1
         if STOCHASTIC:
             up = u * (hi - lo) < y3 - lo
         else:
             up = y3 - lo >= hi - y3
-        code = tl.minimum(tl.where(up, c + 1.0, c), 127.0)
+        code = tl.minimum(tl.where(up, c1, c), 127.0)
         scale = absmax
-        deq_mag = ((code * code * code) * (1.0 / 2048383.0)) * scale[:, None]
+        deq_mag = ((code * code * code) * (1.0 / 2048383.0)) * scale
     else:  # int8, int4: linear code
-        inv = tl.math.div_rn(tl.full([GROUPS], LEVELS, tl.float32), denom)
-        y = mag_s * inv[:, None]
+        inv = tl.math.div_rn(tl.full(denom.shape, LEVELS, tl.float32), denom)
+        y = mag_s * inv
         if STOCHASTIC:
             code = tl.floor(y + u)
         else:
             code = tl.floor(y + 0.5)
         code = tl.minimum(code, LEVELS)
         scale = absmax
-        deq_mag = (code * (1.0 / LEVELS)) * scale[:, None]
+        deq_mag = (code * (1.0 / LEVELS)) * scale
 
-    ok = block_ok[:, None]
     negative = v < 0.0
-    code = tl.where(ok, tl.where(negative, -code, code), 0.0)
+    code = tl.where(block_ok, tl.where(negative, -code, code), 0.0)
     scale = tl.where(block_ok, scale, float("nan"))
 
     if HAS_ERROR:
         deq = tl.where(negative, -deq_mag, deq_mag)
-        tl.store(err_ptr + offs, v - deq, mask=in_range & ok)
+        tl.store(err_ptr + offs, v - deq, mask=in_range & block_ok)
 
     blk_mask = blk * BLOCK < numel
     tl.store(scale_ptr + blk, scale, mask=blk_mask)
     if HAS_FLAG:
-        any_bad = tl.max((blk_mask & (block_ok == 0)).to(tl.int32), axis=0)
+        any_bad = tl.max((blk_mask & (block_ok == 0)).to(tl.int32))
         tl.store(flag_ptr, 1.0, mask=any_bad > 0)
 
     qi = code.to(tl.int32)
+    n_bytes = (numel + PER_BYTE - 1) // PER_BYTE
     if PER_BYTE == 1:
         tl.store(data_ptr + offs, qi.to(tl.int8), mask=in_range)
+    elif THREE_D:
+        shift = tl.arange(0, PER_BYTE)[None, None, :] * BITS
+        # Bit fields do not overlap, so the sum is an OR; the axis is inside one thread.
+        packed = tl.sum((qi & ((1 << BITS) - 1)) << shift, axis=2, keep_dims=True)
+        boffs = blk * BYTES + byte_in_block  # [G, BYTES, 1]
+        tl.store(data_ptr + boffs, packed.to(tl.uint8), mask=boffs < n_bytes)
     else:
-        BYTES: tl.constexpr = BLOCK // PER_BYTE
         nib = tl.reshape(qi & ((1 << BITS) - 1), [GROUPS, BYTES, PER_BYTE])
         shift = tl.arange(0, PER_BYTE) * BITS
-        packed = tl.sum(nib << shift[None, None, :], axis=2)  # bit fields do not overlap
-        boffs = blk[:, None] * BYTES + tl.arange(0, BYTES)[None, :]
-        n_bytes = (numel + PER_BYTE - 1) // PER_BYTE
+        packed = tl.sum(nib << shift[None, None, :], axis=2)
+        boffs = blk * BYTES + tl.arange(0, BYTES)[None, :]
         tl.store(data_ptr + boffs, packed.to(tl.uint8), mask=boffs < n_bytes)
 
 
@@ -385,6 +429,7 @@ def quantize_blockwise(
         HAS_ERROR=error is not None,
         STOCHASTIC=bool(stochastic),
         HAS_FLAG=found_inf is not None,
+        THREE_D=f.per_byte > 1 and PACKED_3D,
         num_warps=num_warps or DEFAULT_WARPS,
         # No fma contraction: error = v - dequant(q) must equal what dequantize gives.
         enable_fp_fusion=False,
