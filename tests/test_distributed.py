@@ -1,0 +1,411 @@
+"""Multi-process tests of ``hybrid_triton.distributed`` on the gloo backend (CPU).
+
+Each test starts 2 processes (``torch.multiprocessing``, a fresh TCP port) that run a worker
+function below and save what they observed; the test compares it with a single-process run
+in this process. Kernels take the Triton interpreter (conftest sets TRITON_INTERPRET=1 and the
+children inherit it), so shapes are tiny. The planner's per-rank numbers are pure functions
+and are tested without processes at the end.
+
+Models have odd sizes on purpose: FSDP shards them unevenly (padded local shards), and the
+last layer has one output row, so rank 1 holds an empty shard of its weight.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from hybrid_triton.accumulation import GradAccumulator
+from hybrid_triton.arena import FlatArena
+from hybrid_triton.optim import FusedAdamW
+
+WORLD = 2
+STEPS = 3
+LR = 1e-2
+
+
+# ------------------------------------------------------------------------- process harness
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(local_rank: int, worker, world: int, port: int, out_dir: str, args: tuple) -> None:
+    torch.set_num_threads(1)  # two shared cores: intra-op threads only contend
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=local_rank, world_size=world
+    )
+    try:
+        result = worker(local_rank, world, *args)
+        torch.save(result, os.path.join(out_dir, f"rank{local_rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(worker, tmp_path: Path, *args, world: int = WORLD) -> list:
+    """Run ``worker(rank, world, *args)`` on ``world`` gloo processes; their return values."""
+    out = tmp_path / f"out_{worker.__name__}_{world}_{_free_port()}"
+    out.mkdir()
+    mp.start_processes(
+        _entry,
+        args=(worker, world, _free_port(), str(out), args),
+        nprocs=world,
+        join=True,
+        start_method="spawn",
+    )
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+# ------------------------------------------------------------------------- models and data
+
+
+def make_mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(6, 9), nn.GELU(), nn.Linear(9, 5), nn.GELU(), nn.Linear(5, 1)
+    )
+
+
+def make_data(steps: int = STEPS, batch: int = 8, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 6, generator=g), torch.randn(batch, 1, generator=g))
+            for _ in range(steps)]  # fmt: skip
+
+
+def mse(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+def shard_model(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters as full tensors (DTensors gathered)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        v = v.full_tensor() if hasattr(v, "full_tensor") else v
+        out[k] = v.detach().clone()
+    return out
+
+
+def reference_run(state_bits: int, micro: int, data, **opt_kw) -> dict[str, torch.Tensor]:
+    """One process, the whole batch: FusedAdamW stepping from a hook-fed accumulator."""
+    model = make_mlp()
+    arena = FlatArena.from_module(model)
+    opt = FusedAdamW(arena, lr=LR, state_bits=state_bits, **opt_kw)
+    acc = GradAccumulator(arena, micro)
+    for x, y in data:
+        acc.reset()
+        for xm, ym in zip(x.chunk(micro), y.chunk(micro)):
+            mse(model, (xm, ym)).backward()
+        opt.step(grad=acc.accumulator, grad_sumsq=acc.total_sumsq)
+    return full_state(model)
+
+
+# ------------------------------------------------------------------------- workers
+
+
+def _worker_flag(rank: int, world: int):
+    """Flags, sums of squares, a skipped step on every rank, and rank-0 dynamics."""
+    from hybrid_triton.distributed import (
+        DistributedFusedAdamW,
+        _RankZeroDynamics,
+        all_reduce_flag,
+        all_reduce_sumsq,
+    )
+
+    out = {}
+    flag = torch.tensor([1.0 if rank == 1 else 0.0])
+    out["flag"] = all_reduce_flag(flag).clone()
+    sumsq = torch.tensor([float(rank + 1) ** 2])
+    out["sumsq"] = all_reduce_sumsq(sumsq).clone()
+
+    # Replicated model: only rank 1 asks to skip (a guard), with finite gradients.
+    model = make_mlp()
+    arena = FlatArena.from_module(model)
+    opt = DistributedFusedAdamW(arena, lr=LR)
+    acc = GradAccumulator(arena, 1)
+    x, y = make_data(1, seed=10 + rank)[0]
+    before = arena.group.flat.clone()
+    mse(model, (x, y)).backward()
+    skip = torch.tensor([1.0 if rank == 1 else 0.0])
+    opt.step(grad=acc.accumulator, found_inf=skip, grad_sumsq=acc.total_sumsq)
+    out["moved_when_skipped"] = (arena.group.flat - before).abs().max()
+    out["skip_flag_after"] = skip.clone()
+    out["step_after_skip"] = opt.flat_state["step"].clone()
+    acc.reset()
+    mse(model, (x, y)).backward()
+    go = torch.zeros(1)
+    opt.step(grad=acc.accumulator, found_inf=go, grad_sumsq=acc.total_sumsq)
+    out["moved_when_finite"] = (arena.group.flat - before).abs().max()
+    out["params"] = arena.group.flat.clone()
+
+    class RankDependent:  # a device-side dynamics model whose outputs differ per rank
+        device_side = True
+
+        def confidence(self):
+            return torch.tensor(0.1 * (rank + 1))
+
+        def predict(self, horizon):
+            return torch.full((horizon,), float(rank)), torch.full((horizon, 3), rank + 1.0)
+
+    dyn = _RankZeroDynamics(RankDependent(), None, sharded=False)
+    out["confidence"] = dyn.confidence()
+    out["predict"] = dyn.predict(4)
+    return out
+
+
+def _worker_replicated(rank: int, world: int):
+    """DDP-wrapped and plain replicated models with hook accumulation, 2 micro-batches each."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from hybrid_triton.distributed import (
+        DistributedFusedAdamW,
+        broadcast_parameters,
+        no_sync,
+        sync_accumulator,
+    )
+
+    data = make_data()
+    out = {}
+    # DDP: rank 1 starts from other weights; DDP's constructor broadcasts rank 0's.
+    ddp = DDP(make_mlp(seed=rank))
+    arena = FlatArena.from_module(ddp.module)
+    opt = DistributedFusedAdamW(arena, lr=LR)
+    acc = GradAccumulator(arena, 2)
+    for x, y in data:
+        acc.reset()
+        for xm, ym in zip(x.chunk(world)[rank].chunk(2), y.chunk(world)[rank].chunk(2)):
+            with no_sync(ddp):
+                mse(ddp, (xm, ym)).backward()
+        opt.step(grad=acc.accumulator, grad_sumsq=acc.total_sumsq)
+    out["ddp"] = full_state(ddp.module)
+    out["ddp_grad_norm"] = acc.grad_norm().clone()
+    # Plain module: broadcast once, sync the accumulator by hand, optimizer does no comms.
+    model = make_mlp(seed=rank)
+    arena = FlatArena.from_module(model)
+    broadcast_parameters(arena)
+    opt = DistributedFusedAdamW(arena, lr=LR, grad_sync="none")
+    acc = GradAccumulator(arena, 2, found_inf=torch.zeros(1))
+    for x, y in data:
+        acc.reset()
+        for xm, ym in zip(x.chunk(world)[rank].chunk(2), y.chunk(world)[rank].chunk(2)):
+            mse(model, (xm, ym)).backward()
+        sync_accumulator(acc)
+        opt.step(grad=acc.accumulator, found_inf=acc.found_inf, grad_sumsq=acc.total_sumsq)
+    out["plain"] = full_state(model)
+    return out
+
+
+def _worker_fsdp(rank: int, world: int, bits: tuple[int, ...]):
+    """FSDP2 + the shard arena + sharded accumulation + fused AdamW, per state width."""
+    from hybrid_triton.distributed import (
+        DistributedFusedAdamW,
+        ShardedGradAccumulator,
+        shard_arena,
+    )
+
+    data = make_data()
+    out = {}
+    for state_bits in bits:
+        model = shard_model(make_mlp())
+        arena = shard_arena(model)
+        opt = DistributedFusedAdamW(arena, lr=LR, state_bits=state_bits, max_grad_norm=0.5)
+        acc = ShardedGradAccumulator(arena, 2)
+        for x, y in data:
+            acc.reset()
+            for xm, ym in zip(x.chunk(world)[rank].chunk(2), y.chunk(world)[rank].chunk(2)):
+                mse(model, (xm, ym)).backward()
+            opt.step(grad=acc.accumulator, grad_sumsq=acc.total_sumsq)
+        out[state_bits] = full_state(model)
+        out[f"{state_bits}_norm"] = opt.last_grad_norm.clone()
+        out[f"{state_bits}_padding"] = torch.stack(
+            [
+                acc.accumulator[s.offset + sh.local_numel : s.end].abs().sum()
+                for s, sh in zip(arena.group.table, arena.shards)
+            ]
+        )
+        out[f"{state_bits}_local_rows"] = [sh.local_rows for sh in arena.shards]
+    return out
+
+
+CYCLE = dict(
+    warmup_steps=2,
+    full_steps=3,
+    min_predict_steps=2,
+    max_predict_steps=2,
+    correct_steps=1,
+    confidence_threshold=0.05,
+    max_consecutive_predicts=2,
+    micro_batches=2,
+    dynamics_model="trend",
+    dynamics=dict(min_observations=2, calibration=4),
+    host_lag=0,
+)
+
+
+def _train(trainer, rank: int, steps: int) -> dict:
+    phases = []
+    for i, (x, y) in enumerate(make_data(steps, seed=100 + rank)):  # each rank its own data
+        phases.append(trainer.step((x + i * 0.01, y))["phase"])
+    trainer.flush()
+    return {"phases": phases, "losses": dict(trainer.metrics.losses)}
+
+
+def _worker_phases(rank: int, world: int, steps: int):
+    """The trainer under FSDP2 and under DDP, each rank with its own data."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from hybrid_triton.distributed import DistributedHybridTrainer
+    from hybrid_triton.scheduler import TrainerConfig
+
+    out = {}
+    sharded = DistributedHybridTrainer(shard_model(make_mlp()), mse,
+                                       config=TrainerConfig(**CYCLE), lr=LR)  # fmt: skip
+    out["fsdp"] = _train(sharded, rank, steps)
+    out["fsdp_local_loss"] = float(mse(sharded.model, make_data(1, seed=100 + rank)[0]))
+    replicated = DistributedHybridTrainer(
+        DDP(make_mlp(seed=rank)), mse, config=TrainerConfig(**CYCLE), lr=LR
+    )
+    out["ddp"] = _train(replicated, rank, steps)
+    out["ddp_params"] = replicated.group.flat.clone()
+    return out
+
+
+def _worker_checkpoint(rank: int, world: int, action: str, path: str, steps: int):
+    """Train ``steps`` steps and save (``action="save"``) or load and report (``"load"``)."""
+    from hybrid_triton.distributed import DistributedHybridTrainer
+    from hybrid_triton.scheduler import TrainerConfig
+
+    cfg = TrainerConfig(**{**CYCLE, "warmup_steps": 50})  # stay in Warmup: checkpoints allowed
+    model = make_mlp() if world == 1 else shard_model(make_mlp())
+    trainer = DistributedHybridTrainer(model, mse, config=cfg, lr=LR)
+    if action == "load":
+        trainer.load(path)
+    else:
+        for i, (x, y) in enumerate(make_data(steps, seed=7)):
+            b = x.shape[0] // world
+            trainer.step((x[rank * b : (rank + 1) * b], y[rank * b : (rank + 1) * b]))
+            del i
+        trainer.save(path)
+    opt_state = trainer.optimizer.sharded_state_dict()
+    full = {
+        k: (v.full_tensor() if hasattr(v, "full_tensor") else v.clone())
+        for k, v in opt_state.items()
+        if isinstance(v, torch.Tensor)
+    }
+    return {"model": full_state(trainer.model), "optim": full, "step": trainer.step_count}
+
+
+# ------------------------------------------------------------------------- tests
+
+
+def test_flag_reduced_so_every_rank_skips(tmp_path):
+    results = run_ranks(_worker_flag, tmp_path)
+    for r, out in enumerate(results):
+        assert out["flag"].item() == 1.0, f"rank {r}: flag not reduced with MAX"
+        assert out["sumsq"].item() == 1.0 + 4.0, f"rank {r}: sums of squares not summed"
+        assert out["skip_flag_after"].item() == 1.0, f"rank {r}: skip flag not shared"
+        assert out["moved_when_skipped"].item() == 0.0, f"rank {r} stepped while rank 1 skipped"
+        assert out["step_after_skip"].item() == 0.0, f"rank {r}: step count advanced on a skip"
+        assert out["moved_when_finite"].item() > 0.0, f"rank {r}: the finite step did not move"
+        assert out["confidence"].item() == pytest.approx(0.1), "confidence not rank 0's"
+        loss_mean, scales = out["predict"]
+        assert torch.equal(loss_mean, torch.zeros(4)) and torch.equal(scales, torch.ones(4, 3))
+    assert torch.equal(results[0]["params"], results[1]["params"]), "replicas diverged"
+
+
+def test_replicated_accumulation_equals_large_batch(tmp_path):
+    results = run_ranks(_worker_replicated, tmp_path)
+    expected = reference_run(32, 1, make_data())
+    for r, out in enumerate(results):
+        for mode in ("ddp", "plain"):
+            for k, v in expected.items():
+                torch.testing.assert_close(
+                    out[mode][k], v, rtol=1e-5, atol=1e-6, msg=f"rank {r} {mode} {k}"
+                )
+    assert torch.equal(results[0]["ddp_grad_norm"], results[1]["ddp_grad_norm"])
+
+
+def test_fsdp2_fused_adamw_matches_single_process(tmp_path):
+    """32-bit state: equal to the one-process run up to fp32 summation order. 8-bit state:
+    the quantization blocks cover other elements when the arena holds a shard, so the
+    moments round differently; the weights must still agree to a small fraction of the
+    distance they moved."""
+    results = run_ranks(_worker_fsdp, tmp_path, (32, 8))
+    start = full_state(make_mlp())
+    for bits in (32, 8):
+        expected = reference_run(bits, 4, make_data(), max_grad_norm=0.5)
+        for r, out in enumerate(results):
+            assert out[f"{bits}_padding"].abs().max().item() == 0.0, "padding touched"
+            for k, v in expected.items():
+                got = out[bits][k]
+                if bits == 32:
+                    torch.testing.assert_close(got, v, rtol=1e-5, atol=1e-6,
+                                               msg=f"rank {r} {k}")  # fmt: skip
+                else:
+                    moved = (v - start[k]).abs().max().item()
+                    err = (got - v).abs().max().item()
+                    assert moved > 0 and err <= 0.1 * moved, (
+                        f"rank {r} {k}: 8-bit FSDP run differs by {err:.3e}, the weights "
+                        f"moved by {moved:.3e}"
+                    )
+    # rank 1 holds an empty shard of the last weight (1 row over 2 ranks): still fine
+    assert 0 in results[1]["32_local_rows"]
+    # clipping used the global norm on both ranks
+    assert torch.equal(results[0]["32_norm"], results[1]["32_norm"])
+
+
+def test_phase_decisions_identical_on_every_rank(tmp_path):
+    steps = 12
+    results = run_ranks(_worker_phases, tmp_path, steps)
+    r0, r1 = results
+    # the local losses differ (each rank its own data) ...
+    assert r0["fsdp_local_loss"] != r1["fsdp_local_loss"]
+    for mode in ("fsdp", "ddp"):
+        # ... but every decision is the same, and a Predict phase ran
+        assert r0[mode]["phases"] == r1[mode]["phases"], f"{mode}: ranks took other phases"
+        assert "predict" in r0[mode]["phases"], f"{mode}: no Predict phase in {steps} steps"
+        assert r0[mode]["losses"] == r1[mode]["losses"], f"{mode}: host losses differ"
+        assert all(math.isfinite(x) for v in r0[mode]["losses"].values() for x in v)
+    assert torch.equal(r0["ddp_params"], r1["ddp_params"]), "DDP replicas diverged"
+
+
+def test_checkpoint_reshards_between_world_sizes(tmp_path):
+    """Saved by 2 FSDP ranks, loaded by 1 plain process; saved by that one, loaded by 2."""
+    two = str(tmp_path / "ckpt_ws2")
+    saved2 = run_ranks(_worker_checkpoint, tmp_path, "save", two, 2)[0]
+    loaded1 = run_ranks(_worker_checkpoint, tmp_path, "load", two, 0, world=1)[0]
+    one = str(tmp_path / "ckpt_ws1")
+    saved1 = run_ranks(_worker_checkpoint, tmp_path, "save", one, 3, world=1)[0]
+    loaded2 = run_ranks(_worker_checkpoint, tmp_path, "load", one, 0)
+    for what, got, want in [("2 -> 1", loaded1, saved2)] + [
+        (f"1 -> 2 (rank {r})", out, saved1) for r, out in enumerate(loaded2)
+    ]:
+        assert got["step"] == want["step"], f"{what}: step count"
+        for k, v in want["model"].items():
+            assert torch.equal(got["model"][k], v), f"{what}: parameter {k}"
+        assert set(got["optim"]) == set(want["optim"]), f"{what}: optimizer keys"
+        for k, v in want["optim"].items():
+            assert torch.equal(got["optim"][k], v), f"{what}: optimizer state {k}"
+    assert saved2["optim"]["step"].item() == 2 and saved1["optim"]["step"].item() == 3
