@@ -23,7 +23,20 @@ Records (``provider`` / ``metric``): ``measured`` / ``peak_allocated``, ``peak_r
 ``planner`` / ``total`` and ``component:<name>`` (GiB); ``traced`` / ``total`` (the planner's
 fake-tensor trace of the real module, baseline setups); ``measured``/``planner`` /
 ``saving_vs_fp32``, ``saving_vs_bf16-autocast`` (%) per ``"<config> [peak]"``.
-With ``--memory-cap GiB``: ``fits_cap`` (1 or 0), measured and planned.
+With ``--memory-cap 8,16,24``, each configuration is then checked under each cap
+(``torch.cuda.set_per_process_memory_fraction``), case ``"<config> [cap <GiB> GiB]"``:
+``measured`` / ``fits_cap`` (1: ran, 0: out of memory; ``config.how`` says whether a capped
+run decided it or the uncapped run already did, see ``derived_cap_verdict``), ``planner`` /
+``fits_cap`` (estimated reserved peak <= cap) and ``fit_agrees``; one ``"cap checks"`` row
+``fit_agreement_pct`` sums them up. An OOM under a cap is caught, the cap lifted, memory
+freed, and the next check runs.
+
+Options (``--option KEY=VALUE``): ``traced=auto|all|none`` (auto: the traced mode for the
+quick model and GPT-2 small, not medium), ``config_timeout=SECONDS`` (each configuration's
+real run and each capped run under its own limit; full default 150, 0 = none),
+``steps=N`` (measured steps per phase), ``cap_runs=needed|all``. With
+``$HYBRID_TRITON_PARTIAL_CSV`` set, the rows so far are written there after each
+configuration, so an outer time limit loses only the configuration it interrupts.
 The CUDA step itself is not timed here (the training suite does that).
 """
 
@@ -31,15 +44,27 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 import traceback
 from dataclasses import dataclass, replace
 
 import pandas as pd
 import torch
 
-from hybrid_triton.bench.probes import MemoryProbe, PhaseMemory, free_device_memory, is_oom
+from hybrid_triton.bench.probes import (
+    MemoryProbe,
+    PhaseMemory,
+    free_device_memory,
+    is_oom,
+    memory_cap,
+)
 from hybrid_triton.bench.results import STATUS_ERROR, STATUS_OK, STATUS_OOM
-from hybrid_triton.bench.runner import SuiteContext, reference_path_on_cpu
+from hybrid_triton.bench.runner import (
+    CaseTimeout,
+    SuiteContext,
+    reference_path_on_cpu,
+    time_limit,
+)
 
 GIB = 2**30
 BASELINES = ("fp32", "bf16-autocast")
@@ -186,7 +211,10 @@ def measure_recipe(
 
     probe.exclude_current_tensors()
     model_cfg = _gpt2_config(cfg)
-    parts = build_recipe(RECIPE_FOR_SETUP[cfg.setup], model_cfg, device)
+    # Built on the device: initialising GPT-2 medium's 355M parameters on the host and
+    # copying them over took seconds per configuration.
+    with torch.device(device):
+        parts = build_recipe(RECIPE_FOR_SETUP[cfg.setup], model_cfg, device)
     x, y = _batch(cfg, device, model_cfg.vocab_size)
     parts.step([(x, y)], 1e-4)
     peaks: dict[str, PhaseMemory] = {}
@@ -257,6 +285,33 @@ def _keep_max(peaks: dict[str, PhaseMemory], result: PhaseMemory) -> None:
 
 # ----------------------------------------------------------------------------- the suite
 
+# Suite options (``--option KEY=VALUE``): see ``docs/benchmarks.md``.
+TRACED_AUTO_MODELS = ("gpt2-micro", "gpt2-small")  # traced=auto: the fake-tensor trace of
+# GPT-2 medium's step costs 5-10 s of host time per configuration for the same check
+CONFIG_TIMEOUT_S = {True: 0.0, False: 150.0}  # per configuration and per capped run; 0: none
+CAP_RUNS = ("needed", "all")
+
+
+@dataclass
+class Measurement:
+    """One configuration's real run: per-phase peaks, or why there are none."""
+
+    status: str  # ok, oom, error
+    peaks: dict[str, PhaseMemory]
+    run_allocated: int | None = None  # bytes: the run's peaks, build and warm-up included
+    run_reserved: int | None = None  # None on CPU
+    message: str = ""
+    impl: str | None = None
+
+
+def _traced_wanted(ctx: SuiteContext, cfg: MemoryConfig) -> bool:
+    mode = ctx.option("traced", "auto")
+    if mode not in ("auto", "all", "none"):
+        raise ValueError(f"--option traced={mode!r}: expected auto, all or none")
+    if mode == "auto":
+        return cfg.model in TRACED_AUTO_MODELS
+    return mode == "all"
+
 
 def _record_estimate(ctx: SuiteContext, cfg: MemoryConfig, est, config: dict) -> None:
     rec = ctx.recorder
@@ -279,12 +334,40 @@ def _record_measured(ctx: SuiteContext, cfg: MemoryConfig, peaks, config: dict) 
                              config={**config, "phase": phase}, note=note)  # fmt: skip
 
 
+def measure(
+    ctx: SuiteContext, cfg: MemoryConfig, *, device_level: bool = True, what: str = ""
+) -> Measurement:
+    """Run ``cfg`` for real under the suite's time limit per configuration; an OOM, an error
+    or the time limit is caught, memory is freed either way, and the suite goes on."""
+    probe = MemoryProbe(ctx.device, snapshot_dir=ctx.snapshot_dir, device_level=device_level)
+    steps = ctx.option("steps", 1 if ctx.quick else 3, int)
+    limit = ctx.option("config_timeout", CONFIG_TIMEOUT_S[ctx.quick], float)
+    impl = None
+    try:
+        free_device_memory()
+        probe.start_run()
+        with time_limit(limit, f"{cfg.label}{what}"):
+            if cfg.setup in RECIPE_FOR_SETUP:
+                peaks = measure_recipe(cfg, ctx.device, steps, probe)
+            else:
+                with reference_path_on_cpu(ctx.device) as impl:
+                    peaks = measure_trainer(cfg, ctx.device, steps, probe)
+        run_allocated, run_reserved = probe.run_peaks()
+        return Measurement(STATUS_OK, peaks, run_allocated, run_reserved, impl=impl)
+    except Exception as err:  # CaseTimeout included
+        status = STATUS_OOM if is_oom(err) else STATUS_ERROR
+        if status == STATUS_ERROR and not isinstance(err, CaseTimeout):
+            ctx.log(f"{cfg.label}{what}: {traceback.format_exc()}")
+        return Measurement(status, {}, message=f"{type(err).__name__}: {err}", impl=impl)
+    finally:
+        free_device_memory()  # the traceback's frames are gone by now: their tensors too
+
+
 def run_config(ctx: SuiteContext, cfg: MemoryConfig) -> tuple[float | None, float | None]:
-    """Measure one configuration; returns (measured peak, estimated peak) in GiB."""
+    """Measure one configuration, then check it under each memory cap; returns (measured
+    peak, estimated peak) in GiB."""
     rec = ctx.recorder
     config = cfg.as_config()
-    if ctx.memory_cap_gib is not None:
-        config["memory_cap_gib"] = ctx.memory_cap_gib
     est_peak = None
     est = None
     try:
@@ -294,60 +377,128 @@ def run_config(ctx: SuiteContext, cfg: MemoryConfig) -> tuple[float | None, floa
     except Exception as err:
         rec.status(cfg.label, "planner", STATUS_ERROR, config=config,
                    message=f"{type(err).__name__}: {err}")  # fmt: skip
-    if cfg.setup in RECIPE_FOR_SETUP and not cfg.checkpointing:
+    if cfg.setup in RECIPE_FOR_SETUP and not cfg.checkpointing and _traced_wanted(ctx, cfg):
         try:
-            traced = traced_peak(cfg, ctx.device)
+            limit = ctx.option("config_timeout", CONFIG_TIMEOUT_S[ctx.quick], float)
+            with time_limit(limit, f"{cfg.label} traced"):
+                traced = traced_peak(cfg, ctx.device)
             rec.add(f"{cfg.label} [full]", "traced", "total", "GiB", traced / GIB,
                     config={**config, "phase": "full"},
                     note="planner traced mode: fake tensors, CPU kernels' allocations")  # fmt: skip
         except Exception as err:
             rec.status(cfg.label, "traced", STATUS_ERROR, config=config,
                        message=f"{type(err).__name__}: {err}")  # fmt: skip
-    probe = MemoryProbe(ctx.device, snapshot_dir=ctx.snapshot_dir)
-    steps = 1 if ctx.quick else 3
+    result = measure(ctx, cfg)
+    if result.impl is not None:
+        config["impl"] = result.impl
     measured_peak = None
-    try:
-        if cfg.setup in RECIPE_FOR_SETUP:
-            peaks = measure_recipe(cfg, ctx.device, steps, probe)
-        else:
-            with reference_path_on_cpu(ctx.device) as impl:
-                config["impl"] = impl
-                peaks = measure_trainer(cfg, ctx.device, steps, probe)
-        _record_measured(ctx, cfg, peaks, config)
-        measured_peak = max(p.peak_allocated for p in peaks.values()) / GIB
-        missing = [p for p in (est.phases if est else ()) if p not in peaks]
+    if result.status == STATUS_OK:
+        _record_measured(ctx, cfg, result.peaks, config)
+        measured_peak = max(p.peak_allocated for p in result.peaks.values()) / GIB
+        missing = [p for p in (est.phases if est else ()) if p not in result.peaks]
         note = f"phases not reached: {', '.join(missing)}" if missing else ""
         rec.status(cfg.label, "measured", STATUS_OK, config=config, message=note)
-    except Exception as err:
-        status = STATUS_OOM if is_oom(err) else STATUS_ERROR
-        if status == STATUS_ERROR:
-            ctx.log(f"{cfg.label}: {traceback.format_exc()}")
-        message = f"{type(err).__name__}: {err}"
+    else:
+        message = result.message
         if est_peak is not None:
             message += f" (planner estimate: {est_peak:.2f} GiB allocated peak)"
-        rec.status(cfg.label, "measured", status, config=config, message=message)
-    finally:
-        free_device_memory()
-    if ctx.memory_cap_gib is not None:
-        fits = (
-            None
-            if measured_peak is None and status_is_error(rec, cfg.label)
-            else (1.0 if measured_peak is not None else 0.0)
-        )
-        rec.add(f"{cfg.label} [peak]", "measured", "fits_cap", "bool", fits, config=config)
-        if est is not None:
-            planned = 1.0 if est.device_bytes() <= ctx.memory_cap_gib * GIB else 0.0
-            note = "allocated peak + segment slack + CUDA context"
-            rec.add(f"{cfg.label} [peak]", "planner", "fits_cap", "bool", planned,
-                    config=config, note=note)  # fmt: skip
+        rec.status(cfg.label, "measured", result.status, config=config, message=message)
+    for cap in ctx.memory_caps:
+        check_cap(ctx, cfg, cap, result, est, config)
     return measured_peak, est_peak
 
 
-def status_is_error(rec, label: str) -> bool:
-    for row in reversed(rec.rows):
-        if row["case"] == label and row["metric"] == "status" and row["provider"] == "measured":
-            return row["note"].startswith(STATUS_ERROR)
-    return False
+# ----------------------------------------------------------------------------- memory caps
+
+
+def planner_reserved_bytes(est) -> int:
+    """What the planner says the caching allocator reserves at the run's peak: the allocated
+    peak plus the segment slack, the highest over phases. A cap limits exactly that (the
+    CUDA context is outside it)."""
+    return max(p.peak_bytes + p.segment_slack_bytes for p in est.phases.values())
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / GIB:.3f} GiB"
+
+
+def derived_cap_verdict(result: Measurement, cap_bytes: int) -> tuple[bool, str] | None:
+    """The outcome under a cap that the uncapped run already decides, or ``None``.
+
+    - Peak reserved <= cap: the allocator never asked for more than the cap, so a capped
+      run makes the same allocations: it runs.
+    - Peak allocated > cap: the tensors alive at the peak alone exceed the cap, and the
+      allocator reserves at least what it hands out: it runs out of memory.
+    - In between, whether freeing cached blocks saves the run depends on fragmentation:
+      only a run under the cap says.
+    """
+    if result.status == STATUS_OOM:
+        return False, "derived: the uncapped run already ran out of memory"
+    if result.status != STATUS_OK or result.run_allocated is None:
+        return None
+    if result.run_reserved is not None and result.run_reserved <= cap_bytes:
+        return True, f"derived: uncapped peak reserved {_gib(result.run_reserved)} <= cap"
+    if result.run_allocated > cap_bytes:
+        return False, f"derived: uncapped peak allocated {_gib(result.run_allocated)} > cap"
+    return None
+
+
+def check_cap(ctx: SuiteContext, cfg: MemoryConfig, cap: float, result: Measurement, est,
+              config: dict) -> None:  # fmt: skip
+    """Does ``cfg`` run under ``cap`` GiB (``set_per_process_memory_fraction``), and does
+    the planner say so? ``--option cap_runs=all`` runs every check for real; by default
+    (``needed``) only those the uncapped run does not decide (``derived_cap_verdict``)."""
+    rec = ctx.recorder
+    case = f"{cfg.label} [cap {cap:g} GiB]"
+    c = {**config, "cap_gib": cap}
+    cap_bytes = int(cap * GIB)
+    cap_runs = ctx.option("cap_runs", "needed")
+    if cap_runs not in CAP_RUNS:
+        raise ValueError(f"--option cap_runs={cap_runs!r}: expected one of {CAP_RUNS}")
+    verdict = None if cap_runs == "all" else derived_cap_verdict(result, cap_bytes)
+    how = "derived"
+    if verdict is None:
+        how = "run"
+        with memory_cap(cap):
+            capped = measure(ctx, cfg, device_level=False, what=f" under {cap:g} GiB")
+        if capped.status == STATUS_OK:
+            verdict = (True, f"ran under the cap: peak allocated "
+                             f"{capped.run_allocated / GIB:.3f} GiB")  # fmt: skip
+        elif capped.status == STATUS_OOM:
+            verdict = (False, f"out of memory under the cap: {capped.message}")
+        else:
+            rec.status(case, "measured", STATUS_ERROR, config=c, message=capped.message)
+    measured = None if verdict is None else verdict[0]
+    rec.add(case, "measured", "fits_cap", "bool", None if measured is None else float(measured),
+            config={**c, "how": how}, note="" if verdict is None else verdict[1])  # fmt: skip
+    if est is None:
+        return
+    reserved = planner_reserved_bytes(est)
+    planned = reserved <= cap_bytes
+    rec.add(case, "planner", "fits_cap", "bool", float(planned), config=c,
+            note=f"estimated reserved peak {reserved / GIB:.3f} GiB (allocated peak + segment "
+            "slack; the CUDA context is outside the cap)")  # fmt: skip
+    agrees = None if measured is None else float(planned == measured)
+    rec.add(case, "planner", "fit_agrees", "bool", agrees, config={**c, "how": how},
+            note="" if agrees is not None else "not checked: the capped run failed")  # fmt: skip
+
+
+def record_cap_agreement(ctx: SuiteContext) -> None:
+    """One row: the share of (configuration, cap) checks where the planner's answer is what
+    happened, and which ones disagree."""
+    rows = [r for r in ctx.recorder.rows if r["metric"] == "fit_agrees"]
+    checked = [r for r in rows if not math.isnan(r["value"])]
+    if not checked:
+        return
+    wrong = [r["case"] for r in checked if r["value"] == 0.0]
+    note = f"{len(checked) - len(wrong)} of {len(checked)} agree"
+    if len(checked) < len(rows):
+        note += f"; {len(rows) - len(checked)} not checked"
+    if wrong:
+        note += "; disagree: " + "; ".join(wrong)
+    ctx.recorder.add("cap checks", "planner", "fit_agreement_pct", "%",
+                     100.0 * (len(checked) - len(wrong)) / len(checked),
+                     config={"caps_gib": list(ctx.memory_caps)}, note=note)  # fmt: skip
 
 
 def record_savings(ctx: SuiteContext, peaks: dict[MemoryConfig, tuple]) -> None:
@@ -373,8 +524,14 @@ def run(ctx: SuiteContext) -> None:
     configs = [c for c in configurations(ctx.quick) if ctx.selected(c.label)]
     peaks: dict[MemoryConfig, tuple] = {}
     for cfg in ctx.bar(configs, total=len(configs), desc="memory"):
+        start = time.perf_counter()
         peaks[cfg] = run_config(ctx, cfg)
+        ctx.log(f"{cfg.label}: done in {time.perf_counter() - start:.1f} s")
+        ctx.save_partial()  # an outer time limit keeps the configurations done so far
     record_savings(ctx, peaks)
+    if ctx.memory_caps:
+        record_cap_agreement(ctx)
+    ctx.save_partial()
 
 
 def summary(df: pd.DataFrame) -> str:

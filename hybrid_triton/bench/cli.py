@@ -31,10 +31,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--suites-dir", default=None, help="folder holding the suite modules")
     p.add_argument(
         "--memory-cap",
-        type=float,
         default=None,
-        metavar="GIB",
-        help="cap CUDA allocations at GIB (set_per_process_memory_fraction) for fit checks",
+        metavar="GIB[,GIB...]",
+        help="memory suite: check every configuration under each cap (e.g. 8,16,24) with "
+        "set_per_process_memory_fraction; other suites: one cap for the whole run",
+    )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a suite option (repeatable), e.g. memory: traced=none, config_timeout=120",
     )
     p.add_argument(
         "--snapshot-dir",
@@ -53,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         # Without a GPU the Triton kernels run through the interpreter (slow, but the same
         # code); it must be set before triton is first imported.
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from hybrid_triton.bench.probes import set_memory_cap
+    from hybrid_triton.bench.probes import parse_memory_caps, set_memory_cap
     from hybrid_triton.bench.results import machine_info
     from hybrid_triton.bench.runner import SUITES, SuiteNotFoundError, default_suites_dir, run_suite
 
@@ -64,13 +71,29 @@ def main(argv: list[str] | None = None) -> int:
         out = suites_dir.parent / "reports"  # the checkout's reports/, wherever we run from
     else:
         out = Path("reports")
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            print(f"hybrid-triton bench: --option expects KEY=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        options[key.strip()] = value.strip()
+    caps: tuple[float, ...] = ()
     if args.memory_cap is not None:
         try:
-            fraction = set_memory_cap(args.memory_cap)
-        except RuntimeError as err:
+            caps = parse_memory_caps(args.memory_cap)
+            if not torch.cuda.is_available():
+                raise RuntimeError(
+                    "--memory-cap needs a CUDA device: there is no allocator to cap on CPU"
+                )
+            if args.suite != "memory":
+                if len(caps) > 1:
+                    raise ValueError("several caps are for the memory suite only")
+                fraction = set_memory_cap(caps[0])
+                print(f"memory cap: {caps[0]} GiB ({fraction:.3f} of the device)")
+        except (RuntimeError, ValueError) as err:
             print(f"hybrid-triton bench: {err}", file=sys.stderr)
             return 2
-        print(f"memory cap: {args.memory_cap} GiB ({fraction:.3f} of the device)")
     machine = machine_info()
     print(machine.line())
     suites = SUITES if args.suite == "all" else (args.suite,)
@@ -82,10 +105,11 @@ def main(argv: list[str] | None = None) -> int:
                 out=out,
                 pattern=args.cases,
                 suites_dir=suites_dir,
-                memory_cap_gib=args.memory_cap,
+                memory_caps=caps if suite == "memory" else (),
                 progress=not args.no_progress,
                 snapshot_dir=args.snapshot_dir,
                 machine=machine,
+                options=options,
             )
     except SuiteNotFoundError as err:
         print(f"hybrid-triton bench: {err}", file=sys.stderr)

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -28,6 +28,7 @@ from hybrid_triton.bench.results import MachineInfo, Recorder, machine_info
 
 SUITES: tuple[str, ...] = ("kernels", "memory", "training")
 SUITES_DIR_ENV = "HYBRID_TRITON_SUITES_DIR"
+PARTIAL_CSV_ENV = "HYBRID_TRITON_PARTIAL_CSV"
 
 T = TypeVar("T")
 
@@ -76,13 +77,36 @@ class SuiteContext:
     device: torch.device = field(
         default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
-    memory_cap_gib: float | None = None
+    memory_caps: tuple[float, ...] = ()  # GiB; the memory suite checks each config under each
     progress: bool = True
     snapshot_dir: str | None = None
+    options: dict[str, str] = field(default_factory=dict)  # suite options (--option KEY=VALUE)
 
     @property
     def machine(self) -> MachineInfo:
         return self.recorder.machine
+
+    def option(self, key: str, default: T, parse=None) -> T:
+        """Suite option ``key`` (``--option key=value``) parsed by ``parse`` (default: the
+        type of ``default``), or ``default``; a value that does not parse is a clear error."""
+        if key not in self.options:
+            return default
+        raw = self.options[key]
+        convert = parse or type(default)
+        try:
+            return convert(raw)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"--option {key}={raw!r}: {err}") from None
+
+    def save_partial(self) -> None:
+        """With ``$HYBRID_TRITON_PARTIAL_CSV`` set, write the rows so far there (atomically),
+        so that a run stopped by an outer time limit still leaves its finished cases behind
+        (the report itself is only ever written whole)."""
+        partial = os.environ.get(PARTIAL_CSV_ENV)
+        if partial:
+            tmp = f"{partial}.tmp"
+            self.recorder.frame().to_csv(tmp, index=False)
+            os.replace(tmp, partial)
 
     def selected(self, label: str) -> bool:
         """Does ``label`` match ``--cases``? A glob (``*?[``) matches the whole label, any
@@ -106,6 +130,43 @@ class SuiteContext:
 
     def log(self, message: str) -> None:
         print(f"[{self.suite}] {message}", file=sys.stderr, flush=True)
+
+
+class CaseTimeout(TimeoutError):
+    """A case ran past its own time limit (``time_limit``)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None, what: str = "case") -> Iterator[None]:
+    """Raise ``CaseTimeout`` in this thread if the block runs longer than ``seconds``, so a
+    slow case costs its own rows only, not the rest of the suite's. ``None`` or 0: no limit.
+
+    A ``SIGALRM`` timer: it works in the main thread of a Unix process (elsewhere the block
+    runs unlimited), and it interrupts Python code, not a long native call, which it
+    interrupts when the call returns (a CUDA launch returns at once)."""
+    import signal
+    import threading
+
+    usable = (
+        seconds is not None
+        and seconds > 0
+        and hasattr(signal, "setitimer")
+        and threading.current_thread() is threading.main_thread()
+    )
+    if not usable:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise CaseTimeout(f"{what} ran past its time limit of {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, float(seconds))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @contextlib.contextmanager
@@ -141,12 +202,17 @@ def run_suite(
     out: str | os.PathLike = "reports",
     pattern: str | None = None,
     suites_dir: str | os.PathLike | None = None,
-    memory_cap_gib: float | None = None,
+    memory_caps: Sequence[float] = (),
     progress: bool = True,
     snapshot_dir: str | None = None,
     machine: MachineInfo | None = None,
+    options: Mapping[str, str] | None = None,
 ) -> Path:
     """Run one suite and write its report; return the report directory.
+
+    ``memory_caps`` (GiB): the memory suite runs each configuration uncapped, then checks it
+    under each cap (see ``benchmarks/memory.py``); the other suites ignore them (the CLI caps
+    the whole process for them). ``options``: suite options (``--option KEY=VALUE``).
 
     An exception inside the suite is recorded as an error row and the report of what was
     measured is still written; KeyboardInterrupt propagates and writes nothing.
@@ -170,9 +236,10 @@ def run_suite(
         quick=quick,
         pattern=pattern,
         suites_dir=folder,
-        memory_cap_gib=memory_cap_gib,
+        memory_caps=tuple(memory_caps),
         progress=progress,
         snapshot_dir=snapshot_dir,
+        options=dict(options or {}),
     )
     start = time.perf_counter()
     module = None
