@@ -5,6 +5,8 @@ tied-weight path in GPT2, memory (no logits-sized tensor), bad input."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -298,3 +300,61 @@ def test_gpt2_small_fused_loss_on_gpu_bf16():
     rel = (grads[True] - grads[False]).norm() / grads[False].norm()
     assert rel < 2e-2, f"tied-weight gradient relative error {rel:.3e}"
     assert peaks[False] - peaks[True] >= 2 * b * t * vocab * 2, peaks
+
+
+# ----------------------------------------------------------------------------- the planner
+
+
+def _toolkit_setup(**changes):
+    from hybrid_triton.planner.setup import setup_preset
+
+    base = dict(micro_batch=8, seq_len=1024, trainer=False, phases=("full",))
+    return setup_preset("hybrid", **{**base, **changes})
+
+
+def test_planner_fused_loss_removes_the_logits():
+    """The fused loss removes the vocabulary-sized tensors: at least 2x the bf16 [N, V]
+    logits, and what remains of logits_and_loss is about one chunk plus the [V, d] buffers."""
+    from hybrid_triton.planner.estimate import estimate
+    from hybrid_triton.planner.specs import gpt2_spec
+
+    spec = gpt2_spec("gpt2-small", 12, 768, 12)
+    plain = estimate(spec, _toolkit_setup()).phases["full"]
+    fused = estimate(spec, _toolkit_setup(fused_loss=True)).phases["full"]
+    n, v, d = 8 * 1024, spec.vocab_size, spec.d_model
+    assert plain.peak_bytes - fused.peak_bytes >= 2 * n * v * 2
+    assert fused.peak_at == "forward: fused cross-entropy", fused.peak_at
+    chunk_and_buffers = 1024 * v * 2 + v * d * (4 + 2) + n * d * 2
+    assert fused.components["logits_and_loss"] <= 1.05 * chunk_and_buffers
+    bigger = estimate(spec, _toolkit_setup(fused_loss=True, loss_chunk_tokens=4096))
+    extra = bigger.phases["full"].peak_bytes - fused.peak_bytes
+    assert extra == pytest.approx(3 * 1024 * v * 2, rel=0.01), "a 4x chunk adds 3 chunks"
+
+
+def test_planner_checkpoint_blocks():
+    """K checkpointed blocks: K = n_layer is every block (as None), K = 0 as none; each block
+    checkpointed lowers the peak by about one block's saved activations."""
+    from hybrid_triton.planner.estimate import estimate
+    from hybrid_triton.planner.specs import gpt2_spec
+
+    spec = gpt2_spec("gpt2-small", 12, 768, 12)
+
+    def peak(**kw):
+        return estimate(spec, _toolkit_setup(fused_loss=True, **kw)).peak_bytes
+
+    every = peak(checkpointing=True)
+    assert peak(checkpointing=True, checkpoint_blocks=12) == every
+    assert peak(checkpointing=True, checkpoint_blocks=0) == peak(checkpointing=False)
+    peaks = [peak(checkpointing=True, checkpoint_blocks=k) for k in range(13)]
+    assert all(a > b for a, b in itertools.pairwise(peaks[:-1])), peaks
+    steps = [a - b for a, b in itertools.pairwise(peaks[:-1])]
+    assert max(steps) - min(steps) <= 0.02 * max(steps), steps
+
+
+def test_planner_setup_rejects_bad_fields():
+    from hybrid_triton.planner.specs import PlannerError
+
+    with pytest.raises(PlannerError, match="checkpoint_blocks must be None or an int >= 0"):
+        _toolkit_setup(checkpoint_blocks=-2)
+    with pytest.raises(PlannerError, match="fused_loss needs loss_chunk_tokens > 0"):
+        _toolkit_setup(fused_loss=True, loss_chunk_tokens=0)

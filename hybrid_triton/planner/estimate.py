@@ -26,6 +26,14 @@ What is modelled (per token of a micro-batch, ``N = micro_batch * seq_len``, wid
   cast back to the compute dtype. Logits held by the caller (``logits_lifetime``) add theirs.
 - Activation checkpointing (per block, non-reentrant): only each block's input is kept; in
   backward one block is recomputed at a time (with its weight copies under autocast).
+  ``setup.checkpoint_blocks = K`` checkpoints the first K blocks only (the others save their
+  activations as without checkpointing).
+- Fused chunked loss (``setup.fused_loss``, GPT-2: ``GPT2Config.fused_loss``): no ``[N, V]``
+  logits; one chunk's logits in the compute dtype (turned into their gradient in place), the
+  fp32 ``[V, d]`` gradient accumulator of the tied weight with one chunk's product beside it,
+  and the ``[N, d]`` gradient of the final norm's output, all during forward; both gradients
+  are kept (parameter dtype) for backward, which scales them. The output head's weight
+  gradient then waits in the tied weight's input buffer until the embedding's joins it.
 - Gradients: "full" mode allocates each ``.grad`` as backward produces it (``AccumulateGrad``
   steals the first gradient, adds later ones in place); "hook" mode keeps one flat fp32
   accumulator and at most one parameter's gradient at a time. Under autocast a weight's bf16
@@ -318,6 +326,7 @@ class _Step:
         self.grads: dict[str, int] = {}  # param name -> handle of its .grad (full mode)
         self.cache: dict[str, int] = {}  # param name -> handle of its autocast copy
         self.logits: int | None = None
+        self.held_head_grad: int | None = None  # fused loss: the head's part of the tied grad
         by_block: dict[int, list[ParamTensor]] = defaultdict(list)
         self.outside: list[ParamTensor] = []
         for p in spec.params:
@@ -662,6 +671,9 @@ class _Step:
         V, d = sp.vocab_size, sp.d_model
         train = self.train
         ckpt = s.checkpointing and train
+        checkpointed = set(
+            range(sp.n_layer if s.checkpoint_blocks is None else s.checkpoint_blocks)
+        )
         tl.at("forward", "embedding")
         for p in self.outside:
             if p is self.lm_head:
@@ -670,21 +682,27 @@ class _Step:
         emb = self.act(d, r)
         x = self.act(d, r)  # token + position embedding (Llama: the lookup itself)
         tl.free(emb)
-        saved_blocks: list[dict[str, int]] = []
-        kept_inputs: list[int] = []
+        saved_blocks: dict[int, dict[str, int]] = {}
+        kept_inputs: dict[int, int] = {}
         for i in range(sp.n_layer):
-            if ckpt:
-                kept_inputs.append(x)  # the checkpoint keeps the block input alive
+            if ckpt and i in checkpointed:
+                kept_inputs[i] = x  # the checkpoint keeps the block input alive
                 x_next, _ = self.block_forward(i, self._alias(x), save=False)
             else:
                 x_next, saved = self.block_forward(i, x, save=train)
-                saved_blocks.append(saved)
+                saved_blocks[i] = saved
             x = x_next
         tl.at("forward", "final norm and logits")
-        self.weight_copy(self.lm_head)
+        fused = train and sp.family == "gpt2" and s.fused_loss
+        if not fused:  # the fused loss casts the weight itself, outside autocast's cache
+            self.weight_copy(self.lm_head)
         norm_out = self.act(d, r)
         if not train and sp.family == "gpt2" and s.loss_chunk_tokens > 0:
             self.chunked_loss(x, norm_out)
+            return
+        if fused:
+            g = self.fused_loss(x, norm_out, kept_inputs if ckpt else {})
+            self.blocks_backward(g, saved_blocks, kept_inputs)
             return
         stats = self.act(1, 8) if train else None
         if self.autocast:
@@ -710,9 +728,7 @@ class _Step:
         tl.free(*(h for name, h in self.cache.items() if name.endswith(".bias")))
         self.cache = {k: h for k, h in self.cache.items() if not k.endswith(".bias")}
         if ckpt:  # autocast's cache is cleared on exit; checkpointed blocks saved no copies
-            for p in (q for blk in self.block_params for q in blk):
-                if p.name in self.cache:
-                    tl.free(self.cache.pop(p.name))
+            self._drop_checkpointed_copies(kept_inputs)
         if not train:
             tl.free(nll_in, log_probs, logits)
             for h in self.cache.values():
@@ -749,23 +765,94 @@ class _Step:
             if p.kind == "norm":
                 self.param_grad(p, from_matmul=False)
         tl.free(g_norm, stats, x)
-        for i in reversed(range(sp.n_layer)):
-            if ckpt:
+        self.blocks_backward(g, saved_blocks, kept_inputs)
+        self.logits = logits  # None for "loss_only"; freed by the next forward or the step
+
+    def _drop_checkpointed_copies(self, kept_inputs: dict[int, int]) -> None:
+        for i in kept_inputs:
+            for p in self.block_params[i]:
+                if p.name in self.cache:
+                    self.tl.free(self.cache.pop(p.name))
+
+    def blocks_backward(
+        self, g: int, saved_blocks: dict[int, dict[str, int]], kept_inputs: dict[int, int]
+    ) -> None:
+        """Backward through the blocks (recomputing the checkpointed ones) and the
+        embeddings, from ``g``, the gradient of the last block's output."""
+        tl = self.tl
+        for i in reversed(range(self.spec.n_layer)):
+            if i in kept_inputs:
                 tl.at("backward", f"block {i} recompute")
                 for p in self.block_params[i]:
                     self.weight_copy(p)
-                x_in = kept_inputs.pop()
-                _, saved = self._recompute(i, x_in)
+                _, saved = self._recompute(i, kept_inputs.pop(i))
             else:
-                saved = saved_blocks.pop()
+                saved = saved_blocks.pop(i)
             g = self.block_backward(i, g, saved)
         tl.at("backward", "embeddings")
         for p in self.outside:
             if p.kind == "norm" or p.name == "lm_head.weight":
                 continue
             self.param_grad(p, from_matmul=False)  # dense embedding gradient, then stored
-        tl.free(g)
-        self.logits = logits  # None for "loss_only"; freed by the next forward or the step
+        tl.free(g, self.held_head_grad)  # the output head's part joined it (tied weight)
+        self.held_head_grad = None
+
+    def fused_loss(self, x: int, norm_out: int, kept_inputs: dict[int, int]) -> int:
+        """GPT2 with ``fused_loss`` (hybrid_triton.models.fused_loss.linear_cross_entropy,
+        gradients made during forward), then backward as far as the last block's output
+        gradient, which it returns. Forward: under autocast the final norm's output and the
+        weight are cast to the compute dtype; ``[N, d]`` gradient buffer (compute dtype), fp32
+        ``[V, d]`` accumulator; per chunk of ``C = min(loss_chunk_tokens, N)`` positions the
+        logits (compute dtype, overwritten in place with their gradient by the row kernel) and,
+        below fp32, the chunk's ``[V, d]`` product beside the accumulator; then both gradients
+        in the parameter dtype (a copy when it differs), kept for backward. Chunks reuse the
+        same sizes, so one chunk is the peak."""
+        tl, s, sp, r, c = self.tl, self.setup, self.spec, self.r, self.c
+        V, d = sp.vocab_size, sp.d_model
+        C = min(s.loss_chunk_tokens, self.N)
+        stats = self.act(1, 8)  # the final norm's mean and rstd, saved
+        tl.at("forward", "fused cross-entropy")
+        head_in = self.act(d, c, "temporaries") if self.autocast else None
+        weight_in = tl.alloc("temporaries", c * V * d) if self.autocast else None
+        g_hidden = self.act(d, c, "logits_and_loss")
+        g_weight = tl.alloc("logits_and_loss", max(c, 4) * V * d)
+        logits = tl.alloc("logits_and_loss", c * C * V)
+        row_loss = tl.alloc("logits_and_loss", 4 * C)
+        if c < 4:  # the chunk's weight-gradient product, then added to the fp32 accumulator
+            tl.free(tl.alloc("logits_and_loss", c * V * d))
+        tl.free(logits, row_loss)
+        if r != c:
+            kept_hidden = self.act(d, r, "logits_and_loss")
+            tl.free(g_hidden)
+        else:
+            kept_hidden = g_hidden
+        if r < max(c, 4):
+            kept_weight = tl.alloc("logits_and_loss", r * V * d)
+            tl.free(g_weight)
+        else:
+            kept_weight = g_weight
+        tl.free(head_in, weight_in, norm_out)  # nothing saves the norm's output
+        if self.logits is not None:  # the previous step's logits die when forward returns
+            tl.free(self.logits)
+            self.logits = None
+        tl.free(*(h for name, h in self.cache.items() if name.endswith(".bias")))
+        self.cache = {k: h for k, h in self.cache.items() if not k.endswith(".bias")}
+        self._drop_checkpointed_copies(kept_inputs)
+        # ---- backward: the Function scales both kept gradients by the incoming one
+        tl.at("backward", "output head")
+        g_norm = self.act(d, r, "temporaries")
+        self.held_head_grad = tl.alloc("gradients", r * V * d)
+        tl.free(kept_hidden, kept_weight)
+        if self.setup.grad_mode != "hook":
+            # AccumulateGrad steals the summed buffer at the embeddings: it becomes the .grad
+            self.grads[self.lm_head.name] = self.held_head_grad
+            self.held_head_grad = None
+        g = self.act(d, r, "temporaries")  # the final norm's backward
+        for p in self.outside:
+            if p.kind == "norm":
+                self.param_grad(p, from_matmul=False)
+        tl.free(g_norm, stats, x)
+        return g
 
     def chunked_loss(self, x: int, norm_out: int) -> None:
         """GPT2._chunked_loss (no_grad with targets): the final norm's output stays whole, the

@@ -71,6 +71,8 @@ class TrainSetup:
     - ``micro_batch``, ``seq_len``, ``accum_steps``: sequences per micro-batch, tokens per
       sequence, micro-batches per optimizer step.
     - ``checkpointing``: activation checkpointing per transformer block.
+    - ``checkpoint_blocks``: with ``checkpointing``, how many blocks are checkpointed (the
+      first ones, as ``GPT2Config.checkpoint_blocks``); None: every block.
     - ``offload``: "none", or "cpu" (optimizer moments live in host memory in every phase).
     - ``predict_moments``: what the Predict phase does with the moments ("keep", "offload",
       "compress" to 8-bit, "drop").
@@ -88,6 +90,9 @@ class TrainSetup:
       this many positions without materializing the ``[N, V]`` logits, as the project's
       ``GPT2`` does (``GPT2Config.loss_chunk_tokens``, default 1024); 0: the full logits, as
       any other model. Only GPT-2 specs use it (Llama specs model Hugging Face modules).
+    - ``fused_loss``: the training forward computes the loss with the chunked fused linear +
+      cross-entropy (``GPT2Config.fused_loss``, chunks of ``loss_chunk_tokens`` positions,
+      gradients made during forward): no ``[N, V]`` logits. GPT-2 specs only.
     - ``trainer``: count ``HybridTrainer``'s own tensors: at Predict entry the fp32
       temporaries that build the update direction (the moments are still on the GPU), the
       moments prefetched back before Predict ends, the direction kept through Correct and
@@ -112,6 +117,8 @@ class TrainSetup:
     logits_lifetime: str = "loss_only"
     trainer: bool | None = None
     loss_chunk_tokens: int = 1024
+    checkpoint_blocks: int | None = None
+    fused_loss: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalize in place once
@@ -132,6 +139,15 @@ class TrainSetup:
         chunk = self.loss_chunk_tokens
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
             raise PlannerError(f"loss_chunk_tokens must be an int >= 0, got {chunk!r}")
+        blocks = self.checkpoint_blocks
+        if blocks is not None and (
+            isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0
+        ):
+            raise PlannerError(f"checkpoint_blocks must be None or an int >= 0, got {blocks!r}")
+        if not isinstance(self.fused_loss, bool):
+            raise PlannerError(f"fused_loss must be True or False, got {self.fused_loss!r}")
+        if self.fused_loss and chunk == 0:
+            raise PlannerError("fused_loss needs loss_chunk_tokens > 0 (the chunk of positions)")
         phases = tuple(self.phases)
         if not phases:
             raise PlannerError("phases must name at least one phase")
@@ -181,7 +197,10 @@ class TrainSetup:
         if self.offload != "none":
             parts.append(f"state offloaded to {self.offload}")
         if self.checkpointing:
-            parts.append("checkpointing")
+            blocks = self.checkpoint_blocks
+            parts.append("checkpointing" + (f" ({blocks} blocks)" if blocks is not None else ""))
+        if self.fused_loss:
+            parts.append("fused chunked loss")
         parts.append(f"batch {self.micro_batch}x{self.seq_len}")
         if self.accum_steps > 1:
             parts.append(f"accum {self.accum_steps}")
