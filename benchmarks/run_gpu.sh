@@ -79,12 +79,24 @@ for stage in "${stages[@]}"; do
         done
         merge_report kernels "$parts" ;;
     memory)
-        # One process per model, so a time limit on one keeps the other's rows.
+        # One process per model, each under its own time limit (MEMORY_TIMEOUT, or
+        # MEMORY_TIMEOUT_<model with _ for ->); inside it every configuration has its own limit
+        # (MEMORY_CONFIG_TIMEOUT) and the rows so far are written after each one, so a time
+        # limit costs only the configuration it interrupts. MEMORY_SUBSET: a glob after the
+        # model name ("* 8x1024"); MEMORY_CAPS: "8,16,24" checks each configuration under
+        # each cap; MEMORY_OPTIONS: more suite options ("steps=2 cap_runs=all").
         parts=$(mktemp -d)
         for model in ${MEMORY_MODELS:-gpt2-small gpt2-medium}; do
-            run "memory_$model" "${MEMORY_TIMEOUT:-240}" hybrid-triton bench memory --no-progress \
-                --cases "$model *" --out "$parts/$model" ${QUICK:+--quick}
-            find "$parts/$model" -name results.csv -exec cp {} "$parts/$model.csv" \;
+            limit_var="MEMORY_TIMEOUT_${model//-/_}"
+            opts=(--option "config_timeout=${MEMORY_CONFIG_TIMEOUT:-150}")
+            for o in ${MEMORY_OPTIONS:-}; do opts+=(--option "$o"); done
+            [ -n "${MEMORY_CAPS:-}" ] && opts+=(--memory-cap "$MEMORY_CAPS")
+            HYBRID_TRITON_PARTIAL_CSV="$parts/$model.csv" run "memory_$model" \
+                "${!limit_var:-${MEMORY_TIMEOUT:-240}}" hybrid-triton bench memory --no-progress \
+                --cases "$model ${MEMORY_SUBSET:-*}" --out "$parts/$model" "${opts[@]}" ${QUICK:+--quick}
+            # The whole report's rows (savings, agreement) replace the partial ones.
+            find "$parts/$model" -name results.csv -exec cp {} "$parts/$model.csv" \; 2>/dev/null
+            grep -h "done in" "$LOG/memory_$model.log" | tail -n 40
         done
         merge_report memory "$parts" ;;
     training) run training "${TRAINING_TIMEOUT:-300}" hybrid-triton bench training --no-progress ;;
