@@ -38,7 +38,7 @@ long the restore still ran after the compute stream first needed it).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -159,11 +159,36 @@ class StateOffloader:
         return t.is_floating_point() and not name.endswith("scale")
 
     # ----------------------------------------------------------------- offload
-    def offload(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Free ``tensors`` on the device according to the strategy (no host sync)."""
+    def offload(
+        self,
+        tensors: dict[str, torch.Tensor],
+        *,
+        host_copies: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Free ``tensors`` on the device according to the strategy (no host sync).
+
+        ``host_copies`` (``cpu``/``pinned`` only): name -> a host tensor that already holds (or
+        has a copy queued on the current stream into it) that tensor's value, e.g. the
+        trainer's rollback snapshot of the master weights: the offloader frees the device
+        tensor without a second copy and restores from it. The caller must not change it
+        before the restore."""
         if self._offloaded:
             raise OffloadError("offload: the state is already offloaded; restore it first")
         self._check(tensors)
+        host_copies = dict(host_copies or {})
+        if host_copies and self.strategy not in ("cpu", "pinned"):
+            raise OffloadError(
+                f"offload: host_copies need the cpu or pinned strategy, not {self.strategy!r}"
+            )
+        for name, host in host_copies.items():
+            t = tensors.get(name)
+            if t is None or not isinstance(host, torch.Tensor):
+                raise OffloadError(f"offload: host copy {name!r} has no tensor of that name")
+            if host.device.type != "cpu" or host.shape != t.shape or host.dtype != t.dtype:
+                raise OffloadError(
+                    f"offload: host copy {name!r} is {tuple(host.shape)} {host.dtype} on "
+                    f"{host.device}; expected {tuple(t.shape)} {t.dtype} on the cpu"
+                )
         self._tensors = dict(tensors)
         self._payload = {}
         if self.strategy == "keep" or not tensors:
@@ -179,7 +204,11 @@ class StateOffloader:
                 continue
             if self.strategy == "compress" and not self.compressible(name, t):
                 continue  # stays on the device as it is
-            if self.strategy in ("cpu", "pinned"):
+            if name in host_copies:
+                host = host_copies[name]
+                self._payload[name] = host
+                moved += _nbytes(t)
+            elif self.strategy in ("cpu", "pinned"):
                 host = self._host_buffer(name, t)
                 host.copy_(t, non_blocking=host.is_pinned())
                 self._payload[name] = host
@@ -213,8 +242,12 @@ class StateOffloader:
         return buf
 
     # ----------------------------------------------------------------- restore
-    def start_restore(self) -> None:
-        """Begin bringing the state back; on CUDA asynchronously on a side stream."""
+    def start_restore(self, then: Callable[[], None] | None = None) -> None:
+        """Begin bringing the state back; on CUDA asynchronously on a side stream.
+
+        ``then``: work queued right after the refill on the same stream (and timed with it),
+        e.g. the trainer's fix-up of the restored master weights; it runs only when something
+        was restored."""
         if not self._offloaded or self._restoring:
             return
         self._restoring = True
@@ -236,6 +269,8 @@ class StateOffloader:
         with ctx:
             start = self._timer_start(device)
             self._refill()
+            if then is not None:
+                then()
             self._timer_stop("restore", start, device)
 
     def _cuda_async(self, device: torch.device) -> bool:
@@ -272,9 +307,9 @@ class StateOffloader:
         self._offloaded = False
         self._restoring = False
 
-    def restore(self) -> None:
+    def restore(self, then: Callable[[], None] | None = None) -> None:
         """Start and wait in one call (the synchronous path)."""
-        self.start_restore()
+        self.start_restore(then)
         self.wait()
 
     # ----------------------------------------------------------------- timing

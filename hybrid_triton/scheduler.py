@@ -62,6 +62,7 @@ ALLOWED_TRANSITIONS: dict[Phase, frozenset[Phase]] = {
 PRECISIONS = ("fp32", "bf16", "fp16")
 OFFLOAD_STRATEGIES = ("keep", "cpu", "pinned", "compress", "drop")
 QUANT_FORMATS = ("int8", "int8_dynamic", "int4", "ternary")
+PREDICT_MASTER = ("host", "device")
 
 
 @dataclass
@@ -87,8 +88,14 @@ class TrainerConfig:
     # Gradient accumulation: micro-batches per optimizer step, overridable per phase.
     micro_batches: int = 1
     phase_micro_batches: dict[str, int] = field(default_factory=dict)
-    # Predict-aware memory.
+    # Predict-aware memory. ``offload``: where the optimizer moments go during Predict.
+    # ``predict_master``: where the fp32 master weights are during Predict when the model's
+    # parameters are bf16 shadows: "host" (the rollback snapshot in host memory; the bf16
+    # weights take each predicted step in place with stochastic rounding, and the master gets
+    # the exact sum of the steps when it comes back at Predict exit) or "device" (kept on the
+    # GPU and updated in fp32). Other parameter setups keep it on the device.
     offload: str = "keep"
+    predict_master: str = "host"
     async_restore: bool = True
     lookahead: int = 2
     direction_format: str = "int8"
@@ -178,6 +185,7 @@ class TrainerConfig:
             )
         choice("precision", PRECISIONS)
         choice("offload", OFFLOAD_STRATEGIES)
+        choice("predict_master", PREDICT_MASTER)
         choice("direction_format", QUANT_FORMATS)
         choice("residual_format", QUANT_FORMATS)
         choice("dynamics_model", ("rssm", "trend"))
@@ -315,7 +323,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         divergence_rel_warning=0.1,
         divergence_rel_critical=0.3,
     ),
-    # bf16 compute, optimizer moments to pinned host memory during Predict.
+    # bf16 compute; during Predict the optimizer moments go to pinned host memory and the
+    # fp32 master stays in its host snapshot; both come back at Predict exit (lookahead 0),
+    # behind the first Correct step's forward and backward, which need neither.
     "balanced": dict(
         warmup_steps=100,
         full_steps=20,
@@ -326,7 +336,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_consecutive_predicts=5,
         precision="bf16",
         offload="pinned",
-        lookahead=2,
+        lookahead=0,
     ),
     # Short Full phases, long Predict phases, moments compressed in place.
     "aggressive": dict(
@@ -355,12 +365,15 @@ class MemoryPolicy:
     ``free_grads``: gradients and the gradient accumulator are released.
     ``no_grad_forward``: the forward pass runs under ``torch.no_grad``.
     ``compact_direction``: the frozen update direction is kept quantized on the device.
+    ``master_weights``: where the fp32 master weights are (``device`` or ``host``; ``host``
+    applies to bf16-shadow models only, see ``TrainerConfig.predict_master``).
     """
 
     optimizer_state: str = "keep"
     free_grads: bool = False
     no_grad_forward: bool = False
     compact_direction: bool = False
+    master_weights: str = "device"
 
 
 @dataclass(frozen=True)
@@ -387,7 +400,7 @@ def make_plan(cfg: TrainerConfig, phase: Phase, steps: int) -> PhasePlan:
     precision = cfg.precision_for(phase)
     if phase is Phase.PREDICT:
         kernels = ("dequantize_add", "cast_scale")
-        memory = MemoryPolicy(cfg.offload, True, True, True)
+        memory = MemoryPolicy(cfg.offload, True, True, True, cfg.predict_master)
         micro = cfg.phase_micro_batches.get(phase.value, cfg.micro_batches)
     else:
         kernels = ["accumulate_grads", "adamw_step"]

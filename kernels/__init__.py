@@ -34,6 +34,8 @@ def __getattr__(name: str):
         # binds the module under that name; bind the function instead, so that
         # ``from hybrid_triton.kernels import cast_scale`` gives the op, not the module.
         globals()[name] = value
+        # ``op_ref`` imported first must not leave the module bound under ``op``.
+        globals()[op] = getattr(module, op)
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
