@@ -6,9 +6,18 @@
   master weights kept by :class:`hybrid_triton.optim.FusedAdamW` (``state_bits=8`` by
   default), gradients folded into an fp32 flat accumulator by post-accumulate-grad hooks
   (:class:`hybrid_triton.accumulation.GradAccumulator`; no full-size bf16 gradient buffer),
-  clipping from the accumulator's device-side norm, activation checkpointing on by default.
+  clipping from the accumulator's device-side norm, the loss from the chunked fused linear +
+  cross-entropy (``GPT2Config.fused_loss``: no ``[B, T, V]`` logits), no autocast (the
+  parameters are bf16 already), and activation checkpointing chosen by the planner for each
+  micro-batch shape: the fewest checkpointed blocks (the first ones) whose estimated peak stays
+  within ``memory_budget_gib`` less the planner's 5% accuracy margin (fewer recomputed
+  blocks is faster; :func:`plan_checkpoint_blocks`).
   Options (``build_recipe(..., state_bits=4, checkpointing=False)`` or ``run_training(...,
-  recipe_options={...})``): ``state_bits`` 32/16/8/4, ``checkpointing`` True/False.
+  recipe_options={...})``): ``state_bits`` 32/16/8/4; ``checkpointing`` "auto" (default),
+  True (every block), False (none) or an int K (the first K blocks); ``memory_budget_gib``
+  (default 4.0, used by "auto"); ``fused_loss`` True/False; ``loss_chunk_tokens`` (1024).
+  The resolved choice lands in ``RecipeParts.options`` (``checkpoint_blocks``,
+  ``planned_peak_gib``) and so in ``TrainingResult.config["recipe_options"]``.
 
 More recipes plug in with ``register_recipe``; a builder takes ``(GPT2Config, torch.device,
 OptimConfig, **options)``.
@@ -163,6 +172,77 @@ def _shadow_group(
     )
 
 
+# The planner's accuracy target (issue 8: estimates within 5% of the measured peak): "auto"
+# checkpointing keeps the estimate this far below the budget.
+PLANNER_MARGIN = 0.05
+
+
+def toolkit_setup(
+    cfg: GPT2Config,
+    micro_batch: int,
+    seq_len: int,
+    accum: int = 1,
+    *,
+    state_bits: int = 8,
+    checkpoint_blocks: int | None = None,
+    fused_loss: bool = True,
+    loss_chunk_tokens: int = 1024,
+):
+    """The planner's ``(ModelSpec, TrainSetup)`` for the toolkit_memory recipe: bf16
+    parameters without autocast, fp32 master, hook-folded fp32 gradients, fused AdamW with
+    ``state_bits`` moments, one phase (Full), ``checkpoint_blocks`` first blocks
+    checkpointed (None: every block, 0: none)."""
+    from hybrid_triton.planner.setup import setup_preset
+    from hybrid_triton.planner.specs import gpt2_spec
+
+    spec = gpt2_spec(
+        "gpt2", cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size, cfg.block_size, bias=cfg.bias
+    )
+    setup = setup_preset(
+        "hybrid",
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        accum_steps=accum,
+        state_bits=state_bits,
+        checkpointing=checkpoint_blocks != 0,
+        checkpoint_blocks=checkpoint_blocks,
+        fused_loss=fused_loss,
+        loss_chunk_tokens=loss_chunk_tokens,
+        trainer=False,
+        phases=("full",),
+    )
+    return spec, setup
+
+
+def plan_checkpoint_blocks(
+    cfg: GPT2Config,
+    micro_batch: int,
+    seq_len: int,
+    accum: int = 1,
+    *,
+    memory_budget_gib: float = 4.0,
+    margin: float = PLANNER_MARGIN,
+    **setup_options,
+) -> tuple[int, dict[int, int]]:
+    """The fewest checkpointed blocks K (the first K) whose planner estimate of the
+    toolkit_memory step is at most ``memory_budget_gib * (1 - margin)``, and the estimated
+    peak (bytes) of every K tried. Fewer checkpointed blocks recompute less, so the smallest K
+    that fits is the fastest option; when none fits, every block (``cfg.n_layer``).
+    ``setup_options``: :func:`toolkit_setup`'s keyword options."""
+    from hybrid_triton.planner.estimate import estimate
+
+    limit = memory_budget_gib * (1.0 - margin) * 2**30
+    peaks: dict[int, int] = {}
+    for k in range(cfg.n_layer + 1):
+        spec, setup = toolkit_setup(
+            cfg, micro_batch, seq_len, accum, checkpoint_blocks=k, **setup_options
+        )
+        peaks[k] = estimate(spec, setup).peak_bytes
+        if peaks[k] <= limit:
+            return k, peaks
+    return cfg.n_layer, peaks
+
+
 @register_recipe("toolkit_memory")
 def toolkit_memory(
     cfg: GPT2Config,
@@ -170,10 +250,16 @@ def toolkit_memory(
     optim: OptimConfig,
     *,
     state_bits: int = 8,
-    checkpointing: bool = True,
+    checkpointing: bool | int | str = "auto",
+    memory_budget_gib: float = 4.0,
+    fused_loss: bool = True,
+    loss_chunk_tokens: int = 1024,
 ) -> RecipeParts:
     """bf16 shadow weights, fp32 master weights, hook-accumulated fp32 gradients, fused AdamW
-    with ``state_bits`` moments, activation checkpointing when ``checkpointing``.
+    with ``state_bits`` moments, the fused chunked loss, activation checkpointing per
+    ``checkpointing`` ("auto": the planner's choice for ``memory_budget_gib`` at each new
+    micro-batch shape, made on the host from shapes only; True: every block; False: none;
+    an int K: the first K blocks).
 
     The parameters are split like the baselines' AdamW groups (matrices and embeddings decay,
     biases and LayerNorm gains do not) into two flat bf16 arenas, each with its own
@@ -186,12 +272,72 @@ def toolkit_memory(
 
     if state_bits not in (32, 16, 8, 4):
         raise ValueError(f"toolkit_memory: state_bits must be 32, 16, 8 or 4, got {state_bits!r}")
-    if not isinstance(checkpointing, bool):
+    if not (
+        checkpointing == "auto"
+        or isinstance(checkpointing, bool)
+        or (isinstance(checkpointing, int) and 0 <= checkpointing <= cfg.n_layer)
+    ):
         raise ValueError(
-            f"toolkit_memory: checkpointing must be True or False, got {checkpointing!r}"
+            "toolkit_memory: checkpointing must be 'auto', True, False or a block count in "
+            f"[0, {cfg.n_layer}], got {checkpointing!r}"
+        )
+    if isinstance(memory_budget_gib, bool) or not (
+        isinstance(memory_budget_gib, (int, float)) and memory_budget_gib > 0
+    ):
+        raise ValueError(
+            f"toolkit_memory: memory_budget_gib must be a number > 0, got {memory_budget_gib!r}"
+        )
+    if not isinstance(fused_loss, bool):
+        raise ValueError(f"toolkit_memory: fused_loss must be True or False, got {fused_loss!r}")
+    if isinstance(loss_chunk_tokens, bool) or not (
+        isinstance(loss_chunk_tokens, int) and loss_chunk_tokens >= 1
+    ):
+        raise ValueError(
+            f"toolkit_memory: loss_chunk_tokens must be an int >= 1, got {loss_chunk_tokens!r}"
         )
     model = GPT2(cfg).to(device)
-    model.activation_checkpointing = checkpointing
+    model.fused_loss = fused_loss
+    model.loss_chunk_tokens = loss_chunk_tokens
+    options = {
+        "state_bits": state_bits,
+        "checkpointing": checkpointing,
+        "memory_budget_gib": memory_budget_gib,
+        "fused_loss": fused_loss,
+        "loss_chunk_tokens": loss_chunk_tokens,
+    }
+
+    def set_checkpoint_blocks(blocks: int) -> None:
+        model.activation_checkpointing = blocks > 0
+        model.checkpoint_blocks = blocks
+        options["checkpoint_blocks"] = blocks
+
+    if checkpointing != "auto":
+        set_checkpoint_blocks(
+            cfg.n_layer if checkpointing is True else int(checkpointing)  # False -> 0
+        )
+    planned_shape: tuple[int, ...] | None = None
+
+    def plan_for(shape: tuple[int, ...]) -> None:
+        # "auto": host-side planner estimates from shapes (a few ms), once per new shape.
+        nonlocal planned_shape
+        if checkpointing != "auto" or shape == planned_shape:
+            return
+        micro_batch, seq_len, accum = shape
+        blocks, peaks = plan_checkpoint_blocks(
+            cfg,
+            micro_batch,
+            seq_len,
+            accum,
+            memory_budget_gib=memory_budget_gib,
+            state_bits=state_bits,
+            fused_loss=fused_loss,
+            loss_chunk_tokens=loss_chunk_tokens,
+        )
+        set_checkpoint_blocks(blocks)
+        options["planned_peak_gib"] = round(peaks[blocks] / 2**30, 4)
+        options["planned_for"] = f"{micro_batch}x{seq_len}x{accum}"
+        planned_shape = shape
+
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # tied: once
     decay_named = [(n, p) for n, p in named if p.dim() >= 2]
     plain_named = [(n, p) for n, p in named if p.dim() < 2]
@@ -237,13 +383,16 @@ def toolkit_memory(
         if not micro_batches:
             raise ValueError("toolkit_memory step: got no micro-batches")
         model.train()
+        plan_for((*micro_batches[0][0].shape, len(micro_batches)))
         accs = accumulators_for(len(micro_batches))
         total = torch.zeros((), device=device)
         for x, y in micro_batches:
-            with _autocast(device, torch.bfloat16):
-                # Keep only the loss: a name bound to the logits would hold [B, T, V] through
-                # the backward pass (0.77 GiB in bf16 for GPT-2 small at 8 x 1024).
-                loss = model(x, y)[1]
+            # No autocast: the parameters are bf16, so the matmuls already run in bf16, and
+            # autocast would run the LayerNorms in fp32 (fp32 copies of their inputs saved for
+            # backward, which the planner's bf16 setup does not hold). Keep only the loss:
+            # with fused_loss off, a name bound to the logits would hold [B, T, V] through the
+            # backward pass.
+            loss = model(x, y)[1]
             # Not divided by N: each hook folds grad * (1/N) into the fp32 accumulator.
             loss.backward()
             total += loss.detach().float()
@@ -260,9 +409,9 @@ def toolkit_memory(
         model,
         optimizers[0],
         step,
-        torch.bfloat16,
+        None,  # bf16 parameters: no autocast, in training and in evaluation
         optimizers=tuple(optimizers),
-        options={"state_bits": state_bits, "checkpointing": checkpointing},
+        options=options,
     )
 
 
@@ -462,6 +611,8 @@ def run_training(
     if on_cuda:
         torch.cuda.synchronize(device)
         result.peak_memory_allocated = torch.cuda.max_memory_allocated(device)
+    # Options a recipe resolves while it trains (toolkit_memory's planned checkpointing).
+    result.config["recipe_options"] = dict(parts.options)
     # Step intervals: consecutive marks with no evaluation between them.
     intervals = []
     for a, b in itertools.pairwise(marks):

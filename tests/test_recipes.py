@@ -16,9 +16,11 @@ from hybrid_triton.data import load_corpus
 from hybrid_triton.models.gpt2 import GPT2, GPT2Config
 from hybrid_triton.optim import FusedAdamW
 from hybrid_triton.recipes import (
+    PLANNER_MARGIN,
     RECIPES,
     OptimConfig,
     build_recipe,
+    plan_checkpoint_blocks,
     recipe_option_defaults,
     run_training,
 )
@@ -177,14 +179,22 @@ def _named(opt: FusedAdamW) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 
 def test_toolkit_memory_parts(torch_kernels):
-    assert recipe_option_defaults("toolkit_memory") == {"state_bits": 8, "checkpointing": True}
+    defaults = {
+        "state_bits": 8,
+        "checkpointing": "auto",
+        "memory_budget_gib": 4.0,
+        "fused_loss": True,
+        "loss_chunk_tokens": 1024,
+    }
+    assert recipe_option_defaults("toolkit_memory") == defaults
     assert recipe_option_defaults("baseline_fp32") == {}
     torch.manual_seed(0)
     parts = build_recipe("toolkit_memory", TINY)
     torch.manual_seed(0)
     ref = GPT2(TINY)  # the same fp32 initialization
-    assert parts.autocast_dtype is torch.bfloat16 and parts.model.activation_checkpointing
-    assert parts.options == {"state_bits": 8, "checkpointing": True}
+    # bf16 parameters compute in bf16 without autocast; the loss is the fused chunked one.
+    assert parts.autocast_dtype is None and parts.model.fused_loss
+    assert parts.options == defaults  # "auto" is resolved at the first step (its shape)
     assert len(parts.optimizers) == 2 and parts.optimizer is parts.optimizers[0]
     decay, plain = parts.optimizers
     assert (
@@ -213,16 +223,23 @@ def test_toolkit_memory_step_folds_micro_batches(torch_kernels):
     x = torch.randint(0, 320, (4, 16))
     y = torch.randint(0, 320, (4, 16))
     micro = [(x[:2], y[:2]), (x[2:], y[2:])]
+    # The plain loss here (fused_loss=False): this test is about the accumulation, and plain
+    # autograd on the same bf16 model (no autocast, as the recipe) gives the same numbers.
     torch.manual_seed(1)
-    parts = build_recipe("toolkit_memory", TINY, optim=OptimConfig(grad_clip=1e-3))
+    parts = build_recipe(
+        "toolkit_memory",
+        TINY,
+        optim=OptimConfig(grad_clip=1e-3),
+        fused_loss=False,
+        checkpointing=False,
+    )
     torch.manual_seed(1)
     ref = GPT2(TINY).to(torch.bfloat16)
     names = [n for n, _ in ref.named_parameters()]
     expected = {n: torch.zeros(p.shape) for n, p in ref.named_parameters()}
     ref_losses = []
     for xb, yb in micro:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            _, loss = ref(xb, yb)
+        _, loss = ref(xb, yb)
         ref_losses.append(loss.float())
         for n, g in zip(names, torch.autograd.grad(loss, list(ref.parameters()))):
             expected[n] += g.float() * 0.5
@@ -259,8 +276,7 @@ def test_toolkit_memory_step_folds_micro_batches(torch_kernels):
 
 
 def _micro_grads(model, x, y) -> list[torch.Tensor]:
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, loss = model(x, y)
+    _, loss = model(x, y)
     return [g.float() for g in torch.autograd.grad(loss, list(model.parameters()))]
 
 
@@ -279,6 +295,18 @@ def test_toolkit_memory_options(torch_kernels):
         build_recipe("toolkit_memory", TINY, state_bits=5)
     with pytest.raises(ValueError, match="checkpointing"):
         build_recipe("toolkit_memory", TINY, checkpointing="yes")
+    with pytest.raises(ValueError, match=r"block count in \[0, 2\]"):
+        build_recipe("toolkit_memory", TINY, checkpointing=3)
+    with pytest.raises(ValueError, match="memory_budget_gib"):
+        build_recipe("toolkit_memory", TINY, memory_budget_gib=0)
+    with pytest.raises(ValueError, match="loss_chunk_tokens"):
+        build_recipe("toolkit_memory", TINY, loss_chunk_tokens=0)
+    with pytest.raises(ValueError, match="fused_loss"):
+        build_recipe("toolkit_memory", TINY, fused_loss="yes")
+    for value, blocks in ((True, 2), (False, 0), (1, 1), (0, 0)):
+        parts = build_recipe("toolkit_memory", TINY, checkpointing=value)
+        assert parts.model.checkpoint_blocks == blocks == parts.options["checkpoint_blocks"]
+        assert parts.model.activation_checkpointing == (blocks > 0)
     with pytest.raises(ValueError, match="no option"):
         build_recipe("baseline_fp32", TINY, state_bits=8)
     with pytest.raises(ValueError, match="no option"):
@@ -299,7 +327,10 @@ def test_toolkit_memory_learns_like_the_baseline(corpus, torch_kernels):
     )
     base = run_training("baseline_bf16", seed=1, **kwargs)
     ours = run_training("toolkit_memory", seed=1, **kwargs)
-    assert ours.config["recipe_options"] == {"state_bits": 8, "checkpointing": True}
+    options = ours.config["recipe_options"]
+    # The planner's choice for 2 x 32 tokens of the tiny model: nothing to checkpoint.
+    assert options["checkpoint_blocks"] == 0 and options["planned_for"] == "2x32x2"
+    assert 0 < options["planned_peak_gib"] < 0.1
     assert len(ours.step_loss) == 8 and [e["step"] for e in ours.evals] == [4, 8]
     assert ours.step_loss[-1] < ours.step_loss[0] - 0.8, ours.step_loss
     assert ours.evals[-1]["val_loss"] < ours.evals[0]["val_loss"]
@@ -322,3 +353,71 @@ def test_toolkit_memory_step_is_sync_free():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss).item()
+
+
+def test_plan_checkpoint_blocks_is_the_fewest_that_fit():
+    """GPT-2 small at 8 x 1024 under 4 GiB: the chosen K fits with the margin, K - 1 does not;
+    the estimates fall as K grows, and a budget nothing meets gives every block."""
+    cfg = GPT2Config.from_name("gpt2-small")
+    k, peaks = plan_checkpoint_blocks(cfg, 8, 1024, memory_budget_gib=4.0)
+    limit = 4.0 * (1 - PLANNER_MARGIN) * 2**30
+    assert 0 < k < cfg.n_layer, (k, peaks)
+    assert peaks[k] <= limit < peaks[k - 1]
+    assert list(peaks) == list(range(k + 1))
+    assert all(a > b for a, b in zip(list(peaks.values()), list(peaks.values())[1:]))
+    none_fit, all_peaks = plan_checkpoint_blocks(cfg, 8, 1024, memory_budget_gib=0.5)
+    assert none_fit == cfg.n_layer and len(all_peaks) == cfg.n_layer + 1
+    # Without the fused loss the logits alone break the budget with every block checkpointed.
+    plain_k, plain_peaks = plan_checkpoint_blocks(cfg, 8, 1024, fused_loss=False)
+    assert plain_k == cfg.n_layer and min(plain_peaks.values()) > limit
+
+
+def test_toolkit_memory_auto_checkpointing_follows_the_planner(torch_kernels):
+    """ "auto": at the first step the recipe takes the planner's K for the step's shape (here a
+    budget between the estimates of K = 1 and K = 0 of the tiny model, so K = 1), and plans
+    again when the shape changes."""
+    _, peaks = plan_checkpoint_blocks(TINY, 2, 16, 1, memory_budget_gib=1e-6)
+    budget = (peaks[0] + peaks[1]) / 2 / (1 - PLANNER_MARGIN) / 2**30
+    parts = build_recipe("toolkit_memory", TINY, memory_budget_gib=budget)
+    calls = []
+    for block in parts.model.transformer.h:
+        block.register_forward_pre_hook(lambda *_: calls.append(1))
+    x = torch.randint(0, 320, (2, 16))
+    parts.step([(x, x)], 1e-3)
+    assert parts.model.checkpoint_blocks == 1 and parts.model.activation_checkpointing
+    assert len(calls) == TINY.n_layer + 1, "block 0 recomputed in backward, block 1 not"
+    assert parts.options["checkpoint_blocks"] == 1 and parts.options["planned_for"] == "2x16x1"
+    assert parts.options["planned_peak_gib"] == pytest.approx(peaks[1] / 2**30, abs=1e-4)
+    small = torch.randint(0, 320, (1, 8))
+    parts.step([(small, small)], 1e-3)  # a smaller shape fits without checkpointing
+    assert parts.model.checkpoint_blocks == 0 and parts.options["planned_for"] == "1x8x1"
+
+
+def test_toolkit_memory_fused_loss_step_matches_the_plain_loss(torch_kernels):
+    """One step with the fused chunked loss gives the accumulator (what the optimizers read)
+    and the loss of the plain-loss step, within bf16 rounding of the logits' gradient."""
+    x = torch.randint(0, 320, (2, 24))
+    y = torch.randint(0, 320, (2, 24))
+    seen = {}
+    for fused in (False, True):
+        torch.manual_seed(5)
+        parts = build_recipe(
+            "toolkit_memory", TINY, fused_loss=fused, checkpointing=False, loss_chunk_tokens=7
+        )
+        grads = []
+        for opt in parts.optimizers:
+
+            def spy(*args, _step=opt.step, _grads=grads, **kwargs):
+                _grads.append(kwargs["grad"].clone())
+                return _step(*args, **kwargs)
+
+            opt.step = spy
+        loss = parts.step([(x, y)], 1e-3)
+        seen[fused] = (loss, grads)
+    (plain_loss, plain), (fused_loss, fused_grads) = seen[False], seen[True]
+    assert fused_loss.dtype == torch.float32
+    # The plain bf16 loss is itself rounded to bf16 (8 bits): compare within that.
+    assert fused_loss.item() == pytest.approx(plain_loss.item(), rel=2**-7)
+    for a, b in zip(fused_grads, plain):
+        rel = ((a - b).norm() / b.norm()).item()
+        assert rel < 3e-2, f"accumulated gradient differs by {rel:.3e} (relative norm)"
