@@ -42,6 +42,7 @@ The CUDA step itself is not timed here (the training suite does that).
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -560,7 +561,35 @@ def summary(df: pd.DataFrame) -> str:
         err = 100.0 * (pv - mv) / mv if mv and not math.isnan(mv) else math.nan
         tv = tr.get(case, math.nan)
         lines.append(f"{case[:56]:<56} {mv:>9.4g} {pv:>9.4g} {err:>6.1f}% {tv:>9.4g}")
-    return "\n".join(lines) + "\n" + footer
+    return "\n".join(lines) + "\n" + footer + cap_summary(df)
+
+
+def cap_summary(df: pd.DataFrame) -> str:
+    """The cap checks: what happened under each cap, the planner's answer, agreement."""
+    fits = df[df["metric"] == "fits_cap"]
+    if fits.empty:
+        return ""
+    measured = fits[fits["provider"] == "measured"].groupby("case", sort=False).first()
+    planned = fits[fits["provider"] == "planner"].groupby("case", sort=False)["value"].first()
+
+    def word(v: float, yes: str, no: str) -> str:
+        return "?" if math.isnan(v) else (yes if v else no)
+
+    lines = ["", f"{'configuration [cap]':<56} {'measured':>14} {'planner':>9} {'agree':>6}"]
+    for case, row in measured.iterrows():
+        how = json.loads(row["config"]).get("how", "")
+        pv = planned.get(case, math.nan)
+        agree = (
+            "?"
+            if math.isnan(row["value"]) or math.isnan(pv)
+            else word(pv == row["value"], "yes", "NO")
+        )
+        ran = f"{word(row['value'], 'ran', 'oom')} ({how})"
+        lines.append(f"{case[:56]:<56} {ran:>14} {word(pv, 'fits', 'no'):>9} {agree:>6}")
+    total = df[df["metric"] == "fit_agreement_pct"]
+    if not total.empty:
+        lines.append(f"planner agreement: {total['value'].iloc[0]:.1f}% ({total['note'].iloc[0]})")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

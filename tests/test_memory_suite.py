@@ -120,7 +120,11 @@ def test_caps_run_for_real_and_an_oom_does_not_stop_the_suite(machine, memory_su
     assert (_rows(df, "fit_agrees")["value"] == 1.0).all()
     (summary,) = _rows(df, "fit_agreement_pct").itertuples()
     assert summary.value == 100.0 and summary.note == "4 of 4 agree"
-    assert _rows(df, "total", "traced").empty is not False  # traced=none: no trace rows
+    assert _rows(df, "total", "traced").empty  # traced=none: no trace rows
+    text = memory_suite.cap_summary(df)
+    assert "gpt2-micro fp32 32b 2x64 [cap 0.005 GiB]" in text
+    assert "oom (run)" in text and "ran (run)" in text and " NO" not in text
+    assert "planner agreement: 100.0% (4 of 4 agree)" in text
 
 
 def test_caps_the_uncapped_run_decides_are_not_run_again(machine, memory_suite, monkeypatch):
@@ -139,6 +143,18 @@ def test_caps_the_uncapped_run_decides_are_not_run_again(machine, memory_suite, 
     assert json.loads(tiny["config"])["how"] == "derived"
     assert fits.loc[f"{label} [cap 4 GiB]"]["value"] == 1.0
     assert (_rows(df, "fit_agrees")["value"] == 1.0).all()
+
+
+def test_a_disagreement_is_named(machine, memory_suite, monkeypatch):
+    SimulatedCaps(memory_suite, monkeypatch, oom_below=5.0)  # OOM where the planner says fits
+    ctx = _ctx(machine, "gpt2-micro fp32 32b 2x64", caps=(4.0,), cap_runs="all", traced="none")
+    memory_suite.run(ctx)
+    df = ctx.recorder.frame()
+    case = "gpt2-micro fp32 32b 2x64 [cap 4 GiB]"
+    assert _rows(df, "fit_agrees")["value"].tolist() == [0.0]
+    (summary,) = _rows(df, "fit_agreement_pct").itertuples()
+    assert summary.value == 0.0 and summary.note == f"0 of 1 agree; disagree: {case}"
+    assert " NO" in memory_suite.cap_summary(df)
 
 
 def _measured(memory_suite, status="ok", allocated=None, reserved=None):
