@@ -77,9 +77,7 @@ def run_ranks(worker, tmp_path: Path, *args, world: int = WORLD) -> list:
 
 def make_mlp(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(6, 9), nn.GELU(), nn.Linear(9, 5), nn.GELU(), nn.Linear(5, 1)
-    )
+    return nn.Sequential(nn.Linear(6, 9), nn.GELU(), nn.Linear(9, 5), nn.GELU(), nn.Linear(5, 1))
 
 
 def make_data(steps: int = STEPS, batch: int = 8, seed: int = 1):
@@ -413,3 +411,127 @@ def test_checkpoint_reshards_between_world_sizes(tmp_path):
         for k, v in want["optim"].items():
             assert torch.equal(got["optim"][k], v), f"{what}: optimizer state {k}"
     assert saved2["optim"]["step"].item() == 2 and saved1["optim"]["step"].item() == 3
+
+
+# ------------------------------------------------------------------------- planner (pure)
+
+from hybrid_triton.planner import PlannerError, estimate, preset, setup_preset  # noqa: E402
+from hybrid_triton.planner.cli import main as plan_main  # noqa: E402
+from hybrid_triton.planner.distributed import (  # noqa: E402
+    SHARDED_COMPONENTS,
+    estimate_per_rank,
+    fsdp_units,
+    sharded_numel,
+)
+from hybrid_triton.planner.estimate import _round  # noqa: E402
+
+UNSHARDED = ("activations", "logits_and_loss", "autocast_cache", "temporaries", "workspace",
+             "inputs")  # fmt: skip
+
+
+@pytest.mark.parametrize("shard", ["ddp", "fsdp"])
+@pytest.mark.parametrize("setup_name", ["bf16-autocast", "bf16-master", "hybrid"])
+def test_planner_one_gpu_is_the_single_gpu_estimate(shard, setup_name):
+    spec, setup = preset("gpt2-small"), setup_preset(setup_name, micro_batch=2, seq_len=256)
+    assert estimate_per_rank(spec, setup, 1, shard).phase_peak_bytes == (
+        estimate(spec, setup).phase_peak_bytes
+    )
+
+
+@pytest.mark.parametrize("gpus", [2, 3, 8])
+@pytest.mark.parametrize("setup_name", ["bf16-master", "hybrid", "fp32"])
+def test_planner_fsdp_divides_model_state_only(gpus, setup_name):
+    spec = preset("gpt2-medium")
+    setup = setup_preset(setup_name, micro_batch=2, seq_len=512)
+    single = estimate(spec, setup)
+    rank_est = estimate_per_rank(spec, setup, gpus, "fsdp")
+    frac = sharded_numel(spec, gpus) / spec.num_params
+    assert 1 / gpus <= frac < 1 / gpus + 1e-6 * gpus
+    r = 2 if setup.param_dtype == "bf16" else 4
+    root, blocks = fsdp_units(spec)
+    assert root + sum(blocks) == spec.num_params and len(blocks) == spec.n_layer
+    for name, phase in rank_est.phases.items():
+        one = single.phases[name].components
+        for comp in SHARDED_COMPONENTS:
+            assert phase.components[comp] == pytest.approx(one[comp] * frac, abs=1), comp
+        for comp in UNSHARDED:
+            assert phase.components[comp] == one[comp], f"{name}: {comp} must not be divided"
+        gather = _round(root * r) + 2 * _round(max(blocks) * r)
+        assert phase.components["allgather_buffers"] == gather
+        scatter = phase.components["reduce_scatter_buffers"]
+        assert scatter == (
+            0 if name == "predict" else _round(root * r) + 2 * _round(max(blocks) * r)
+        )
+        assert phase.components["ddp_buckets"] == 0
+        assert phase.peak_bytes == sum(phase.components.values())
+    assert rank_est.peak_bytes < single.peak_bytes  # GPT-2 medium: sharding pays off
+    assert rank_est.global_batch == gpus * setup.micro_batch
+
+
+def test_planner_fsdp_more_gpus_less_per_rank():
+    spec, setup = preset("gpt2-medium"), setup_preset("bf16-master", micro_batch=1)
+    peaks = [estimate_per_rank(spec, setup, n, "fsdp").peak_bytes for n in (1, 2, 4, 8)]
+    assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == 4
+
+
+def test_planner_ddp_buckets():
+    spec = preset("gpt2-small")
+    full = setup_preset("bf16-autocast", micro_batch=2, seq_len=256)
+    single = estimate(spec, full)
+    ddp = estimate_per_rank(spec, full, 4, "ddp")
+    grads_bytes = spec.num_params * 4  # fp32 parameters: fp32 gradients
+    for name, phase in ddp.phases.items():
+        buckets = phase.components["ddp_buckets"]
+        if name == "predict":
+            assert buckets == 0
+            continue
+        # every gradient, in buckets of <= 25 MiB, each rounded by the allocator
+        assert grads_bytes <= buckets <= grads_bytes + 512 * (grads_bytes // (25 * 2**20) + 2)
+        assert phase.peak_bytes == single.phases[name].peak_bytes + buckets
+    view = estimate_per_rank(spec, full, 4, "ddp", gradient_as_bucket_view=True)
+    assert view.phases["full"].components["gradients"] == 0
+    # the .grad tensors are the buckets: never more than without the view
+    assert view.peak_bytes <= ddp.peak_bytes
+    hook = setup_preset("bf16-master", micro_batch=2, seq_len=256)
+    assert estimate_per_rank(spec, hook, 4, "ddp").phase_peak_bytes == (
+        estimate(spec, hook).phase_peak_bytes
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(gpus=0),
+        dict(gpus=2.0),
+        dict(gpus=2, shard="zero3"),
+        dict(gpus=2, prefetch=-1),
+        dict(gpus=2, bucket_cap_mb=0),
+    ],
+    ids=["zero-gpus", "float-gpus", "unknown-shard", "negative-prefetch", "zero-bucket"],
+)
+def test_planner_bad_parallel_setup(kwargs):
+    with pytest.raises(PlannerError):
+        estimate_per_rank(preset("gpt2-tiny"), setup_preset("fp32", seq_len=64), **kwargs)
+
+
+def test_plan_cli_gpus_flag(capsys):
+    base = ["gpt2-small", "--setup", "bf16-master", "--batch", "2", "--seq-len", "256"]
+    assert plan_main(base) == 0
+    plain = capsys.readouterr().out
+    from hybrid_triton.planner.report import format_estimate
+
+    spec, setup = preset("gpt2-small"), setup_preset("bf16-master", micro_batch=2, seq_len=256)
+    assert plain.strip() == format_estimate(estimate(spec, setup)).strip()  # unchanged
+    assert plan_main([*base, "--gpus", "2", "--shard", "fsdp"]) == 0
+    out = capsys.readouterr().out
+    assert "per rank" in out and "FSDP all-gather buffers" in out
+    assert plan_main([*base, "--gpus", "2", "--shard", "ddp", "--json"]) == 0
+    import json
+
+    data = json.loads(capsys.readouterr().out)
+    assert data["parallel"]["gpus"] == 2 and data["global_batch"] == 4
+    assert data["peak_bytes"] == estimate_per_rank(spec, setup, 2, "ddp").peak_bytes
+    assert plan_main([*base, "--shard", "ddp"]) == 2
+    assert "--shard needs --gpus" in capsys.readouterr().err
+    assert plan_main([*base, "--gpus", "2", "--fit", "--gpu", "16"]) == 2
+    assert plan_main([*base, "--gpus", "0"]) == 2

@@ -9,6 +9,12 @@
 See docs/planner.md. Importing this package touches no device.
 """
 
+from hybrid_triton.planner.distributed import (
+    ParallelSetup,
+    RankEstimate,
+    estimate_per_rank,
+    format_rank_estimate,
+)
 from hybrid_triton.planner.estimate import Estimate, PhaseEstimate, estimate
 from hybrid_triton.planner.fit import GPUS, FitResult, fit, gpu_capacity_bytes
 from hybrid_triton.planner.setup import SETUP_PRESETS, TrainSetup, setup_preset
@@ -29,12 +35,16 @@ __all__ = [
     "Estimate",
     "FitResult",
     "ModelSpec",
+    "ParallelSetup",
     "ParamTensor",
     "PhaseEstimate",
     "PlannerError",
+    "RankEstimate",
     "TrainSetup",
     "estimate",
+    "estimate_per_rank",
     "fit",
+    "format_rank_estimate",
     "gpu_capacity_bytes",
     "preset",
     "setup_preset",

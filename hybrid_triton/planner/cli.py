@@ -7,6 +7,7 @@ Examples::
     hybrid-triton plan llama-7b --fit --gpu 16 --json
     hybrid-triton plan path/to/config.json --setup hybrid --batch 4 --chart plan.png
     hybrid-triton plan --module mypkg.models:build_on_meta --traced --batch 2 --seq-len 256
+    hybrid-triton plan gpt2-medium --setup bf16-master --batch 8 --gpus 2 --shard fsdp
     hybrid-triton plan --list
 """
 
@@ -93,6 +94,16 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="measure the module under fake tensors instead of the formulas",
     )
+    p.add_argument(
+        "--gpus",
+        type=int,
+        help="per-rank estimate for this many GPUs (--batch is then per rank)",
+    )
+    p.add_argument(
+        "--shard",
+        choices=["ddp", "fsdp"],
+        help="with --gpus: replicated (ddp) or FSDP2 per block (fsdp, the default)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--chart", help="write a PNG chart to this path")
     return p
@@ -161,6 +172,34 @@ def _list() -> str:
     return "\n".join(lines)
 
 
+def _per_rank(args, spec) -> int:
+    """``--gpus N [--shard ddp|fsdp]``: one rank's estimate (planner/distributed.py)."""
+    from hybrid_triton.planner.distributed import estimate_per_rank, format_rank_estimate
+
+    if args.gpus is None:
+        raise PlannerError("--shard needs --gpus (the number of GPUs)")
+    if args.fit or args.traced or args.chart:
+        raise PlannerError(
+            "--gpus works with the formula estimate's table or JSON only (not --fit, --traced "
+            "or --chart)"
+        )
+    est = estimate_per_rank(spec, _setup(args), args.gpus, args.shard or "fsdp")
+    if args.json:
+        print(to_json(est))
+    else:
+        print(format_rank_estimate(est))
+    if args.gpu:
+        label, capacity = gpu_capacity_bytes(args.gpu)
+        usable = int(capacity * (1 - args.margin))
+        need = est.device_bytes()
+        verdict = "fits" if need <= usable else "does NOT fit"
+        print(
+            f"{label} per rank: {verdict} ({need / 1024**3:.2f} GiB needed, "
+            f"{usable / 1024**3:.2f} GiB usable with margin {args.margin:.0%})"
+        )
+    return 0
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -170,6 +209,8 @@ def main(argv: list[str]) -> int:
         if not 0 <= args.margin < 1:
             raise PlannerError(f"--margin must be a fraction in [0, 1), got {args.margin}")
         spec, module = _load_spec(args)
+        if args.gpus is not None or args.shard is not None:
+            return _per_rank(args, spec)
         if args.fit:
             if not args.gpu:
                 raise PlannerError("--fit needs --gpu (a preset name or a size in GiB)")
