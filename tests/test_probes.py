@@ -46,6 +46,7 @@ class FakeAllocator:
         monkeypatch.setattr(probes, "_allocator_counters", self._read)
         monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", self._reset)
         monkeypatch.setattr(probes, "_nvml_used", self._nvml)
+        monkeypatch.setattr(torch.cuda, "init", lambda: None)
 
         def forbidden(name):
             def call(*args, **kwargs):

@@ -242,8 +242,12 @@ class MemoryProbe:
         self.device = torch.device(device)
         if self.device.type not in ("cuda", "cpu"):
             raise ValueError(f"MemoryProbe measures cuda or cpu devices, not {self.device}")
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        if self.device.type == "cuda":
+            # The allocator must exist before its peaks can be reset (start_run may come
+            # before the first CUDA tensor); idempotent.
+            torch.cuda.init()
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
         self.snapshot_dir = snapshot_dir
         self.device_level = bool(device_level)
         self.results: dict[str, PhaseMemory] = {}
