@@ -127,6 +127,9 @@ def run_recipe(ctx: SuiteContext, recipe: str, size: TrainingSize, corpus) -> No
         rec.status(case, "measured", status, config=config, message=f"{type(err).__name__}: {err}")
         free_device_memory()
         return
+    # What the recipe ran with, choices it made itself included (toolkit_memory's planned
+    # checkpointing): every row of the case carries it.
+    config["recipe_options"] = result.config.get("recipe_options", {})
     timer = "cuda events" if ctx.device.type == "cuda" else "cpu perf_counter"
     steady = result.step_time_s[1:] or result.step_time_s  # the first step compiles/allocates
     rec.add(case, "measured", "train_time_s", "s", result.train_time_s, config=config, note=timer)
