@@ -49,8 +49,12 @@ What is modelled (per token of a micro-batch, ``N = micro_batch * seq_len``, wid
   ``setup.trainer`` (HybridTrainer): the Predict entry builds the direction from the moments
   one segment group at a time in arena order (fp32 temporaries, ``PREDICT_ENTRY_TEMP_BYTES``
   per element of the group, beside the int8 directions of the groups before it only: each
-  group is quantized into its own tensor), and the moments come back before Predict ends;
-  Correct keeps the direction and copies the master weights around its step.
+  group is quantized into its own tensor), then frees the fp32 master weights of bf16 models
+  (``TrainerConfig.predict_master="host"``: the rollback snapshot in host memory is their
+  copy); that entry is a transition with its own peak (stage ``predict entry``), not part of
+  the Predict phase's peak. The moments and the master come back at Predict exit (the presets'
+  ``lookahead=0``; a larger lookahead adds the moments to the last Predict steps); Correct
+  keeps the direction and copies the master weights around its step.
 - Allocator: every block is rounded up to ``ALLOC_ROUND`` bytes (``allocator_rounding``).
   ``segment_slack_bytes`` (reported apart, not in the allocated peak) is what rounding the
   live large blocks to the allocator's 2 MiB segment granularity adds: a floor for
@@ -242,6 +246,13 @@ class _Timeline:
     def at(self, stage: str, where: str) -> None:
         self.stage, self.where = stage, where
 
+    def reset_peak(self) -> None:
+        """Start a new peak from what is live now (``torch.cuda.reset_peak_memory_stats``);
+        the stage peaks already recorded stay."""
+        self._snapshot()
+        self.peak = -1
+        self._observe()
+
     def _observe(self) -> None:
         if self.stage != "setup" and self.total > self.stage_peaks.get(self.stage, 0):
             self.stage_peaks[self.stage] = self.total
@@ -353,8 +364,7 @@ class _Step:
         tl.at("setup", "model state")
         for p in self.spec.params:
             tl.alloc("weights", p.numel * self.r)
-        if s.master_weights:
-            tl.alloc("master_weights", 4 * P)
+        self.master = tl.alloc("master_weights", 4 * P) if s.master_weights else None
         self.moments: list[int] = []
         if s.offload == "none":
             bits = s.state_bits
@@ -435,6 +445,12 @@ class _Step:
             self.moments = []
             if s.predict_moments == "compress":
                 self.moments = self.alloc_moments(min(s.state_bits, 8))
+        if self.master is not None and s.param_dtype == "bf16":
+            # TrainerConfig.predict_master="host" (the default): the rollback snapshot in host
+            # memory is the master's copy; the bf16 weights take the predicted steps in place
+            # (stochastic rounding) and the master comes back at Predict exit.
+            tl.free(self.master)
+            self.master = None
 
     # ---- helpers -----------------------------------------------------------------------
 
@@ -914,12 +930,14 @@ class _Step:
         if not self.train:
             if self.trainer:
                 self.enter_predict()
+                # The trainer's metrics and the memory suite give the entry its own peak
+                # ("enter:predict", stage "predict entry" here): the phase's peak starts after it.
+                self.tl.reset_peak()
             self.micro_batch()
-            if self.trainer and self.setup.offload == "none" and not self.moments:
-                # the moments come back `lookahead` steps before Predict ends (prefetch)
-                self.tl.at("forward", "moments prefetched back")
-                self.moments = self.alloc_moments(self.setup.state_bits)
-                self.micro_batch()
+            # The moments and the master come back at Predict exit (TrainerConfig.lookahead=0,
+            # the presets' default), behind the first Correct step's forward and backward; a
+            # lookahead of k > 0 brings the moments back during the last k Predict steps,
+            # which adds them (optimizer_state) to those steps.
             return self.tl.result(self.phase)
         # One step is the steady state: the model state is allocated up front and the previous
         # step's logits (when the caller holds them) too. With accumulation, the second
