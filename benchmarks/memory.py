@@ -230,7 +230,8 @@ def measure_trainer(
     cfg: MemoryConfig, device: torch.device, steps_per_phase: int, probe: MemoryProbe
 ) -> dict[str, PhaseMemory]:
     """Per-phase peaks of ``HybridTrainer`` over one Warmup → Full → Predict → Correct run;
-    each step is measured and the highest step of each phase kept."""
+    each step is measured and the highest step of each phase kept; each phase's entry work
+    (``HybridTrainer.prepare_step``) is measured apart as ``enter:<phase>``."""
     from hybrid_triton.models.gpt2 import GPT2
     from hybrid_triton.scheduler import TrainerConfig
     from hybrid_triton.trainer import HybridTrainer, TrendDynamics
@@ -255,6 +256,7 @@ def measure_trainer(
         max_consecutive_predicts=1,
         precision="fp32",  # bf16 parameters compute in bf16 without autocast
         offload="pinned" if device.type == "cuda" else "keep",
+        lookahead=0,  # the presets' default: moments and master come back at Predict exit
         host_lag=1,
     )
     trainer = HybridTrainer(
@@ -268,6 +270,14 @@ def measure_trainer(
     peaks: dict[str, PhaseMemory] = {}
     try:
         for _ in range(4 * n + 2):
+            # A phase's entry work (Predict: rollback snapshot, direction, offload) starts
+            # from the previous phase's resident state: measured apart, as "enter:<phase>"
+            # (the trainer's own per-phase peaks split it the same way).
+            with probe.phase("step"):
+                plan, new_phase = trainer.prepare_step()
+            entry = probe.results.pop("step")
+            if new_phase:
+                _keep_max(peaks, replace(entry, phase=f"enter:{plan.phase.value}"))
             with probe.phase("step"):
                 out = trainer.step(batch)
             _keep_max(peaks, replace(probe.results.pop("step"), phase=str(out["phase"])))
