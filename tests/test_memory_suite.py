@@ -197,6 +197,26 @@ def test_a_slow_configuration_times_out_alone(machine, memory_suite, monkeypatch
     assert (_rows(df, "total", "planner")["value"] > 0).all()  # estimates still recorded
 
 
+def test_a_failed_run_is_not_checked_under_caps(machine, memory_suite, monkeypatch):
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("a bug (simulated)")
+
+    monkeypatch.setattr(memory_suite, "measure_recipe", broken)
+    ctx = _ctx(machine, "gpt2-micro fp32 32b 2x64", caps=(1.0, 2.0), cap_runs="all",
+               traced="none")  # fmt: skip
+    memory_suite.run(ctx)
+    df = ctx.recorder.frame()
+    assert calls == [1]  # no capped runs after the uncapped one failed
+    fits = _rows(df, "fits_cap", "measured")
+    assert fits["value"].isna().all() and len(fits) == 2
+    assert fits["note"].str.startswith("not checked: the uncapped run failed").all()
+    assert _rows(df, "fit_agrees")["value"].isna().all()
+    assert _rows(df, "fit_agreement_pct").empty  # nothing was checked
+
+
 def test_time_limit_restores_the_previous_handler():
     before = signal.getsignal(signal.SIGALRM)
     with (
