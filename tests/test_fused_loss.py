@@ -290,13 +290,22 @@ def test_gpt2_small_fused_loss_on_gpu_bf16():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
-        _, loss = model(idx, targets)
+        logits, loss = model(idx, targets)
         loss.backward()
         torch.cuda.synchronize()
         peaks[fused] = torch.cuda.max_memory_allocated() - start
-        losses[fused] = loss.detach().double()
+        if fused:
+            losses[fused] = loss.detach().double()
+        else:  # the plain bf16 loss is rounded to bf16: score its logits in fp32 instead
+            with torch.no_grad():
+                flat = logits.float().view(-1, vocab)
+                losses[fused] = F.cross_entropy(flat, targets.view(-1)).double()
+            del flat
+        del logits
         grads[fused] = model.transformer.wte.weight.grad.double()
-    assert_close("fused loss", losses[True], losses[False], rtol=2e-3)
+    # cuBLAS may round a chunk's bf16 logits differently from the whole product's (another
+    # kernel): one ulp moves a token's loss by at most about 4e-3, the mean far less.
+    assert_close("fused loss", losses[True], losses[False], rtol=1e-4)
     rel = (grads[True] - grads[False]).norm() / grads[False].norm()
     assert rel < 2e-2, f"tied-weight gradient relative error {rel:.3e}"
     assert peaks[False] - peaks[True] >= 2 * b * t * vocab * 2, peaks
