@@ -535,3 +535,31 @@ def test_plan_cli_gpus_flag(capsys):
     assert "--shard needs --gpus" in capsys.readouterr().err
     assert plan_main([*base, "--gpus", "2", "--fit", "--gpu", "16"]) == 2
     assert plan_main([*base, "--gpus", "0"]) == 2
+
+
+# ------------------------------------------------------------------------- the proof script
+
+
+@pytest.mark.slow
+def test_multi_gpu_benchmark_quick_runs_end_to_end(tmp_path):
+    """``benchmarks/multi_gpu.py --quick``: 2 gloo processes, gpt2-tiny, one-process run
+    beside it; the report says the sharded losses equal the one-process ones."""
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "multi_gpu.py"), "--quick",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (csv,) = (tmp_path / "multi_gpu").glob("*/results.csv")
+    df = pd.read_csv(csv)
+    value = dict(zip(df["metric"] + "/" + df["provider"], df["value"]))
+    assert value["loss_max_rel_diff/measured"] <= 1e-5
+    assert value["final_loss/measured"] == pytest.approx(value["final_loss/1 gpu"], rel=1e-5)
+    assert value["step_time_ms/measured"] > 0 and value["scaling_efficiency/measured"] > 0
+    assert "ok" in set(df.loc[df["metric"] == "status", "note"].str.split(":").str[0])
