@@ -2,13 +2,13 @@
 
 For each format, times the quantize kernel (fp32 input, 2^28 elements, block 256) with and
 without error feedback over a grid of tiles (elements per program), warps and, for the packed
-formats, both tile layouts (``PACKED_3D``: a [blocks, bytes, codes-per-byte] tile, or a
-[blocks, block] tile packed through a reshape), beside the fp32 copy rate measured in the same
-run. Each configuration is checked against the torch reference before it is timed. Writes a
-CSV; the defaults in ``kernels/quantize.py`` are set from it (the committed report of the
-``kernels`` suite then measures the defaults).
+formats, both tile layouts (the third field of ``QUANTIZE_LAUNCH``: a [blocks, bytes,
+codes-per-byte] tile, or a [blocks, block] tile packed through a reshape), beside the fp32
+copy rate measured in the same run. Each configuration is checked against the torch
+reference before it is timed. Writes a CSV; ``QUANTIZE_LAUNCH`` in ``kernels/quantize.py``
+is set from it, and the ``kernels`` suite's committed report then measures those defaults.
 
-    python benchmarks/sweep_quantize.py OUT.csv [FMT ...]
+    python -m benchmarks.sweep_quantize OUT.csv [FMT ...]
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ def _bench(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def _time_quantize(x, fmt, error, out, launch: dict) -> float:
-    return _bench(lambda: quantize_blockwise(x, fmt, BLOCK, error=error, out=out, **launch))
+def _time_quantize(x, fmt, error, out) -> float:
+    return _bench(lambda: quantize_blockwise(x, fmt, BLOCK, error=error, out=out))
 
 
 def main(csv_path: str, formats: tuple[str, ...]) -> None:
@@ -51,15 +51,15 @@ def main(csv_path: str, formats: tuple[str, ...]) -> None:
             packed = quantize.FORMATS[fmt].per_byte > 1
             layouts = (True, False) if packed else (True,)
             out = quantize_blockwise(x, fmt, BLOCK)
+            default = quantize.QUANTIZE_LAUNCH[fmt]
             for ef, three_d, tile, warps in itertools.product((False, True), layouts, TILES, WARPS):
-                quantize.PACKED_3D = three_d
-                kw = {"tile": tile, "num_warps": warps}
+                quantize.QUANTIZE_LAUNCH[fmt] = (tile, warps, three_d)
                 try:
                     _check_same(
-                        quantize_blockwise(small, fmt, BLOCK, **kw),
+                        quantize_blockwise(small, fmt, BLOCK),
                         quantize_blockwise_ref(small, fmt, BLOCK),
                     )
-                    ms = _time_quantize(x, fmt, error if ef else None, out, kw)
+                    ms = _time_quantize(x, fmt, error if ef else None, out)
                 except Exception as err:  # a configuration that fails is reported, not fatal
                     print(f"{fmt} ef={ef} 3d={three_d} tile={tile} warps={warps}: {err!r:.200}")
                     continue
@@ -70,7 +70,7 @@ def main(csv_path: str, formats: tuple[str, ...]) -> None:
                 fh.flush()
                 print(f"{fmt:13s} ef={int(ef)} {layout} tile={tile:5d} warps={warps:2d} "
                       f"{ms:8.4f} ms {pct:5.1f}% of copy")  # fmt: skip
-            quantize.PACKED_3D = True
+            quantize.QUANTIZE_LAUNCH[fmt] = default
 
 
 if __name__ == "__main__":

@@ -92,11 +92,20 @@ MIN_BLOCK, MAX_BLOCK, DEFAULT_BLOCK = 32, 4096, 256
 TWN_THRESHOLD = 0.7  # ternary threshold, as a multiple of the block's mean |v| (TWN)
 DYNAMIC_CUBE = 127.0**3  # 2048383: largest cubed code, exact in fp32
 
-# Tuning knobs (measured on the GPU by benchmarks/kernels_quantize.py): elements per program
-# (several blocks per program amortize the per-program scale work) and warps per program.
+# Launch defaults: elements per program (several blocks per program amortize the per-block
+# work) and warps per program. Dequantization uses DEFAULT_TILE / DEFAULT_WARPS; quantization
+# uses QUANTIZE_LAUNCH[fmt] = (tile, warps, packed_3d), set from the H100 sweep of
+# benchmarks/sweep_quantize.py (about 16 elements per thread is best for the arithmetic-heavy
+# formats; packed_3d: a [blocks, bytes, codes-per-byte] tile, which helps ternary's reductions
+# and hurts int4).
 DEFAULT_TILE = 4096
 DEFAULT_WARPS = 8
-PACKED_3D = True  # packed formats on a [blocks, bytes, codes-per-byte] tile (see the kernel)
+QUANTIZE_LAUNCH: dict[str, tuple[int, int, bool]] = {
+    "int8": (4096, 8, False),
+    "int8_dynamic": (2048, 4, False),
+    "int4": (2048, 4, False),
+    "ternary": (1024, 4, True),
+}
 
 
 @dataclass(frozen=True)
@@ -197,10 +206,30 @@ def _block_max(x, THREE_D: tl.constexpr):
 
 
 @triton.jit
-def _block_sum(x, THREE_D: tl.constexpr):
+def _max_nan_and_sum(a_max, a_sum, b_max, b_sum):
+    return tl.maximum(a_max, b_max, propagate_nan=tl.PropagateNan.ALL), a_sum + b_sum
+
+
+@triton.jit
+def _two_sums(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _block_max_and_sum(x, THREE_D: tl.constexpr):
+    """(NaN-propagating max, sum) of each block in one reduction (one chain of shuffles)."""
+    m = x
+    s = x
     if THREE_D:
-        x = tl.sum(x, axis=2, keep_dims=True)
-    return tl.sum(x, axis=1, keep_dims=True)
+        m, s = tl.reduce((m, s), 2, _max_nan_and_sum, keep_dims=True)
+    return tl.reduce((m, s), 1, _max_nan_and_sum, keep_dims=True)
+
+
+@triton.jit
+def _block_two_sums(x0, x1, THREE_D: tl.constexpr):
+    if THREE_D:
+        x0, x1 = tl.reduce((x0, x1), 2, _two_sums, keep_dims=True)
+    return tl.reduce((x0, x1), 1, _two_sums, keep_dims=True)
 
 
 @triton.jit
@@ -243,8 +272,12 @@ def _quantize_blockwise_kernel(
     mag = tl.abs(v)
     # One NaN-propagating max gives both the scale and the verdict: a block holding inf or NaN
     # has a non-finite max. Such a block's codes and error are discarded below, so the values
-    # computed from it in between do not matter.
-    absmax = _block_max(mag, THREE_D)
+    # computed from it in between do not matter. Ternary also needs the block's sum of |v|,
+    # reduced in the same pass.
+    if FMT == 3 and not STOCHASTIC:
+        absmax, mag_sum = _block_max_and_sum(mag, THREE_D)
+    else:
+        absmax = _block_max(mag, THREE_D)
     block_ok = absmax < float("inf")  # False for inf and NaN
     absmax = tl.where(block_ok, absmax, 0.0)
     # Per element only multiplies: y = |v| * (levels / absmax), with one IEEE division per
@@ -266,12 +299,12 @@ def _quantize_blockwise_kernel(
             # TWN scale (mean magnitude above 0.7 * mean|v|), raised to absmax / 2 so no
             # element is more than one step away; then round to the nearest of {-s, 0, s}.
             count = tl.minimum(tl.maximum(numel - blk * BLOCK, 0), BLOCK).to(tl.float32)
-            delta = 0.7 * tl.math.div_rn(_block_sum(mag, THREE_D), tl.maximum(count, 1.0))
+            delta = 0.7 * tl.math.div_rn(mag_sum, tl.maximum(count, 1.0))
             above = mag > delta
-            n_above = _block_sum(above.to(tl.float32), THREE_D)
-            twn = tl.math.div_rn(
-                _block_sum(tl.where(above, mag, 0.0), THREE_D), tl.maximum(n_above, 1.0)
+            n_above, sum_above = _block_two_sums(
+                above.to(tl.float32), tl.where(above, mag, 0.0), THREE_D
             )
+            twn = tl.math.div_rn(sum_above, tl.maximum(n_above, 1.0))
             scale = tl.maximum(twn, 0.5 * absmax)
             step = tl.where(scale > 0.0, scale * pre, 1.0)
             inv = tl.math.div_rn(tl.full(step.shape, 1.0, tl.float32), step)
@@ -410,7 +443,8 @@ def quantize_blockwise(
         out = QuantizedTensor(out.data, out.scales, fmt, block, tuple(x.shape), x.dtype)
     if n == 0:
         return out
-    groups, per_program = _launch_shape(block, tile)
+    tuned_tile, tuned_warps, packed_3d = QUANTIZE_LAUNCH[fmt]
+    groups, per_program = _launch_shape(block, tile or tuned_tile)
     grid = (triton.cdiv(n, per_program),)
     _quantize_blockwise_kernel[grid](
         x,
@@ -429,8 +463,8 @@ def quantize_blockwise(
         HAS_ERROR=error is not None,
         STOCHASTIC=bool(stochastic),
         HAS_FLAG=found_inf is not None,
-        THREE_D=f.per_byte > 1 and PACKED_3D,
-        num_warps=num_warps or DEFAULT_WARPS,
+        THREE_D=f.per_byte > 1 and packed_3d,
+        num_warps=num_warps or tuned_warps,
         # No fma contraction: error = v - dequant(q) must equal what dequantize gives.
         enable_fp_fusion=False,
     )
