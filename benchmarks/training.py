@@ -164,11 +164,35 @@ def run_recipe(ctx: SuiteContext, recipe: str, size: TrainingSize, corpus) -> No
 
 
 def run_trainer(ctx: SuiteContext, size: TrainingSize, corpus) -> None:
+    """``HybridTrainer`` (a preset, default ``balanced``) on GPT-2 with bf16 parameters and
+    fp32 master weights (``FusedAdamW``, ``trainer_state_bits`` moments, activation
+    checkpointing on a GPU): the memory suite's ``hybrid`` setup, trained for ``steps`` steps.
+
+    Records: wall clock and tokens/s, final validation loss (the recipes' validation set), the
+    fraction of steps without backward (Predict), steps and entries per phase, rollbacks,
+    per-phase peak allocated memory from the trainer's own counters (CUDA; reset at every
+    phase boundary, each phase's entry work apart as ``enter:<phase>``), median step time per
+    phase, the first Correct step after Predict against the median Full step (and against the
+    other Correct steps: the exposed cost of the restore), and the restore's hidden fraction.
+
+    Options (``--option KEY=VALUE``): ``steps`` (every run of the suite), ``trainer_preset``,
+    ``trainer_warmup`` (override the preset's warm-up steps), ``trainer_state_bits``,
+    ``trainer_checkpointing`` (0/1), ``trainer_baseline`` (a recipe trained right after on the
+    same steps and data, e.g. ``baseline_bf16``; ``none`` for none).
+    """
     rec = ctx.recorder
-    case = f"{size.model} hybrid_trainer {size.micro_batch}x{size.seq_len}x{size.accum}"
-    config = {"runner": "HybridTrainer", "model": size.model, "micro_batch": size.micro_batch,
-              "seq_len": size.seq_len, "steps": size.steps}  # fmt: skip
+    preset = ctx.option("trainer_preset", "balanced")
+    state_bits = ctx.option("trainer_state_bits", 8)
+    on_gpu = ctx.device.type == "cuda"
+    checkpointing = bool(ctx.option("trainer_checkpointing", 1 if on_gpu else 0))
+    case = f"{size.model} hybrid_trainer {preset} {size.micro_batch}x{size.seq_len}x{size.accum}"
+    config = {"runner": "HybridTrainer", "preset": preset, "model": size.model,
+              "micro_batch": size.micro_batch, "seq_len": size.seq_len, "steps": size.steps,
+              "state_bits": state_bits, "checkpointing": checkpointing,
+              "params": "bf16 + fp32 master"}  # fmt: skip
     try:
+        from dataclasses import replace as dc_replace
+
         from hybrid_triton.data import TokenStream
         from hybrid_triton.models.gpt2 import GPT2
         from hybrid_triton.recipes import OptimConfig, evaluate
@@ -180,14 +204,18 @@ def run_trainer(ctx: SuiteContext, size: TrainingSize, corpus) -> None:
     device = ctx.device
     try:
         torch.manual_seed(0)
-        model = GPT2(model_config(size, ctx.quick)).to(device)
-        phase_len = max(2, size.steps // 6)
-        tcfg = TrainerConfig(
-            warmup_steps=phase_len, full_steps=phase_len, min_predict_steps=2,
-            max_predict_steps=phase_len, correct_steps=2,
-            precision="bf16" if device.type == "cuda" else "fp32",
-            offload="pinned" if device.type == "cuda" else "keep",
-        )  # fmt: skip
+        model_cfg = dc_replace(model_config(size, ctx.quick),
+                               activation_checkpointing=checkpointing)  # fmt: skip
+        model = GPT2(model_cfg).to(device)
+        fp32_init = {id(p): p.detach().clone() for p in model.parameters()}
+        model.to(torch.bfloat16)  # the same Parameter objects, bf16 data
+        overrides = {}
+        if "trainer_warmup" in ctx.options:
+            overrides["warmup_steps"] = ctx.option("trainer_warmup", 100)
+        if ctx.quick:  # a few steps: short phases so that the run is more than a warm-up
+            overrides.update(warmup_steps=2, full_steps=2, max_predict_steps=2, correct_steps=1)
+        # bf16 parameters compute in bf16 without autocast (as the toolkit recipe).
+        tcfg = TrainerConfig.preset(preset, precision="fp32", **overrides)
         # The recipes' optimizer and schedule (OptimConfig: betas (0.9, 0.95), weight decay
         # 0.1, clipping at 1.0, linear warm-up then cosine decay), so the comparison is of the
         # phases alone. FusedAdamW has one weight decay for the whole arena: here it also
@@ -202,8 +230,13 @@ def run_trainer(ctx: SuiteContext, size: TrainingSize, corpus) -> None:
                 "betas": optim.betas,
                 "weight_decay": optim.weight_decay,
                 "max_grad_norm": optim.grad_clip if optim.grad_clip > 0 else None,
+                "state_bits": state_bits,
             },
         )
+        with torch.no_grad():  # the master starts from the fp32 initialisation, not its bf16
+            for view, p in zip(trainer.group.views(trainer.master), trainer.group.params):
+                view.copy_(fp32_init[id(p)])
+        del fp32_init
         train = TokenStream(
             "train", size.micro_batch, size.seq_len, 0, corpus=corpus, device=device
         )
@@ -212,23 +245,26 @@ def run_trainer(ctx: SuiteContext, size: TrainingSize, corpus) -> None:
         val_set = list(
             val.take(min(size.eval_batches, max(1, val.num_windows // size.micro_batch)))
         )
-        probe = MemoryProbe(device)
-        peaks: dict[str, int] = {}
-        counts: dict[str, int] = {}
+        probe = MemoryProbe(device) if not on_gpu else None
+        cpu_peaks: dict[str, int] = {}
         _sync(device)
         start = time.perf_counter()
         for i in range(size.steps):
             # Set before the step: a Predict phase freezes the rate of its entry step.
             trainer.optimizer.param_groups[0]["lr"] = optim.lr_at(i, size.steps)
-            with probe.phase("step", resident=() if device.type == "cpu" else None):
+            if probe is None:  # CUDA: the trainer's own per-phase peak counters
+                trainer.step(train.batch(i))
+                continue
+            with probe.phase("step", resident=()):
                 out = trainer.step(train.batch(i))
             phase = str(out["phase"])
-            peak = probe.results.pop("step").peak_allocated
-            peaks[phase] = max(peaks.get(phase, 0), peak)
-            counts[phase] = counts.get(phase, 0) + 1
+            cpu_peaks[phase] = max(
+                cpu_peaks.get(phase, 0), probe.results.pop("step").peak_allocated
+            )
         trainer.flush()
         _sync(device)
         elapsed = time.perf_counter() - start
+        summary = trainer.summary()
         val_loss = evaluate(model, val_set)
         trainer.close()
     except Exception as err:
@@ -239,19 +275,83 @@ def run_trainer(ctx: SuiteContext, size: TrainingSize, corpus) -> None:
         free_device_memory()
         return
     tokens = size.steps * size.tokens_per_step
+    counts = summary["phase_steps"]
     rec.add(case, "measured", "train_time_s", "s", elapsed, config=config,
-            note="wall clock, includes the probes")  # fmt: skip
+            note="wall clock" + ("" if on_gpu else ", includes the cpu memory probe"))  # fmt: skip
     rec.add(case, "measured", "tokens_per_s", "tok/s", tokens / elapsed, config=config)
-    rec.add(case, "measured", "val_loss", "nats", val_loss, config=config)
+    rec.add(case, "measured", "val_loss", "nats", val_loss, config=config,
+            note=f"after step {size.steps}")  # fmt: skip
     rec.add(case, "measured", "val_ppl", "", math.exp(min(val_loss, 700.0)), config=config)
+    no_backward = counts.get("predict", 0) / max(1, size.steps)
+    rec.add(
+        case,
+        "measured",
+        "steps_without_backward_pct",
+        "%",
+        100.0 * no_backward,
+        config=config,
+        note=f"phase steps {counts}; entries {summary['phase_entries']}",
+    )
+    rec.add(case, "measured", "rollbacks", "count", summary["rollbacks"], config=config)
+    if on_gpu:
+        peaks = {k: v["allocated"] for k, v in summary["phase_peaks"].items()}
+        note = "torch.cuda.max_memory_allocated, reset at each phase boundary"
+    else:
+        peaks, note = cpu_peaks, "cpu: tensors allocated during the step only"
     for phase, peak in peaks.items():
-        c = {**config, "phase": phase, "phase_steps": counts[phase]}
-        note = "" if device.type == "cuda" else "cpu: tensors allocated during the step only"
+        c = {**config, "phase": phase, "phase_steps": counts.get(phase, 0)}
         rec.add(f"{case} [{phase}]", "measured", "peak_allocated", "GiB", peak / GIB, config=c,
                 note=note)  # fmt: skip
+    if peaks.get("full") and peaks.get("predict"):
+        rec.add(f"{case} [predict]", "measured", "predict_vs_full_peak_pct", "%",
+                100.0 * peaks["predict"] / peaks["full"], config=config,
+                note="Predict phase's peak / Full phase's peak (target <= 25%)")  # fmt: skip
+    medians, firsts = summary["step_ms_median"], summary["first_step_ms_median"]
+    timer = "cuda events" if on_gpu else "cpu perf_counter"
+    for phase, ms in medians.items():
+        if ms is not None:
+            rec.add(
+                f"{case} [{phase}]",
+                "measured",
+                "step_time_ms",
+                "ms",
+                ms,
+                config=config,
+                note=f"median; {timer}; a phase's first step includes its entry work",
+            )
+    first_correct = firsts.get("correct")
+    if first_correct is not None and medians.get("full"):
+        rec.add(f"{case} [correct]", "measured", "first_correct_step_ms", "ms", first_correct,
+                config=config, note="median over Correct phases of their first step")  # fmt: skip
+        rec.add(f"{case} [correct]", "measured", "first_correct_vs_full_pct", "%",
+                100.0 * (first_correct / medians["full"] - 1.0), config=config,
+                note="vs the median Full step (target <= 5%); Full steps also train the "
+                "dynamics model")  # fmt: skip
+        if medians.get("correct"):
+            rec.add(
+                f"{case} [correct]",
+                "measured",
+                "first_correct_vs_correct_pct",
+                "%",
+                100.0 * (first_correct / medians["correct"] - 1.0),
+                config=config,
+                note="vs the median of all Correct steps: the exposed cost of the restore",
+            )
+    for key, label in (("offload", "moments"), ("master_offload", "master")):
+        stats = summary[key]
+        if stats.get("restores"):
+            rec.add(f"{case} [predict]", "measured", f"restore_hidden_pct:{label}", "%",
+                    100.0 * stats["hidden_fraction"], config=config,
+                    note=f"{stats['restores']} restores, {stats['restore_s']:.3f} s in all, "
+                    f"{stats['exposed_s']:.3f} s exposed")  # fmt: skip
     rec.status(case, "measured", STATUS_OK, config=config,
                message=f"phase steps: {counts}")  # fmt: skip
+    del trainer, model
     free_device_memory()
+    baseline = ctx.option("trainer_baseline", "none")
+    if baseline != "none":
+        # Plain training on the same steps, data (train stream seed 0) and validation set.
+        run_recipe(ctx, baseline, size, corpus)
 
 
 # ----------------------------------------------------------------------------- probe overhead
@@ -416,6 +516,10 @@ def run(ctx: SuiteContext) -> None:
     from hybrid_triton.recipes import RECIPES
 
     size = size_for(ctx.quick)
+    if "steps" in ctx.options:  # e.g. the 2,000-step trainer proof
+        from dataclasses import replace
+
+        size = replace(size, steps=ctx.option("steps", size.steps))
     corpus = _corpus(size)
     jobs = [
         (f"recipe {name}", lambda n=name: _on_reference_path(ctx, run_recipe, n, size, corpus))
