@@ -3,6 +3,9 @@
 Providers (same inputs, same run):
 - ``hybrid_triton``: ``rssm_rollout`` (persistent split path where the SMs allow), with a
   reused workspace, as ``DynamicsModel.predict`` calls it.
+- ``hybrid_triton_graph``: the same launch captured once in a CUDA graph (``RolloutGraph``)
+  and replayed, as ``torch_cuda_graph`` replays the batched torch form: no per-call Python
+  validation and argument binding, which dominate the direct call at small T.
 - ``hybrid_triton_single``: the same kernel forced to one program per member (the path the
   interpreter runs), to show what the split buys.
 - ``torch_eager``: a loop over members, each rolled out by ``rssm_rollout_ref`` with K=1.
@@ -26,6 +29,7 @@ import csv
 
 import torch
 from hybrid_triton.kernels.rssm import (
+    RolloutGraph,
     RSSMFeedback,
     RSSMWeights,
     make_workspace,
@@ -108,6 +112,8 @@ def _case(
             with torch.cuda.graph(graph):
                 rssm_rollout_ref(*problem, T)
             providers["torch_cuda_graph"] = graph.replay
+            rollout_graph = RolloutGraph(*problem, T, split=split)
+            providers["hybrid_triton_graph"] = rollout_graph.replay
             if with_compile:
                 compiled = torch.compile(rssm_rollout_ref)
                 providers["torch_compile"] = lambda: compiled(*problem, T)
@@ -116,10 +122,11 @@ def _case(
             expected = rssm_rollout_ref(
                 problem[0].double(), problem[1].double(), problem[2].double(), *problem[3:], T
             )
-            for name, fn in (
-                ("hybrid_triton", providers["hybrid_triton"]),
-                ("single", providers["hybrid_triton_single"]),
-            ):
+            ours = [("hybrid_triton", providers["hybrid_triton"])]
+            ours += [("single", providers["hybrid_triton_single"])]
+            if "hybrid_triton_graph" in providers:
+                ours += [("graph", providers["hybrid_triton_graph"])]
+            for name, fn in ours:
                 got = fn()
                 for field in ("traj", "mean", "var"):
                     torch.testing.assert_close(

@@ -1,6 +1,7 @@
 """RSSM ensemble rollout: one launch for all members and all steps (see rollout.py)."""
 
 from .rollout import (
+    RolloutGraph,
     RolloutResult,
     RSSMFeedback,
     RSSMWeights,
@@ -14,6 +15,7 @@ from .rollout import (
 __all__ = [
     "RSSMFeedback",
     "RSSMWeights",
+    "RolloutGraph",
     "RolloutResult",
     "default_split",
     "gru_cell_batched",
