@@ -15,6 +15,7 @@ so every elementwise kernel over it is one launch (DESIGN.md, Flat arenas).
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -157,7 +158,9 @@ class FlatArena:
 
     def __init__(self, module: nn.Module) -> None:
         self.arena_id = next(_arena_ids)
-        self.module_ref = id(module)
+        # A weak reference, not id(): a module built after this one was garbage collected can
+        # get the same id.
+        self.module_ref = weakref.ref(module)
         by_param: dict[int, tuple[nn.Parameter, list[str]]] = {}
         for name, p in module.named_parameters(remove_duplicate=False):
             if not p.requires_grad:
@@ -199,7 +202,7 @@ class FlatArena:
             yield from g.params
 
     def check_module(self, module: nn.Module) -> None:
-        if id(module) != self.module_ref:
+        if self.module_ref() is not module:
             raise ArenaError(
                 f"this arena was built from another module (arena {self.arena_id}); build one "
                 f"with FlatArena.from_module({type(module).__name__}(...))"

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -277,7 +278,7 @@ class ShardedArena:
     see the real parameters); ``shards[i]`` says which part of segment ``i`` is real."""
 
     def __init__(self, module: nn.Module, group: ArenaGroup, shards: list[ShardInfo]) -> None:
-        self.module_ref = id(module)
+        self.module_ref = weakref.ref(module)  # not id(): ids are reused after collection
         self.group = group
         self.shards = shards
 
