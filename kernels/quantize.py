@@ -258,14 +258,24 @@ def _quantize_blockwise_kernel(
     # values keep their reduced axes (shape [GROUPS, 1(, 1)]) and broadcast against the tile.
     pid = tl.program_id(0).to(tl.int64)
     BYTES: tl.constexpr = BLOCK // PER_BYTE
+    TILE: tl.constexpr = GROUPS * BLOCK
+    # 64-bit arithmetic once per program (pointers moved to its first element), 32-bit offsets
+    # inside the tile: per-element int64 index math is a large share of the instructions of
+    # this arithmetic-bound kernel.
+    start = pid * TILE
+    x_ptr += start
+    err_ptr += start
+    data_ptr += start // PER_BYTE
+    scale_ptr += pid * GROUPS
+    left = tl.minimum(numel - start, TILE).to(tl.int32)  # elements of this tile in range
     if THREE_D:
-        blk = (pid * GROUPS + tl.arange(0, GROUPS).to(tl.int64))[:, None, None]
+        g = tl.arange(0, GROUPS)[:, None, None]
         byte_in_block = tl.arange(0, BYTES)[None, :, None]
-        offs = blk * BLOCK + byte_in_block * PER_BYTE + tl.arange(0, PER_BYTE)[None, None, :]
+        offs = g * BLOCK + byte_in_block * PER_BYTE + tl.arange(0, PER_BYTE)[None, None, :]
     else:
-        blk = (pid * GROUPS + tl.arange(0, GROUPS).to(tl.int64))[:, None]
-        offs = blk * BLOCK + tl.arange(0, BLOCK)[None, :]
-    in_range = offs < numel
+        g = tl.arange(0, GROUPS)[:, None]
+        offs = g * BLOCK + tl.arange(0, BLOCK)[None, :]
+    in_range = offs < left
     v = tl.load(x_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
     if HAS_ERROR:
         v += tl.load(err_ptr + offs, mask=in_range, other=0.0)
@@ -287,7 +297,7 @@ def _quantize_blockwise_kernel(
     mag_s = mag * pre
     denom = tl.where(absmax > 0.0, absmax * pre, 1.0)
     if STOCHASTIC:
-        u = tl.rand(seed, offs)  # uniform [0, 1), Philox keyed by (seed, element index)
+        u = tl.rand(seed, start + offs)  # uniform [0, 1), Philox keyed by (seed, index)
 
     if FMT == 3:  # ternary
         if STOCHASTIC:
@@ -298,7 +308,7 @@ def _quantize_blockwise_kernel(
         else:
             # TWN scale (mean magnitude above 0.7 * mean|v|), raised to absmax / 2 so no
             # element is more than one step away; then round to the nearest of {-s, 0, s}.
-            count = tl.minimum(tl.maximum(numel - blk * BLOCK, 0), BLOCK).to(tl.float32)
+            count = tl.minimum(tl.maximum(left - g * BLOCK, 0), BLOCK).to(tl.float32)
             delta = 0.7 * tl.math.div_rn(mag_sum, tl.maximum(count, 1.0))
             above = mag > delta
             n_above, sum_above = _block_two_sums(
@@ -351,27 +361,27 @@ def _quantize_blockwise_kernel(
         deq = tl.where(negative, -deq_mag, deq_mag)
         tl.store(err_ptr + offs, v - deq, mask=in_range & block_ok)
 
-    blk_mask = blk * BLOCK < numel
-    tl.store(scale_ptr + blk, scale, mask=blk_mask)
+    blk_mask = g * BLOCK < left
+    tl.store(scale_ptr + g, scale, mask=blk_mask)
     if HAS_FLAG:
         any_bad = tl.max((blk_mask & (block_ok == 0)).to(tl.int32))
         tl.store(flag_ptr, 1.0, mask=any_bad > 0)
 
     qi = code.to(tl.int32)
-    n_bytes = (numel + PER_BYTE - 1) // PER_BYTE
+    n_bytes = (left + PER_BYTE - 1) // PER_BYTE  # bytes of this tile in range
     if PER_BYTE == 1:
         tl.store(data_ptr + offs, qi.to(tl.int8), mask=in_range)
     elif THREE_D:
         shift = tl.arange(0, PER_BYTE)[None, None, :] * BITS
         # Bit fields do not overlap, so the sum is an OR; the axis is inside one thread.
         packed = tl.sum((qi & ((1 << BITS) - 1)) << shift, axis=2, keep_dims=True)
-        boffs = blk * BYTES + byte_in_block  # [G, BYTES, 1]
+        boffs = g * BYTES + byte_in_block  # [G, BYTES, 1]
         tl.store(data_ptr + boffs, packed.to(tl.uint8), mask=boffs < n_bytes)
     else:
         nib = tl.reshape(qi & ((1 << BITS) - 1), [GROUPS, BYTES, PER_BYTE])
         shift = tl.arange(0, PER_BYTE) * BITS
         packed = tl.sum(nib << shift[None, None, :], axis=2)
-        boffs = blk * BYTES + tl.arange(0, BYTES)[None, :]
+        boffs = g * BYTES + tl.arange(0, BYTES)[None, :]
         tl.store(data_ptr + boffs, packed.to(tl.uint8), mask=boffs < n_bytes)
 
 
