@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import itertools
 import os
 import statistics
@@ -142,9 +143,15 @@ def main(argv: list[str] | None = None) -> int:
                 else round(100 * (planned / peak - 1), 1),
             )
         )
+        # Hooks and the optimizer keep reference cycles to the model: without a collection the
+        # previous option's tensors stay allocated and inflate the next option's peak.
         del parts
+        gc.collect()
         if on_gpu:
             torch.cuda.empty_cache()
+            left = torch.cuda.memory_allocated() / 2**20
+            if left > 64:
+                print(f"warning: {left:.0f} MiB still allocated after {label}")
     k, _ = plan_checkpoint_blocks(cfg, b, t)
     header = list(rows[0])
     print("| " + " | ".join(header) + " |")
