@@ -36,6 +36,7 @@ clipped to 1.0.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import itertools
 import math
@@ -537,6 +538,10 @@ def run_training(
 
     torch.manual_seed(seed)
     if on_cuda:
+        # A previous run's model can still be held by reference cycles (hooks, optimizer):
+        # collect it so this run's peak counts only this run.
+        gc.collect()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     parts = build_recipe(recipe, cfg, device, optim, **(recipe_options or {}))
     train = TokenStream("train", micro_batch, seq_len, seed, corpus=corpus, device=device)
