@@ -190,7 +190,11 @@ def test_master_weights_with_bf16_model(device, on_gpu):
         ref.step()
     masters = opt.arena_group.views(opt.master)
     for (name, p), m, r in zip(model.named_parameters(), masters, reference.parameters()):
-        assert_close(name + " (master)", m, r, **tol("adamw", torch.float32))
+        # 20 constant-lr steps: the GPU's rounding of sqrt/div differs from torch's by an ulp
+        # per step, and where m is a near-cancellation the update's relative error is larger;
+        # the H100 showed 1.4e-6 on 2 of 256 elements. 5e-6 is 5e-4 * lr: a wrong master (a
+        # missed, doubled or stale step) is off by ~lr = 1e-2.
+        assert_close(name + " (master)", m, r, atol=5e-6, rtol=1e-5)
         if on_gpu:
             assert torch.equal(p, m.to(torch.bfloat16)), name
         else:  # the interpreter's bf16 rounding: one ulp (triton-lang/triton 4972)
