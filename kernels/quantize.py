@@ -94,17 +94,21 @@ DYNAMIC_CUBE = 127.0**3  # 2048383: largest cubed code, exact in fp32
 
 # Launch defaults: elements per program (several blocks per program amortize the per-block
 # work) and warps per program. Dequantization uses DEFAULT_TILE / DEFAULT_WARPS; quantization
-# uses QUANTIZE_LAUNCH[fmt] = (tile, warps, packed_3d), set from the H100 sweep of
-# benchmarks/sweep_quantize.py (about 16 elements per thread is best for the arithmetic-heavy
-# formats; packed_3d: a [blocks, bytes, codes-per-byte] tile, which helps ternary's reductions
-# and hurts int4).
+# uses QUANTIZE_LAUNCH[(fmt, error_feedback)] = (tile, warps, packed_3d), set from the H100
+# sweep of benchmarks/sweep_quantize.py (packed_3d: a [blocks, bytes, codes-per-byte] tile).
+# Without error feedback the formats are arithmetic-bound and want ~8-32 elements per thread;
+# with it they are memory-bound and most configurations reach the copy rate.
 DEFAULT_TILE = 4096
 DEFAULT_WARPS = 8
-QUANTIZE_LAUNCH: dict[str, tuple[int, int, bool]] = {
-    "int8": (4096, 8, False),
-    "int8_dynamic": (2048, 4, False),
-    "int4": (2048, 4, False),
-    "ternary": (1024, 4, True),
+QUANTIZE_LAUNCH: dict[tuple[str, bool], tuple[int, int, bool]] = {
+    ("int8", False): (4096, 8, False),
+    ("int8", True): (4096, 8, False),
+    ("int8_dynamic", False): (2048, 4, False),
+    ("int8_dynamic", True): (2048, 4, False),
+    ("int4", False): (1024, 4, True),
+    ("int4", True): (1024, 4, True),
+    ("ternary", False): (4096, 4, True),
+    ("ternary", True): (2048, 8, False),
 }
 
 
@@ -453,7 +457,7 @@ def quantize_blockwise(
         out = QuantizedTensor(out.data, out.scales, fmt, block, tuple(x.shape), x.dtype)
     if n == 0:
         return out
-    tuned_tile, tuned_warps, packed_3d = QUANTIZE_LAUNCH[fmt]
+    tuned_tile, tuned_warps, packed_3d = QUANTIZE_LAUNCH[(fmt, error is not None)]
     groups, per_program = _launch_shape(block, tile or tuned_tile)
     grid = (triton.cdiv(n, per_program),)
     _quantize_blockwise_kernel[grid](
