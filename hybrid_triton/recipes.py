@@ -15,9 +15,18 @@
   Options (``build_recipe(..., state_bits=4, checkpointing=False)`` or ``run_training(...,
   recipe_options={...})``): ``state_bits`` 32/16/8/4; ``checkpointing`` "auto" (default),
   True (every block), False (none) or an int K (the first K blocks); ``memory_budget_gib``
-  (default 4.0, used by "auto"); ``fused_loss`` True/False; ``loss_chunk_tokens`` (1024).
+  (default 4.0, used by "auto"); ``fused_loss`` True/False; ``loss_chunk_tokens`` (1024);
+  ``grad_dtype`` "fp32" (default: the hook-folded fp32 accumulator) or "bf16" (one micro-batch
+  per step: autograd writes straight into a flat bf16 gradient buffer, 2 bytes per parameter
+  less; the GPT-2 1B run under 16 GiB uses it).
   The resolved choice lands in ``RecipeParts.options`` (``checkpoint_blocks``,
   ``planned_peak_gib``) and so in ``TrainingResult.config["recipe_options"]``.
+
+Every built-in builder also takes ``init_device`` (``build_recipe(..., init_device=...)``,
+``run_training(..., init_device=...)``; not a recipe option): where the fp32 initialization
+runs. The default, the CPU, gives the same model on every machine; the training device is
+much faster for big models (GPT-2 1B: seconds instead of a minute) and draws the same model
+from that device's generator.
 
 More recipes plug in with ``register_recipe``; a builder takes ``(GPT2Config, torch.device,
 OptimConfig, **options)``.
@@ -119,10 +128,30 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+def _init_device(init_device: str | torch.device | None, device: torch.device) -> torch.device:
+    """Where the fp32 initialization runs: the CPU (default) or the training device."""
+    where = torch.device("cpu" if init_device is None else init_device)
+    if where.type not in ("cpu", device.type):
+        raise ValueError(
+            f"init_device must be 'cpu' or the training device ({device}), got {init_device!r}"
+        )
+    return device if where.type == device.type else where
+
+
+def _fp32_model(cfg: GPT2Config, where: torch.device) -> GPT2:
+    """GPT2 initialized in fp32 on ``where`` (the seed set by the caller decides its values)."""
+    with torch.device(where):
+        return GPT2(cfg)
+
+
 def _plain_recipe(
-    cfg: GPT2Config, device: torch.device, optim: OptimConfig, autocast_dtype: torch.dtype | None
+    cfg: GPT2Config,
+    device: torch.device,
+    optim: OptimConfig,
+    autocast_dtype: torch.dtype | None,
+    init_device: str | torch.device | None = None,
 ) -> RecipeParts:
-    model = GPT2(cfg).to(device)
+    model = _fp32_model(cfg, _init_device(init_device, device)).to(device)
     optimizer = torch.optim.AdamW(
         _param_groups(model, optim.weight_decay),
         lr=optim.lr,
@@ -149,14 +178,20 @@ def _plain_recipe(
     return RecipeParts(model, optimizer, step, autocast_dtype)
 
 
+# ``init_device`` is positional-or-keyword, not keyword-only: it is a build argument
+# (``build_recipe(..., init_device=...)``), not a recipe option.
 @register_recipe("baseline_fp32")
-def baseline_fp32(cfg: GPT2Config, device: torch.device, optim: OptimConfig) -> RecipeParts:
-    return _plain_recipe(cfg, device, optim, None)
+def baseline_fp32(
+    cfg: GPT2Config, device: torch.device, optim: OptimConfig, init_device=None
+) -> RecipeParts:
+    return _plain_recipe(cfg, device, optim, None, init_device)
 
 
 @register_recipe("baseline_bf16")
-def baseline_bf16(cfg: GPT2Config, device: torch.device, optim: OptimConfig) -> RecipeParts:
-    return _plain_recipe(cfg, device, optim, torch.bfloat16)
+def baseline_bf16(
+    cfg: GPT2Config, device: torch.device, optim: OptimConfig, init_device=None
+) -> RecipeParts:
+    return _plain_recipe(cfg, device, optim, torch.bfloat16, init_device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,6 +250,38 @@ def toolkit_setup(
     return spec, setup
 
 
+GRAD_DTYPES = ("fp32", "bf16")
+
+
+def toolkit_peak_bytes(
+    cfg: GPT2Config,
+    micro_batch: int,
+    seq_len: int,
+    accum: int = 1,
+    *,
+    grad_dtype: str = "fp32",
+    **setup_options,
+) -> int:
+    """The planner's estimated peak (bytes allocated) of one toolkit_memory step.
+
+    ``grad_dtype="bf16"``: the planner has no bf16 gradient buffer, so this is its estimate
+    of the fp32 hook-folded accumulator (:func:`toolkit_setup`) less 2 bytes per element of
+    the flat buffer. Exact, not an approximation: both buffers live through the whole step
+    (allocated at build time), and in both at most one parameter's fresh gradient exists
+    beside them (the hook folds it, or autograd adds it in place), so the two step profiles
+    differ by that constant at every point, the peak's included.
+    ``setup_options``: :func:`toolkit_setup`'s keyword options."""
+    from hybrid_triton.planner.estimate import estimate
+
+    if grad_dtype not in GRAD_DTYPES:
+        raise ValueError(f"grad_dtype must be one of {GRAD_DTYPES}, got {grad_dtype!r}")
+    spec, setup = toolkit_setup(cfg, micro_batch, seq_len, accum, **setup_options)
+    peak = estimate(spec, setup).peak_bytes
+    if grad_dtype == "bf16":
+        peak -= 2 * spec.num_params  # fp32 (4 B) -> bf16 (2 B) per element
+    return peak
+
+
 def plan_checkpoint_blocks(
     cfg: GPT2Config,
     micro_batch: int,
@@ -229,19 +296,77 @@ def plan_checkpoint_blocks(
     toolkit_memory step is at most ``memory_budget_gib * (1 - margin)``, and the estimated
     peak (bytes) of every K tried. Fewer checkpointed blocks recompute less, so the smallest K
     that fits is the fastest option; when none fits, every block (``cfg.n_layer``).
-    ``setup_options``: :func:`toolkit_setup`'s keyword options."""
-    from hybrid_triton.planner.estimate import estimate
-
+    ``setup_options``: :func:`toolkit_peak_bytes`'s keyword options (``grad_dtype`` and
+    :func:`toolkit_setup`'s)."""
     limit = memory_budget_gib * (1.0 - margin) * 2**30
     peaks: dict[int, int] = {}
     for k in range(cfg.n_layer + 1):
-        spec, setup = toolkit_setup(
+        peaks[k] = toolkit_peak_bytes(
             cfg, micro_batch, seq_len, accum, checkpoint_blocks=k, **setup_options
         )
-        peaks[k] = estimate(spec, setup).peak_bytes
         if peaks[k] <= limit:
             return k, peaks
     return cfg.n_layer, peaks
+
+
+def planned_peak_bytes(
+    recipe: str,
+    cfg: GPT2Config,
+    micro_batch: int,
+    seq_len: int,
+    accum: int = 1,
+    options: dict | None = None,
+) -> int:
+    """The planner's estimated peak (bytes allocated) of one step of ``recipe``: the fp32
+    and bf16-autocast setups for the baselines, :func:`toolkit_peak_bytes` for
+    toolkit_memory with ``options`` as resolved by the recipe (``RecipeParts.options``:
+    ``checkpoint_blocks`` set; before the first step of "auto", the planner's own choice for
+    this shape). Host-side, from shapes only; for comparing with a measured peak."""
+    from hybrid_triton.planner.estimate import estimate
+    from hybrid_triton.planner.setup import setup_preset
+    from hybrid_triton.planner.specs import gpt2_spec
+
+    if recipe in ("baseline_fp32", "baseline_bf16"):
+        spec = gpt2_spec("gpt2", cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size,
+                         cfg.block_size, bias=cfg.bias)  # fmt: skip
+        preset = "fp32" if recipe == "baseline_fp32" else "bf16-autocast"
+        setup = setup_preset(preset, micro_batch=micro_batch, seq_len=seq_len,
+                             accum_steps=accum, phases=("full",))  # fmt: skip
+        return estimate(spec, setup).peak_bytes
+    if recipe != "toolkit_memory":
+        raise ValueError(f"no planner setup for recipe {recipe!r}")
+    opts = {**recipe_option_defaults("toolkit_memory"), **(options or {})}
+    common = dict(
+        state_bits=opts["state_bits"],
+        fused_loss=opts["fused_loss"],
+        loss_chunk_tokens=opts["loss_chunk_tokens"],
+        grad_dtype=opts["grad_dtype"],
+    )
+    blocks = opts.get("checkpoint_blocks")
+    if blocks is None:
+        ckpt = opts["checkpointing"]
+        if ckpt == "auto":
+            blocks, peaks = plan_checkpoint_blocks(
+                cfg, micro_batch, seq_len, accum,
+                memory_budget_gib=opts["memory_budget_gib"], **common,
+            )  # fmt: skip
+            return peaks[blocks]
+        blocks = cfg.n_layer if ckpt is True else int(ckpt)
+    return toolkit_peak_bytes(cfg, micro_batch, seq_len, accum, checkpoint_blocks=blocks, **common)
+
+
+# Elements per launch of the fp32 sum of squares of a bf16 buffer: bounds any fp32 temporary
+# the reduction may make to 128 MiB (the 1B model's buffer has 1.3e9 elements).
+SUMSQ_CHUNK = 2**25
+
+
+def _sumsq_fp32(flat: torch.Tensor) -> torch.Tensor:
+    """Sum of squares of ``flat`` as a float32 [1] device tensor (no host sync)."""
+    total = torch.zeros(1, dtype=torch.float32, device=flat.device)
+    for start in range(0, flat.numel(), SUMSQ_CHUNK):
+        chunk = flat[start : start + SUMSQ_CHUNK]
+        total += torch.linalg.vector_norm(chunk, 2, dtype=torch.float32).square()
+    return total
 
 
 @register_recipe("toolkit_memory")
@@ -255,12 +380,25 @@ def toolkit_memory(
     memory_budget_gib: float = 4.0,
     fused_loss: bool = True,
     loss_chunk_tokens: int = 1024,
+    grad_dtype: str = "fp32",
+    init_device=None,
 ) -> RecipeParts:
     """bf16 shadow weights, fp32 master weights, hook-accumulated fp32 gradients, fused AdamW
     with ``state_bits`` moments, the fused chunked loss, activation checkpointing per
     ``checkpointing`` ("auto": the planner's choice for ``memory_budget_gib`` at each new
     micro-batch shape, made on the host from shapes only; True: every block; False: none;
     an int K: the first K blocks).
+
+    ``grad_dtype="bf16"``: no accumulator and no hooks; each group's parameters get ``.grad``
+    views into one flat bf16 buffer (``FusedAdamW.attach_flat_grads``), which autograd adds
+    into in place and the optimizer reads directly: 2 bytes per parameter instead of the
+    accumulator's 4, with the same numbers for one micro-batch (the fp32 accumulator would
+    hold the bf16 gradient exactly). A step then takes exactly one micro-batch: summing
+    several in bf16 would round at every add.
+
+    Building: the fp32 model is initialized on ``init_device`` (CPU by default), its
+    parameters go to ``device`` as bf16 and the fp32 values only reach the device as the
+    master weights, so the build never holds an fp32 model on the device beside them.
 
     The parameters are split like the baselines' AdamW groups (matrices and embeddings decay,
     biases and LayerNorm gains do not) into two flat bf16 arenas, each with its own
@@ -296,7 +434,14 @@ def toolkit_memory(
         raise ValueError(
             f"toolkit_memory: loss_chunk_tokens must be an int >= 1, got {loss_chunk_tokens!r}"
         )
-    model = GPT2(cfg).to(device)
+    if grad_dtype not in GRAD_DTYPES:
+        raise ValueError(
+            f"toolkit_memory: grad_dtype must be one of {GRAD_DTYPES}, got {grad_dtype!r}"
+        )
+    model = _fp32_model(cfg, _init_device(init_device, device))
+    # The fp32 initialization, on the CPU until it is copied into the master weights.
+    fp32_init = {id(p): p.data.to("cpu") for p in model.parameters()}
+    model.to(device=device, dtype=torch.bfloat16)  # the same Parameter objects, bf16 data
     model.fused_loss = fused_loss
     model.loss_chunk_tokens = loss_chunk_tokens
     options = {
@@ -305,6 +450,7 @@ def toolkit_memory(
         "memory_budget_gib": memory_budget_gib,
         "fused_loss": fused_loss,
         "loss_chunk_tokens": loss_chunk_tokens,
+        "grad_dtype": grad_dtype,
     }
 
     def set_checkpoint_blocks(blocks: int) -> None:
@@ -333,6 +479,7 @@ def toolkit_memory(
             state_bits=state_bits,
             fused_loss=fused_loss,
             loss_chunk_tokens=loss_chunk_tokens,
+            grad_dtype=grad_dtype,
         )
         set_checkpoint_blocks(blocks)
         options["planned_peak_gib"] = round(peaks[blocks] / 2**30, 4)
@@ -342,7 +489,6 @@ def toolkit_memory(
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # tied: once
     decay_named = [(n, p) for n, p in named if p.dim() >= 2]
     plain_named = [(n, p) for n, p in named if p.dim() < 2]
-    fp32_init = {id(p): p.data for _, p in named}  # keeps the fp32 storages until copied
     groups = [_shadow_group(decay_named, device), _shadow_group(plain_named, device)]
     decays = [optim.weight_decay, 0.0]
     optimizers = []
@@ -363,6 +509,7 @@ def toolkit_memory(
                 view.copy_(fp32_init[id(p)])
         optimizers.append(opt)
     del fp32_init
+    flat_grads = [opt.attach_flat_grads() for opt in optimizers] if grad_dtype == "bf16" else []
     accumulators: list[GradAccumulator] = []
 
     def accumulators_for(num_micro_batches: int) -> list[GradAccumulator]:
@@ -380,9 +527,43 @@ def toolkit_memory(
         ]
         return accumulators
 
+    def bf16_step(micro_batches: Sequence[Batch], lr: float) -> torch.Tensor:
+        if len(micro_batches) != 1:
+            raise ValueError(
+                "toolkit_memory step: grad_dtype='bf16' takes exactly one micro-batch per step "
+                f"(a bf16 buffer would round every sum), got {len(micro_batches)}; use "
+                "grad_dtype='fp32' to accumulate"
+            )
+        model.train()
+        plan_for((*micro_batches[0][0].shape, 1))
+        for opt in optimizers:
+            opt.zero_grad()  # zeroes the flat buffer in place; re-attaches detached views
+        x, y = micro_batches[0]
+        loss = model(x, y)[1]  # no autocast, only the loss kept (see the fp32 path)
+        loss.backward()
+        for opt, flat in zip(optimizers, flat_grads):
+            # Host-side pointer check, no sync: a framework that replaced a .grad view would
+            # otherwise leave the flat buffer stale and the step would read zeros.
+            base, size = flat.data_ptr(), flat.element_size()
+            group = opt.arena_group
+            for p, seg in zip(group.params, group.table):
+                if p.grad is None or p.grad.data_ptr() != base + seg.offset * size:
+                    raise RuntimeError(
+                        "toolkit_memory step: a parameter's .grad is no longer a view of the "
+                        "flat bf16 gradient buffer (was model.zero_grad() called?)"
+                    )
+        # Global squared norm (clip and finite check) on the device, in fp32.
+        grad_sumsq = sum(_sumsq_fp32(flat) for flat in flat_grads)
+        for opt, flat in zip(optimizers, flat_grads):
+            opt.param_groups[0]["lr"] = lr
+            opt.step(grad=flat, grad_sumsq=grad_sumsq)
+        return loss.detach().float()
+
     def step(micro_batches: Sequence[Batch], lr: float) -> torch.Tensor:
         if not micro_batches:
             raise ValueError("toolkit_memory step: got no micro-batches")
+        if grad_dtype == "bf16":
+            return bf16_step(micro_batches, lr)
         model.train()
         plan_for((*micro_batches[0][0].shape, len(micro_batches)))
         accs = accumulators_for(len(micro_batches))
@@ -416,12 +597,20 @@ def toolkit_memory(
     )
 
 
+# Keyword arguments of builders that are build arguments, not recipe options.
+BUILD_ARGS = ("init_device",)
+
+
 def recipe_option_defaults(name: str) -> dict:
     """The options recipe ``name`` accepts, with their defaults."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; expected one of {sorted(RECIPES)}")
     params = inspect.signature(RECIPES[name]).parameters.values()
-    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return {
+        p.name: p.default
+        for p in params
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in BUILD_ARGS
+    }
 
 
 def _check_options(name: str, options: dict) -> None:
@@ -438,13 +627,24 @@ def build_recipe(
     model_cfg: GPT2Config | str,
     device: str | torch.device = "cpu",
     optim: OptimConfig | None = None,
+    *,
+    init_device: str | torch.device | None = None,
     **options,
 ) -> RecipeParts:
     """(model, optimizer, step) of recipe ``name`` for a GPT-2 config or preset name;
-    ``options`` are the recipe's own (``recipe_option_defaults(name)``)."""
+    ``options`` are the recipe's own (``recipe_option_defaults(name)``). ``init_device``:
+    where the fp32 initialization runs, the CPU (None, the default) or ``device``; only
+    builders that take it (the built-in ones) accept one."""
     _check_options(name, options)
     cfg = GPT2Config.from_name(model_cfg) if isinstance(model_cfg, str) else model_cfg
-    return RECIPES[name](cfg, torch.device(device), optim or OptimConfig(), **options)
+    device = torch.device(device)
+    builder = RECIPES[name]
+    if init_device is not None:
+        if "init_device" not in inspect.signature(builder).parameters:
+            raise ValueError(f"recipe {name!r} does not take init_device")
+        _init_device(init_device, device)  # a clear error before anything is built
+        options = {**options, "init_device": init_device}
+    return builder(cfg, device, optim or OptimConfig(), **options)
 
 
 @dataclass
@@ -458,7 +658,14 @@ class TrainingResult:
     evals: list[dict] = field(default_factory=list)  # {"step", "tokens", "val_loss", "val_ppl"}
     tokens_trained: int = 0
     train_time_s: float = 0.0
-    peak_memory_allocated: int | None = None  # bytes, CUDA only
+    # CUDA only (bytes): the peak allocated over the whole run (build included), while the
+    # recipe was built, and from the first training step on (what the planner's step
+    # estimate is compared with); the peak reserved over the run (what a memory cap limits).
+    peak_memory_allocated: int | None = None
+    peak_memory_build: int | None = None
+    peak_memory_train: int | None = None
+    peak_memory_reserved: int | None = None
+    stopped_early: bool = False  # max_train_s reached before the last planned step
 
     @property
     def tokens_per_s(self) -> float:
@@ -507,13 +714,21 @@ def run_training(
     eval_batches: int = 20,
     log: Callable[[str], None] | None = None,
     recipe_options: dict | None = None,
+    init_device: str | torch.device | None = None,
+    eval_at_start: bool = False,
+    max_train_s: float | None = None,
 ) -> TrainingResult:
     """Train ``recipe`` on ``tokens`` training tokens (rounded up to whole optimizer steps of
     ``micro_batch * accum * seq_len`` tokens) and record the run.
 
     Validation: the first ``eval_batches`` batches of the validation split in corpus order
-    (the same for every recipe and seed), every ``eval_every`` steps and after the last step.
+    (the same for every recipe and seed), every ``eval_every`` steps and after the last step,
+    and before the first step with ``eval_at_start`` (recorded as step 0).
     ``recipe_options``: keyword options of the recipe (e.g. ``{"state_bits": 4}``).
+    ``init_device``: where the fp32 initialization runs (``build_recipe``).
+    ``max_train_s``: stop after the step during which the training time (evaluation left out,
+    read on the host: no sync) passes this many seconds, then evaluate; the learning-rate
+    schedule stays the one planned for every step. ``result.stopped_early`` says so.
     """
     if micro_batch < 1 or accum < 1 or seq_len < 1 or eval_every < 1 or eval_batches < 1:
         raise ValueError(
@@ -522,6 +737,8 @@ def run_training(
         )
     if tokens < 1:
         raise ValueError(f"tokens must be >= 1, got {tokens}")
+    if max_train_s is not None and not max_train_s > 0:
+        raise ValueError(f"max_train_s must be > 0 or None, got {max_train_s!r}")
     _check_options(recipe, recipe_options or {})  # also rejects an unknown recipe
     cfg = GPT2Config.from_name(model_cfg) if isinstance(model_cfg, str) else model_cfg
     if seq_len > cfg.block_size:
@@ -543,7 +760,14 @@ def run_training(
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    parts = build_recipe(recipe, cfg, device, optim, **(recipe_options or {}))
+    parts = build_recipe(
+        recipe, cfg, device, optim, init_device=init_device, **(recipe_options or {})
+    )
+    if on_cuda:
+        torch.cuda.synchronize(device)
+        result_build_peak = torch.cuda.max_memory_allocated(device)
+        build_reserved = torch.cuda.max_memory_reserved(device)
+        torch.cuda.reset_peak_memory_stats(device)  # from here on: the training steps
     train = TokenStream("train", micro_batch, seq_len, seed, corpus=corpus, device=device)
     val = TokenStream("val", micro_batch, seq_len, corpus=corpus, shuffle=False, device=device)
     val_set = list(val.take(min(eval_batches, max(1, val.num_windows // micro_batch))))
@@ -563,6 +787,7 @@ def run_training(
             eval_batches=len(val_set),
             seed=seed,
             device=str(device),
+            init_device=str(init_device or "cpu"),
             tokenizer=corpus.tokenizer.kind,
             optim=asdict(optim),
             recipe_options=dict(parts.options),
@@ -592,42 +817,60 @@ def run_training(
         if log:
             log(f"[{recipe}] step {step}/{total_steps} val loss {val_loss:.4f}")
 
+    if eval_at_start:
+        record_eval(0)
     if on_cuda:
         torch.cuda.synchronize(device)
     segment_start = time.perf_counter()
     marks.append(mark())
+    steps_done = 0
     for step in range(total_steps):
         micro = [train.batch(step * accum + i) for i in range(accum)]
         lr = optim.lr_at(step, total_steps)
         losses.append(parts.step(micro, lr))
         result.step_lr.append(lr)
         marks.append(mark())
-        if (step + 1) % eval_every == 0 or step + 1 == total_steps:
+        steps_done = step + 1
+        out_of_time = (
+            max_train_s is not None
+            and steps_done < total_steps
+            and train_time + time.perf_counter() - segment_start > max_train_s
+        )
+        if steps_done % eval_every == 0 or steps_done == total_steps or out_of_time:
             if on_cuda:
                 torch.cuda.synchronize(device)
             train_time += time.perf_counter() - segment_start
-            record_eval(step + 1)
+            record_eval(steps_done)
             marks.append(None)  # evaluation: not a training interval
             if on_cuda:
                 torch.cuda.synchronize(device)
             segment_start = time.perf_counter()
             marks.append(mark())
+        if out_of_time:
+            result.stopped_early = True
+            if log:
+                log(f"[{recipe}] stopped after step {steps_done}: max_train_s={max_train_s}")
+            break
 
     if on_cuda:
         torch.cuda.synchronize(device)
-        result.peak_memory_allocated = torch.cuda.max_memory_allocated(device)
+        result.peak_memory_build = result_build_peak
+        result.peak_memory_train = torch.cuda.max_memory_allocated(device)
+        result.peak_memory_allocated = max(result_build_peak, result.peak_memory_train)
+        result.peak_memory_reserved = max(build_reserved, torch.cuda.max_memory_reserved(device))
     # Options a recipe resolves while it trains (toolkit_memory's planned checkpointing).
     result.config["recipe_options"] = dict(parts.options)
+    result.config["steps_done"] = steps_done
     # Step intervals: consecutive marks with no evaluation between them.
     intervals = []
     for a, b in itertools.pairwise(marks):
         if a is None or b is None:
             continue
         intervals.append(a.elapsed_time(b) / 1e3 if on_cuda else b - a)
-    result.step_time_s = intervals[:total_steps]
+    result.step_time_s = intervals[:steps_done]
     result.step_tokens_per_s = [tokens_per_step / t if t > 0 else math.nan for t in intervals]
-    result.step_tokens_per_s = result.step_tokens_per_s[:total_steps]
+    result.step_tokens_per_s = result.step_tokens_per_s[:steps_done]
     result.step_loss = torch.stack(losses).tolist() if losses else []
-    result.tokens_trained = total_steps * tokens_per_step
+    result.tokens_trained = steps_done * tokens_per_step
     result.train_time_s = train_time
     return result

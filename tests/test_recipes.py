@@ -185,6 +185,7 @@ def test_toolkit_memory_parts(torch_kernels):
         "memory_budget_gib": 4.0,
         "fused_loss": True,
         "loss_chunk_tokens": 1024,
+        "grad_dtype": "fp32",
     }
     assert recipe_option_defaults("toolkit_memory") == defaults
     assert recipe_option_defaults("baseline_fp32") == {}
