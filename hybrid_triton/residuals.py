@@ -8,8 +8,15 @@ direction dequantized). The residual is ``actual - predicted`` (weight space, pe
 - :class:`ResidualStore` keeps the last ``capacity`` residuals blockwise-quantized
   (``quantize_blockwise``, int8 by default) with error feedback: the quantization error of one
   residual is added to the next before it is quantized, so over a run the stored residuals sum
-  to the true ones up to the last error buffer. Codes live on ``device`` (host memory by
-  default: the store must not grow the device footprint); the error buffer lives with the data.
+  to the true ones up to the last error buffer. Codes and the error buffer live on ``device``
+  (host memory by default: the store must not grow the device footprint), but the
+  quantization runs where the residual is: for a CUDA residual and a host store, the error
+  buffer (pinned) is copied in, the residual is quantized on the GPU, and codes, scales, norms
+  and the new error go back with ``non_blocking`` copies into pinned memory; an event per entry
+  says when they have landed (:meth:`ResidualStore.get` and :meth:`state_dict` wait on it).
+  Why: quantizing a GPT-2 small residual (124M fp32) on the host after a blocking copy cost
+  about 2.2 s per Correct step on an H100 machine (the torch reference on 124M elements on the
+  CPU); on the GPU it is one memory-bound pass, and the step never waits for the host.
 - :class:`Corrector` turns each residual into a per-group correction of the predicted step
   size: the least-squares multiplier ``k_g = <actual_g, predicted_g> / <predicted_g,
   predicted_g>`` (the best scale of the frozen direction for the real update), folded into
@@ -35,6 +42,22 @@ class StoredResidual:
     step: int
     q: Any  # QuantizedTensor
     group_norms: torch.Tensor  # float32 [G]: ||residual_g||
+    ready: Any = None  # CUDA event: the non_blocking copies into host memory have landed
+
+    def wait(self) -> None:
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
+
+
+def _to_host_async(t: torch.Tensor, home: torch.device) -> torch.Tensor:
+    """``t`` copied to ``home``: into pinned memory without blocking when ``t`` is on CUDA and
+    ``home`` is the host (the caller records an event), otherwise an ordinary copy."""
+    if t.device.type == "cuda" and home.type == "cpu":
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
+    return t.to(home)
 
 
 class ResidualStore:
@@ -54,44 +77,95 @@ class ResidualStore:
         self.error_feedback = bool(error_feedback)
         self.device = torch.device(device)
         self.items: deque[StoredResidual] = deque(maxlen=max(self.capacity, 1))
-        self.error: torch.Tensor | None = None
+        self._error: torch.Tensor | None = None
+        self._error_ready: Any = None  # CUDA event of the last copy into the host error buffer
         self.added = 0
 
     def __len__(self) -> int:
         return len(self.items) if self.capacity else 0
 
     @property
+    def error(self) -> torch.Tensor | None:
+        """The error-feedback buffer (float32, on ``device``), once its last update landed."""
+        if self._error_ready is not None:
+            self._error_ready.synchronize()
+            self._error_ready = None
+        return self._error
+
+    @error.setter
+    def error(self, value: torch.Tensor | None) -> None:
+        self._error, self._error_ready = value, None
+
+    @property
     def nbytes(self) -> int:
         """Bytes held: codes and scales of every stored residual, plus the error buffer."""
         total = sum(r.q.nbytes for r in self.items) if self.capacity else 0
-        if self.error is not None:
-            total += self.error.numel() * self.error.element_size()
+        if self._error is not None:
+            total += self._error.numel() * self._error.element_size()
         return total
 
     def add(self, step: int, residual: torch.Tensor, group_norms: torch.Tensor) -> None:
-        """Quantize ``residual`` (flat float32) with error feedback and store it, evicting the
-        oldest entry past ``capacity``."""
+        """Quantize ``residual`` (flat float32) with error feedback where it lives and store
+        it, evicting the oldest entry past ``capacity``. Never waits for the device."""
         if self.capacity == 0:
             return
         from hybrid_triton.kernels import quantize_blockwise
+        from hybrid_triton.kernels.quantize import QuantizedTensor
 
-        x = residual.detach().reshape(-1).to(self.device, torch.float32)
+        x = residual.detach().reshape(-1)
+        if x.dtype != torch.float32:
+            x = x.float()
+        home = self.device
+        to_host = x.device.type == "cuda" and home.type == "cpu"
+        if not to_host and x.device != home:
+            x = x.to(home)  # a store on another device computes there (no async path)
         error = None
         if self.error_feedback:
-            if self.error is None or self.error.numel() != x.numel():
-                self.error = torch.zeros_like(x)
-            error = self.error
+            if self._error is None or self._error.numel() != x.numel():
+                self._error = torch.zeros(x.numel(), dtype=torch.float32, device=home,
+                                          pin_memory=to_host)  # fmt: skip
+                self._error_ready = None
+                # A fresh buffer is zeros: no copy in for the first residual.
+                error = torch.zeros_like(x) if to_host else self._error
+            elif to_host:
+                if not self._error.is_pinned():  # loaded from a checkpoint: pin it once
+                    self._error = self._error.pin_memory()
+                error = self._error.to(x.device, non_blocking=True)
+            else:
+                error = self._error
         q = quantize_blockwise(x, self.fmt, self.block, error=error)
-        self.items.append(StoredResidual(int(step), q, group_norms.detach().to(self.device)))
+        ready = None
+        if to_host:
+            q = QuantizedTensor(
+                _to_host_async(q.data, home),
+                _to_host_async(q.scales, home),
+                q.fmt,
+                q.block,
+                q.shape,
+                q.dtype,
+            )
+            norms = _to_host_async(group_norms.detach(), home)
+            if error is not None:
+                self._error.copy_(error, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            self._error_ready = ready if error is not None else None
+        else:
+            norms = group_norms.detach().to(home)
+        self.items.append(StoredResidual(int(step), q, norms, ready))
         self.added += 1
 
     def get(self, i: int = -1) -> torch.Tensor:
         """The ``i``-th stored residual (default the newest), dequantized to float32."""
         from hybrid_triton.kernels import dequantize_blockwise
 
-        return dequantize_blockwise(self.items[i].q, dtype=torch.float32)
+        item = self.items[i]
+        item.wait()
+        return dequantize_blockwise(item.q, dtype=torch.float32)
 
     def state_dict(self) -> dict[str, Any]:
+        for r in self.items:
+            r.wait()
         return {
             "added": self.added,
             "error": None if self.error is None else self.error.cpu().clone(),

@@ -89,3 +89,39 @@ def test_loss_bias():
     assert math.isclose(c.loss_bias, 0.1, rel_tol=1e-9)
     with pytest.raises(ValueError):
         Corrector(0, "cpu")
+
+
+@pytest.mark.gpu
+def test_cuda_residuals_go_to_a_host_store_without_a_sync():
+    # The trainer keeps the store in host memory; a CUDA residual is quantized on the GPU and
+    # its codes, scales, norms and error travel back without blocking (a blocking copy and
+    # the host-side quantization cost about 2.2 s per GPT-2 small Correct step). The result
+    # must equal a store that keeps everything on the GPU, bit for bit.
+    n = 3 * 2**20 + 5  # not a multiple of the block
+    xs = [torch.randn(n, device="cuda") * 10.0 ** (-i) for i in range(3)]
+    norms = torch.rand(4, device="cuda")
+    host = ResidualStore(capacity=2, block=256, device="cpu")
+    on_gpu = ResidualStore(capacity=2, block=256, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i, x in enumerate(xs):
+            host.add(i, x, norms)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for i, x in enumerate(xs):
+        on_gpu.add(i, x, norms)
+    assert len(host) == 2 and [r.step for r in host.items] == [1, 2]
+    for i in range(2):
+        item = host.items[i]
+        assert item.q.data.device.type == "cpu" and item.q.data.is_pinned()
+        assert torch.equal(host.get(i), on_gpu.get(i).cpu())
+        assert torch.equal(item.group_norms, norms.cpu())
+    assert host.error.is_pinned() and torch.equal(host.error, on_gpu.error.cpu())
+    # A checkpointed store (unpinned host tensors) goes on the same way.
+    again = ResidualStore(capacity=2, block=256, device="cpu")
+    again.load_state_dict(host.state_dict())
+    again.add(3, xs[0], norms)
+    on_gpu.add(3, xs[0], norms)
+    assert torch.equal(again.get(), on_gpu.get().cpu())
+    assert torch.equal(again.error, on_gpu.error.cpu())

@@ -214,6 +214,29 @@ def test_rollback_restores_snapshot_exactly(corpus):
         assert torch.isfinite(t).all(), name
 
 
+def test_rollback_restore_is_not_counted_in_the_predict_peak(corpus):
+    # The per-phase peaks are closed by metrics.phase_boundary: the Predict phase's must be
+    # closed while its memory policy still holds (moments off the device, accumulator freed),
+    # and what the rollback brings back gets its own label. On CPU the allocator has no peak
+    # counters, so the test records what was resident at each boundary.
+    tr = make_trainer({**CYCLE, "offload": "cpu"})
+    data = batches(corpus, 40)
+    _run_into_predict(tr, data)
+    seen = []
+    boundary = tr.metrics.phase_boundary
+
+    def spy(label):
+        acc_bytes = tr.accum.accumulator.untyped_storage().nbytes()
+        seen.append((label, tr.offloader.offloaded, acc_bytes))
+        return boundary(label)
+
+    tr.metrics.phase_boundary = spy
+    tr.rollback("test")
+    assert [s[0] for s in seen] == ["predict", "rollback"], seen
+    assert seen[0][1:] == (True, 0), seen  # Predict closed with its state still off the device
+    assert seen[1][1] is False and seen[1][2] > 0, seen  # the restore is the rollback's
+
+
 @pytest.mark.parametrize("strategy", ["compress", "drop"])
 def test_offload_strategies_train_on(corpus, strategy):
     tr = make_trainer({**CYCLE, "offload": strategy})
