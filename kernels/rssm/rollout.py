@@ -327,6 +327,316 @@ def _rssm_rollout_kernel(
             tl.store(var_ptr + idx, acc2 / K, mask=m)
 
 
+# ------------------------------------------------------------------ fused kernel (issue 4 variants)
+# Synchronization between the programs of a group, per step (the SYNC constexpr):
+SYNC_ACQUIRE = 0  # counter; arrive with a release atomic, poll with acquire loads (the legacy
+#                   barrier: each acquire poll also invalidates the SM's L1, weights included)
+SYNC_VOLATILE = 1  # counter; poll with volatile loads (no L1 invalidation); h is read volatile
+SYNC_VOLATILE_ACQUIRE = 2  # counter; volatile polls, then one acquire load after the wait
+SYNC_FLAG = 3  # no counter: every h word carries its step tag (NCCL's LL protocol): a reader
+#                polls the words it needs until their tags say "step s"; no fence, no atomic
+
+
+@triton.jit
+def _arrive_and_wait(counter_ptr, target, SPLIT: tl.constexpr, SYNC: tl.constexpr):
+    # Every thread of this program has issued its stores before thread 0 arrives.
+    tl.debug_barrier()
+    if SPLIT > 1:
+        # release: our h slice reaches L2 before the count does.
+        tl.atomic_add(counter_ptr, 1, sem="release")
+        if SYNC == 0:
+            seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
+            while seen < target:
+                seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
+        else:
+            # Volatile polls read L2 and leave L1 (the weight slice) alone; the h reads that
+            # follow are volatile too and are issued only once the loop has exited.
+            seen = tl.load(counter_ptr, volatile=True)
+            while seen < target:
+                seen = tl.load(counter_ptr, volatile=True)
+            if SYNC == 2:
+                tl.atomic_add(counter_ptr, 0, sem="acquire")
+        tl.debug_barrier()
+
+
+@triton.jit
+def _publish_h(words_ptr, buf_ptr, rows, h, tag, mask, SYNC: tl.constexpr):
+    if SYNC == 3:
+        # One 64-bit word per element: tag in the high half, the fp32 bits in the low half.
+        # An aligned 8-byte write is seen whole or not at all, so the tag vouches for the value.
+        low = h.to(tl.int32, bitcast=True).to(tl.uint32, bitcast=True).to(tl.int64)
+        word = (tag.to(tl.int64) << 32) | low
+        tl.atomic_xchg(words_ptr + rows, word, mask=mask, sem="relaxed")
+    else:
+        tl.store(buf_ptr + rows, h, mask=mask)
+
+
+@triton.jit
+def _fetch_h(words_ptr, buf_ptr, cols, m_c, tag, SYNC: tl.constexpr):
+    if SYNC == 3:
+        word = tl.load(words_ptr + cols, mask=m_c, other=0, volatile=True)
+        ready = ((word >> 32).to(tl.int32) == tag) | (m_c == 0)
+        pending = tl.sum((ready == 0).to(tl.int32), axis=0)
+        while pending > 0:
+            again = tl.load(words_ptr + cols, mask=m_c & (ready == 0), other=0, volatile=True)
+            word = tl.where(ready, word, again)
+            ready = ((word >> 32).to(tl.int32) == tag) | (m_c == 0)
+            pending = tl.sum((ready == 0).to(tl.int32), axis=0)
+        hv = word.to(tl.int32).to(tl.float32, bitcast=True)
+    else:
+        # volatile: h was written by other SMs; a stale L1 line would be wrong.
+        hv = tl.load(buf_ptr + cols, mask=m_c, other=0.0, volatile=True)
+    return hv
+
+
+@triton.jit
+def _rssm_rollout_fused_kernel(
+    x0_ptr,
+    h0_ptr,
+    z0_ptr,
+    w_ih_ptr,
+    w_hh_ptr,
+    b_ih_ptr,
+    b_hh_ptr,
+    w_prior_ptr,
+    b_prior_ptr,
+    w_head_ptr,
+    b_head_ptr,
+    skip_ptr,
+    mix_ptr,
+    feed_ptr,
+    drift_ptr,
+    traj_ptr,
+    mean_ptr,
+    var_ptr,
+    h_words_ptr,
+    h_buf_ptr,
+    sync_ptr,
+    K,
+    B,
+    T,
+    H,
+    I,
+    S,
+    O,
+    SPLIT: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    RESIDENT: tl.constexpr,
+    SYNC: tl.constexpr,
+    I_PAD: tl.constexpr,
+    S_PAD: tl.constexpr,
+    O_PAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    STATIC_BOUNDS: tl.constexpr,
+    K_C: tl.constexpr,
+    B_C: tl.constexpr,
+    T_C: tl.constexpr,
+    H_C: tl.constexpr,
+    O_C: tl.constexpr,
+):
+    # One tile of BLOCK_H hidden rows per program (SPLIT * BLOCK_H >= H, the launcher's
+    # choice). Iteration s reads h_{s-1} once and uses it twice: the heads of step s-1 (latent
+    # z_{s-1}, output y_{s-1}, next input x_s) and the recurrent matvec of step s; the input
+    # part of step s then needs only x_s and z_{s-1}, already in registers. One read of h per
+    # step instead of three; iteration T does the last heads. Loop bounds as in the legacy
+    # kernel (inline, constexpr copies under the interpreter).
+    pid = tl.program_id(0)
+    group = pid // SPLIT
+    part = pid % SPLIT
+    k64 = (group // B).to(tl.int64)
+    b64 = (group % B).to(tl.int64)
+    kb = k64 * B + b64
+    IS = I + S
+    HS = H + S
+    w_ih = w_ih_ptr + k64 * 3 * H * IS
+    w_hh = w_hh_ptr + k64 * 3 * H * H
+    b_ih = b_ih_ptr + k64 * 3 * H
+    b_hh = b_hh_ptr + k64 * 3 * H
+    w_prior = w_prior_ptr + k64 * S * H
+    w_head = w_head_ptr + k64 * O * HS
+    words = h_words_ptr + kb * 2 * H
+    h_buf = h_buf_ptr + kb * 2 * H
+    counter = sync_ptr + group
+    # Tags of this call: base+1 for h0, base+2+s for h_s; the last program advances the base
+    # past them, so no word left by an earlier call on this workspace can match.
+    base = tl.load(sync_ptr + K * B + 1)
+
+    offs_i = tl.arange(0, I_PAD)
+    offs_s = tl.arange(0, S_PAD)
+    offs_o = tl.arange(0, O_PAD)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_i = offs_i < I
+    mask_s = offs_s < S
+    mask_o = offs_o < O
+    rows = part * BLOCK_H + tl.arange(0, BLOCK_H)
+    m_r = rows < H
+
+    # Small operands, held in registers for the whole rollout.
+    skip = tl.load(
+        skip_ptr + offs_o[:, None] * I + offs_i[None, :],
+        mask=mask_o[:, None] & mask_i[None, :],
+        other=0.0,
+    )
+    mix = tl.load(
+        mix_ptr + offs_i[:, None] * I + offs_i[None, :],
+        mask=mask_i[:, None] & mask_i[None, :],
+        other=0.0,
+    )
+    feed_t = tl.load(  # FEED [I, O] read transposed, as [O_PAD, I_PAD]
+        feed_ptr + offs_i[None, :] * O + offs_o[:, None],
+        mask=mask_o[:, None] & mask_i[None, :],
+        other=0.0,
+    )
+    drift = tl.load(drift_ptr + offs_i, mask=mask_i, other=0.0)
+    bias_prior = tl.load(b_prior_ptr + k64 * S + offs_s, mask=mask_s, other=0.0).to(tl.float32)
+    bias_head = tl.load(b_head_ptr + k64 * O + offs_o, mask=mask_o, other=0.0).to(tl.float32)
+    w_yz = tl.load(
+        w_head + offs_o[:, None] * HS + H + offs_s[None, :],
+        mask=mask_o[:, None] & mask_s[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    m_x = m_r[:, None] & mask_i[None, :]
+    p_x = w_ih + rows[:, None] * IS + offs_i[None, :]
+    wx_r = tl.load(p_x, mask=m_x, other=0.0).to(tl.float32)
+    wx_u = tl.load(p_x + H * IS, mask=m_x, other=0.0).to(tl.float32)
+    wx_n = tl.load(p_x + 2 * H * IS, mask=m_x, other=0.0).to(tl.float32)
+    m_z = m_r[:, None] & mask_s[None, :]
+    p_z = w_ih + rows[:, None] * IS + I + offs_s[None, :]
+    wz_r = tl.load(p_z, mask=m_z, other=0.0).to(tl.float32)
+    wz_u = tl.load(p_z + H * IS, mask=m_z, other=0.0).to(tl.float32)
+    wz_n = tl.load(p_z + 2 * H * IS, mask=m_z, other=0.0).to(tl.float32)
+    bi_r = tl.load(b_ih + rows, mask=m_r, other=0.0).to(tl.float32)
+    bi_u = tl.load(b_ih + H + rows, mask=m_r, other=0.0).to(tl.float32)
+    bi_n = tl.load(b_ih + 2 * H + rows, mask=m_r, other=0.0).to(tl.float32)
+    bh_r = tl.load(b_hh + rows, mask=m_r, other=0.0).to(tl.float32)
+    bh_u = tl.load(b_hh + H + rows, mask=m_r, other=0.0).to(tl.float32)
+    bh_n = tl.load(b_hh + 2 * H + rows, mask=m_r, other=0.0).to(tl.float32)
+    if RESIDENT:
+        # The whole row of h fits one chunk: the recurrent and head weights of this tile stay
+        # in registers, so a step reads nothing but h from memory.
+        m_c = offs_c < H
+        m_h = m_r[:, None] & m_c[None, :]
+        p_h = w_hh + rows[:, None] * H + offs_c[None, :]
+        wh_r = tl.load(p_h, mask=m_h, other=0.0).to(tl.float32)
+        wh_u = tl.load(p_h + H * H, mask=m_h, other=0.0).to(tl.float32)
+        wh_n = tl.load(p_h + 2 * H * H, mask=m_h, other=0.0).to(tl.float32)
+        w_p = tl.load(
+            w_prior + offs_s[:, None] * H + offs_c[None, :],
+            mask=mask_s[:, None] & m_c[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        w_y = tl.load(
+            w_head + offs_o[:, None] * HS + offs_c[None, :],
+            mask=mask_o[:, None] & m_c[None, :],
+            other=0.0,
+        ).to(tl.float32)
+
+    x = tl.load(x0_ptr + b64 * I + offs_i, mask=mask_i, other=0.0)
+    z = tl.load(z0_ptr + kb * S + offs_s, mask=mask_s, other=0.0)
+    h_own = tl.load(h0_ptr + kb * H + rows, mask=m_r, other=0.0)
+    _publish_h(words, h_buf, rows, h_own, base + 1, m_r, SYNC)
+    if SYNC != 3:
+        _arrive_and_wait(counter, SPLIT, SPLIT, SYNC)
+
+    for s in range(T_C + 1 if STATIC_BOUNDS else T + 1):
+        tag = base + 1 + s
+        slot = (s % 2) * H
+        gh_r = tl.zeros([BLOCK_H], dtype=tl.float32)
+        gh_u = tl.zeros([BLOCK_H], dtype=tl.float32)
+        gh_n = tl.zeros([BLOCK_H], dtype=tl.float32)
+        z_acc = tl.zeros([S_PAD], dtype=tl.float32)
+        y_acc = tl.zeros([O_PAD], dtype=tl.float32)
+        if RESIDENT:
+            hv = _fetch_h(words + slot, h_buf + slot, offs_c, offs_c < H, tag, SYNC)
+            gh_r += tl.sum(wh_r * hv[None, :], axis=1)
+            gh_u += tl.sum(wh_u * hv[None, :], axis=1)
+            gh_n += tl.sum(wh_n * hv[None, :], axis=1)
+            z_acc += tl.sum(w_p * hv[None, :], axis=1)
+            y_acc += tl.sum(w_y * hv[None, :], axis=1)
+        else:
+            for c0 in range(0, H_C if STATIC_BOUNDS else H, BLOCK_C):
+                cols = c0 + offs_c
+                m_c = cols < H
+                hv = _fetch_h(words + slot, h_buf + slot, cols, m_c, tag, SYNC)
+                m_h = m_r[:, None] & m_c[None, :]
+                p_h = w_hh + rows[:, None] * H + cols[None, :]
+                gh_r += tl.sum(tl.load(p_h, mask=m_h, other=0.0).to(tl.float32) * hv[None, :], 1)
+                gh_u += tl.sum(
+                    tl.load(p_h + H * H, mask=m_h, other=0.0).to(tl.float32) * hv[None, :], 1
+                )
+                gh_n += tl.sum(
+                    tl.load(p_h + 2 * H * H, mask=m_h, other=0.0).to(tl.float32) * hv[None, :], 1
+                )
+                w_pc = tl.load(
+                    w_prior + offs_s[:, None] * H + cols[None, :],
+                    mask=mask_s[:, None] & m_c[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                z_acc += tl.sum(w_pc * hv[None, :], axis=1)
+                w_yc = tl.load(
+                    w_head + offs_o[:, None] * HS + cols[None, :],
+                    mask=mask_o[:, None] & m_c[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                y_acc += tl.sum(w_yc * hv[None, :], axis=1)
+
+        # Heads of step s-1 (nothing to do at s = 0: x_0 and z_{-1} are the inputs).
+        has_h = s > 0
+        z_new = z_acc + bias_prior
+        y = y_acc + tl.sum(w_yz * z_new[None, :], axis=1) + bias_head
+        y += tl.sum(skip * x[None, :], axis=1)
+        out = traj_ptr + ((k64 * T + tl.maximum(s - 1, 0)) * B + b64) * O
+        tl.store(out + offs_o, y, mask=mask_o & has_h & (part == 0))
+        x_new = tl.sum(mix * x[None, :], axis=1) + tl.sum(feed_t * y[:, None], axis=0) + drift
+        x = tl.where(has_h, x_new, x)
+        z = tl.where(has_h, z_new, z)
+
+        # GRU step s for this tile's rows (its result is dropped at s = T).
+        gi_r = tl.sum(wx_r * x[None, :], axis=1) + tl.sum(wz_r * z[None, :], axis=1) + bi_r
+        gi_u = tl.sum(wx_u * x[None, :], axis=1) + tl.sum(wz_u * z[None, :], axis=1) + bi_u
+        gi_n = tl.sum(wx_n * x[None, :], axis=1) + tl.sum(wz_n * z[None, :], axis=1) + bi_n
+        reset = tl.sigmoid(gi_r + gh_r + bh_r)
+        update = tl.sigmoid(gi_u + gh_u + bh_u)
+        pre_n = gi_n + reset * (gh_n + bh_n)
+        # tanh(a) = 2 sigmoid(2a) - 1: stable for large |a|, no tl.tanh in every version.
+        cand = 2.0 * tl.sigmoid(2.0 * pre_n) - 1.0
+        h_own = (1.0 - update) * cand + update * h_own
+        nxt = ((s + 1) % 2) * H
+        _publish_h(words + nxt, h_buf + nxt, rows, h_own, tag + 1, m_r & (s < T), SYNC)
+        if SYNC != 3:  # noqa: SIM102 (a constexpr test; the inner one is a runtime branch)
+            if s < T:
+                _arrive_and_wait(counter, (s + 2) * SPLIT, SPLIT, SYNC)
+
+    # The last program to finish reduces over the members, resets the counters and advances
+    # the tag base.
+    tl.debug_barrier()
+    done = tl.atomic_add(sync_ptr + K * B, 1, sem="acq_rel")
+    if done == K * B * SPLIT - 1:
+        offs = tl.arange(0, BLOCK_R)
+        for g0 in range(0, K_C * B_C if STATIC_BOUNDS else K * B, BLOCK_R):
+            tl.store(
+                sync_ptr + g0 + offs, tl.zeros([BLOCK_R], dtype=tl.int32), mask=g0 + offs < K * B
+            )
+        tl.store(sync_ptr + K * B, 0)
+        tl.store(sync_ptr + K * B + 1, base + T + 2)
+        n = T * B * O
+        for e0 in range(0, T_C * B_C * O_C if STATIC_BOUNDS else T * B * O, BLOCK_R):
+            idx = e0 + offs
+            m = idx < n
+            acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+            for kk in range(K_C if STATIC_BOUNDS else K):
+                acc += tl.load(traj_ptr + kk * n + idx, mask=m, other=0.0, volatile=True)
+            mean = acc / K
+            # Two passes (mean, then squared deviations): no cancellation when members agree.
+            acc2 = tl.zeros([BLOCK_R], dtype=tl.float32)
+            for kk in range(K_C if STATIC_BOUNDS else K):
+                d = tl.load(traj_ptr + kk * n + idx, mask=m, other=0.0, volatile=True) - mean
+                acc2 += d * d
+            tl.store(mean_ptr + idx, mean, mask=m)
+            tl.store(var_ptr + idx, acc2 / K, mask=m)
+
+
 def _check_inputs(
     x0: torch.Tensor,
     h0: torch.Tensor,
@@ -400,6 +710,83 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
+class RolloutVariant(NamedTuple):
+    """One way of running the rollout (issue 4's latency work; ``VARIANTS`` names them).
+
+    ``fused``: the fused kernel (one tile per program, one read of h per step) instead of the
+    legacy one. ``sync``: ``"acquire"``, ``"volatile"``, ``"volatile_acquire"`` or ``"flag"``
+    (see the ``SYNC_*`` constants). ``tile_scale``: hidden rows per program times this (fewer,
+    larger programs). ``resident``: keep the tile's recurrent and head weights in registers
+    when they fit the budget below (else they are re-read, from L1, every step).
+    """
+
+    fused: bool
+    sync: str
+    num_warps: int
+    tile_scale: int = 1
+    resident: bool = True
+    maxnreg: int | None = None  # ptxas register cap; None lets ptxas aim at 2 programs per SM
+
+
+_SYNC_CODES = {
+    "acquire": SYNC_ACQUIRE,
+    "volatile": SYNC_VOLATILE,
+    "volatile_acquire": SYNC_VOLATILE_ACQUIRE,
+    "flag": SYNC_FLAG,
+}
+VARIANTS: dict[str, RolloutVariant] = {
+    "legacy": RolloutVariant(False, "acquire", 4),
+    "fused_acquire": RolloutVariant(True, "acquire", 4),
+    "fused_volatile": RolloutVariant(True, "volatile", 4),
+    "fused_volatile_w8": RolloutVariant(True, "volatile", 8),
+    "fused_volacq_w8": RolloutVariant(True, "volatile_acquire", 8),
+    "fused_flag": RolloutVariant(True, "flag", 4),
+    "fused_flag_w8": RolloutVariant(True, "flag", 8),
+    "fused_flag_w16": RolloutVariant(True, "flag", 16, maxnreg=128),
+    "fused_flag_w8_x2": RolloutVariant(True, "flag", 8, tile_scale=2),
+    "fused_flag_w8_l1": RolloutVariant(True, "flag", 8, resident=False),
+}
+# The legacy kernel stays the default until the sweep (benchmarks/sweep_rssm.py) has measured
+# the others on a GPU; the interpreter and the CPU tests run every variant.
+DEFAULT_VARIANT = "legacy"
+# Per-thread fp32 registers the fused kernel may spend on resident weights, and the elements
+# of one [BLOCK_H, BLOCK_C] weight chunk per warp when it streams them instead.
+RESIDENT_REGS_PER_THREAD = 160
+CHUNK_ELEMS_PER_WARP = 1024
+
+
+class FusedTiling(NamedTuple):
+    programs: int  # per (member, batch row) group
+    block_h: int
+    block_c: int
+    resident: bool
+
+
+def fused_tiling(
+    H: int, I: int, S: int, O: int, split: int, variant: RolloutVariant
+) -> FusedTiling:
+    """Tile sizes of the fused kernel for ``split`` programs per group (at most that many)."""
+    block_h = min(triton.next_power_of_2(H), triton.next_power_of_2(triton.cdiv(H, split)))
+    block_h = min(triton.next_power_of_2(H), block_h * variant.tile_scale)
+    programs = triton.cdiv(H, block_h)
+    h_pad = triton.next_power_of_2(H)
+    threads = 32 * variant.num_warps
+    i_pad, s_pad, o_pad = (triton.next_power_of_2(v) for v in (I, S, O))
+    resident_elems = (3 * block_h + s_pad + o_pad) * h_pad
+    fixed_elems = 3 * block_h * (i_pad + s_pad) + i_pad * i_pad + 2 * o_pad * i_pad
+    resident = variant.resident and (
+        resident_elems + fixed_elems <= RESIDENT_REGS_PER_THREAD * threads
+    )
+    if resident:
+        block_c = h_pad
+    else:
+        # Five matrices share a chunk (3 gates, prior, head): size it for all of them.
+        per_col = 3 * block_h + s_pad + o_pad
+        fit = max(1, CHUNK_ELEMS_PER_WARP * variant.num_warps // per_col)
+        block_c = min(h_pad, max(16, 1 << (fit.bit_length() - 1)))
+    return FusedTiling(programs, block_h, block_c, resident)
+
+
 def default_split(K: int, B: int, H: int, device: torch.device) -> int:
     """Programs per (member, batch row): as many as the SMs allow, at most one per tile."""
     if device.type != "cuda":
@@ -408,11 +795,26 @@ def default_split(K: int, B: int, H: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(H, BLOCK_H), _sm_count(device) // groups))
 
 
+def _workspace_words(K: int, B: int, H: int) -> int:
+    # [tagged h words: K*B x 2 slots x H int64][h: K*B x 2 x H fp32][K*B counters][done][tag]
+    return 6 * K * B * H + K * B + 2
+
+
 def make_workspace(K: int, B: int, H: int, device: torch.device | str) -> torch.Tensor:
     """Scratch for ``rssm_rollout``: h double buffers and barrier counters (zeroed once; the
     kernel leaves the counters at zero when it ends, so the workspace can be reused)."""
-    h_words = K * B * 2 * H
-    return torch.zeros(h_words + K * B + 1, dtype=torch.int32, device=device)
+    return torch.zeros(_workspace_words(K, B, H), dtype=torch.int32, device=device)
+
+
+def workspace_parts(
+    workspace: torch.Tensor, K: int, B: int, H: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views of a workspace: (tagged h words int64, h fp32, counters [K*B + 1], tag base [1])."""
+    words = workspace[: 4 * K * B * H].view(torch.int64)
+    h_buf = workspace[4 * K * B * H : 6 * K * B * H].view(torch.float32)
+    counters = workspace[6 * K * B * H : 6 * K * B * H + K * B + 1]
+    tag_base = workspace[6 * K * B * H + K * B + 1 : _workspace_words(K, B, H)]
+    return words, h_buf, counters, tag_base
 
 
 def rssm_rollout(
@@ -425,48 +827,52 @@ def rssm_rollout(
     *,
     split: int | None = None,
     workspace: torch.Tensor | None = None,
+    variant: str | None = None,
 ) -> RolloutResult:
     """Roll K RSSM members forward ``steps`` steps in one launch; see the module docstring.
 
     ``split`` forces the programs per (member, batch row) (1 = the interpreter-safe path);
-    ``workspace`` (from :func:`make_workspace`) avoids a zero-fill per call. Neither is needed.
+    ``workspace`` (from :func:`make_workspace`) avoids a zero-fill per call; ``variant`` names
+    a kernel variant of ``VARIANTS`` (default ``DEFAULT_VARIANT``). None is needed.
     Stream-ordered: a reused workspace must not be shared by concurrent launches.
     """
     K, B, H, I, S, O = _check_inputs(x0, h0, z0, weights, feedback, steps)
     device = h0.device
+    if variant is None:
+        variant = DEFAULT_VARIANT
+    if variant not in VARIANTS:
+        raise KernelInputError(f"{OP}: variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    chosen = VARIANTS[variant]
     if not use_triton(h0):
         return rssm_rollout_ref(x0, h0, z0, weights, feedback, steps)
     if split is None:
         split = default_split(K, B, H, device)
     if not isinstance(split, int) or split < 1 or split > triton.cdiv(H, BLOCK_H):
         raise KernelInputError(f"{OP}: split must be an int in [1, {triton.cdiv(H, BLOCK_H)}]")
-    if split > 1:
-        if impl_for_device(device) != "triton":
+    tiling = fused_tiling(H, I, S, O, split, chosen) if chosen.fused else None
+    programs = tiling.programs if tiling is not None else split
+    static = impl_for_device(device) == "triton-interpreter"
+    if programs > 1:
+        if static:
             raise KernelInputError(f"{OP}: split > 1 spins on a barrier; the interpreter needs 1")
-        if K * B * split > _sm_count(device):
+        if K * B * programs > _sm_count(device):
             raise KernelInputError(
-                f"{OP}: split={split} needs {K * B * split} co-resident programs; "
+                f"{OP}: split={split} needs {K * B * programs} co-resident programs; "
                 f"the GPU has {_sm_count(device)} SMs"
             )
-    need = K * B * 2 * H + K * B + 1
+    need = _workspace_words(K, B, H)
     if workspace is None:
         workspace = make_workspace(K, B, H, device)
     else:
         check_tensor(OP, "workspace", workspace, dtypes=(torch.int32,), device=device)
         if workspace.numel() < need:
             raise KernelInputError(f"{OP}: workspace has {workspace.numel()} words; needs {need}")
-    h_buf = workspace[: K * B * 2 * H].view(torch.float32)
-    sync = workspace[K * B * 2 * H : need]
-    static = impl_for_device(device) == "triton-interpreter"
+    words, h_buf, _, _ = workspace_parts(workspace, K, B, H)
+    sync = workspace[6 * K * B * H : need]
     traj = empty(K, steps, B, O, dtype=torch.float32, device=device)
     mean = empty(steps, B, O, dtype=torch.float32, device=device)
     var = empty(steps, B, O, dtype=torch.float32, device=device)
-    _rssm_rollout_kernel[(K * B * split,)](
-        x0, h0, z0, *weights, *feedback, traj, mean, var, h_buf, sync,
-        K, B, steps, H, I, S, O,
-        SPLIT=split,
-        BLOCK_H=BLOCK_H,
-        BLOCK_C=min(MAX_BLOCK_C, triton.next_power_of_2(H)),
+    pads = dict(
         I_PAD=triton.next_power_of_2(I),
         S_PAD=triton.next_power_of_2(S),
         O_PAD=triton.next_power_of_2(O),
@@ -477,8 +883,30 @@ def rssm_rollout(
         T_C=steps if static else 0,
         H_C=H if static else 0,
         O_C=O if static else 0,
-        num_warps=4,
-    )  # fmt: skip
+    )
+    if tiling is None:
+        _rssm_rollout_kernel[(K * B * split,)](
+            x0, h0, z0, *weights, *feedback, traj, mean, var, h_buf, sync,
+            K, B, steps, H, I, S, O,
+            SPLIT=split,
+            BLOCK_H=BLOCK_H,
+            BLOCK_C=min(MAX_BLOCK_C, triton.next_power_of_2(H)),
+            num_warps=chosen.num_warps,
+            **pads,
+        )  # fmt: skip
+    else:
+        _rssm_rollout_fused_kernel[(K * B * tiling.programs,)](
+            x0, h0, z0, *weights, *feedback, traj, mean, var, words, h_buf, sync,
+            K, B, steps, H, I, S, O,
+            SPLIT=tiling.programs,
+            BLOCK_H=tiling.block_h,
+            BLOCK_C=tiling.block_c,
+            RESIDENT=tiling.resident,
+            SYNC=_SYNC_CODES[chosen.sync],
+            num_warps=chosen.num_warps,
+            **pads,
+            **({} if chosen.maxnreg is None else {"maxnreg": chosen.maxnreg}),
+        )  # fmt: skip
     return RolloutResult(traj, mean, var)
 
 
@@ -506,9 +934,11 @@ class RolloutGraph:
         steps: int,
         *,
         split: int | None = None,
+        variant: str | None = None,
     ) -> None:
         _check_inputs(x0, h0, z0, weights, feedback, steps)
         self.weights, self.feedback, self.steps, self.split = weights, feedback, steps, split
+        self.variant = variant
         self.x0, self.h0, self.z0 = x0.clone(), h0.clone(), z0.clone()
         K, B, H = h0.shape
         self.workspace = make_workspace(K, B, H, h0.device)
@@ -527,7 +957,7 @@ class RolloutGraph:
     def _launch(self) -> RolloutResult:
         return rssm_rollout(
             self.x0, self.h0, self.z0, self.weights, self.feedback, self.steps,
-            split=self.split, workspace=self.workspace,
+            split=self.split, workspace=self.workspace, variant=self.variant,
         )  # fmt: skip
 
     def replay(self) -> RolloutResult:
