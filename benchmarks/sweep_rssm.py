@@ -41,6 +41,7 @@ POINTS = [
     ("H1024", 5, 1024, 50),
     ("K16", 16, 256, 50),
 ]
+DEVICE = "cuda"  # the smoke test of the check path sets "cpu" (the interpreter)
 ATOL, RTOL = 1e-4, 1e-3  # as benchmarks/kernels_rssm.py's check (fp32 kernel vs float64 ref)
 
 
@@ -48,7 +49,7 @@ def _problem(K: int, H: int):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from kernels_rssm import make_inputs
 
-    return make_inputs(K, H, "cuda")
+    return make_inputs(K, H, DEVICE)
 
 
 def _reference(problem, T: int):
@@ -61,7 +62,7 @@ def _reference(problem, T: int):
 def _mismatch(result, expected) -> str | None:
     """None when every output matches the reference, else a one-line description."""
     for field in ("traj", "mean", "var"):
-        got, want = getattr(result, field).double(), getattr(expected, field)
+        got, want = getattr(result, field).double(), getattr(expected, field).double()
         try:
             torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
         except AssertionError:
@@ -81,10 +82,11 @@ def _compile_and_check(variant: str, point_names: list[str]) -> dict[str, str]:
             continue
         problem = _problem(K, H)
         try:
-            workspace = make_workspace(K, 1, H, "cuda")
+            workspace = make_workspace(K, 1, H, DEVICE)
             result = rssm_rollout(*problem, T, workspace=workspace, variant=variant)
             again = rssm_rollout(*problem, T, workspace=workspace, variant=variant)
-            torch.cuda.synchronize()
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
             why = _mismatch(result, _reference(problem, T)) or _mismatch(again, result)
             verdicts[name] = why or "ok"
         except Exception as exc:  # a compile error must not stop the other variants
