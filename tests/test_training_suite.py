@@ -1,0 +1,196 @@
+"""The training suite's recipe-run configurations on CPU (quick mode, gpt2-tiny): the 1B run's
+configuration path (``--option model=gpt2-1b``), seeds, recipe selection and options, the
+planner rows, the loss curve, out-of-memory rows, and bad options."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hybrid_triton.bench.report import problems
+from hybrid_triton.bench.results import Recorder, machine_info
+from hybrid_triton.bench.runner import SuiteContext, load_module
+
+SUITES = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def machine():
+    return machine_info()
+
+
+@pytest.fixture(scope="module")
+def training():
+    return load_module(SUITES / "training.py", "_test_training_suite")
+
+
+def _run(training, machine, options: dict, pattern: str = "recipe") -> SuiteContext:
+    ctx = SuiteContext(suite="training", recorder=Recorder("training", machine), quick=True,
+                       pattern=pattern, suites_dir=SUITES, progress=False,
+                       options=options)  # fmt: skip
+    training.run(ctx)
+    return ctx
+
+
+def _config(row) -> dict:
+    return json.loads(row["config"])
+
+
+def test_size_for_models(training):
+    small = training.size_for(False)
+    assert (small.model, small.micro_batch, small.seq_len, small.steps) == (
+        "gpt2-small",
+        8,
+        1024,
+        200,
+    )
+    assert small.lr is None and not small.eval_at_start and small.recipe_options == {}
+    big = training.size_for(False, "gpt2-1b")
+    assert (big.model, big.micro_batch, big.seq_len, big.accum) == ("gpt2-1b", 8, 1024, 1)
+    assert big.eval_at_start and big.init_on_device and big.max_train_s > 0
+    assert big.recipe_options["toolkit_memory"]["grad_dtype"] == "bf16"
+    # Quick mode keeps the tiny shapes and applies the rest of the configuration.
+    quick = training.size_for(True, "gpt2-1b")
+    tiny = training.size_for(True)
+    assert (quick.model, quick.micro_batch, quick.seq_len, quick.steps) == (
+        tiny.model, tiny.micro_batch, tiny.seq_len, tiny.steps
+    )  # fmt: skip
+    assert quick.lr == big.lr and quick.recipe_options == big.recipe_options
+    with pytest.raises(ValueError, match="model"):
+        training.size_for(False, "gpt2-xxl")
+
+
+def test_the_1b_configuration_path_with_two_seeds(training, machine):
+    options = {"model": "gpt2-1b", "seeds": "0,1", "recipes": "baseline_bf16,toolkit_memory"}
+    df = _run(training, machine, options).recorder.frame()
+    assert problems(df).empty, problems(df)["note"].tolist()
+    cases = {
+        ("baseline_bf16", 0): "gpt2-tiny baseline_bf16 4x64x1",
+        ("toolkit_memory", 0): "gpt2-tiny toolkit_memory 4x64x1",
+        ("baseline_bf16", 1): "gpt2-tiny baseline_bf16 4x64x1 seed1",
+        ("toolkit_memory", 1): "gpt2-tiny toolkit_memory 4x64x1 seed1",
+    }
+    status = df[df["metric"] == "status"]
+    assert set(status["case"]) == set(cases.values())  # baseline_fp32 not selected
+    for (recipe, seed), case in cases.items():
+        rows = df[df["case"] == case]
+        measured = rows[rows["provider"] == "measured"]
+        config = _config(measured.iloc[0])
+        assert config["seed"] == seed and config["lr"] == pytest.approx(2e-4)
+        assert config["steps_done"] == config["steps"] == 6
+        # The planner's estimate of the step is recorded beside the measurement.
+        planner = rows[(rows["provider"] == "planner") & (rows["metric"] == "peak_allocated")]
+        assert len(planner) == 1 and planner["value"].iloc[0] > 0
+        if recipe == "toolkit_memory":
+            resolved = config["recipe_options"]
+            assert resolved["grad_dtype"] == "bf16" and resolved["memory_budget_gib"] == 14.0
+            assert "checkpoint_blocks" in resolved  # the planner's choice at the first step
+        for metric in ("tokens_per_s", "tokens_per_s_steady", "val_loss", "final_train_loss"):
+            (value,) = measured[measured["metric"] == metric]["value"]
+            assert value > 0, (case, metric)
+        # The loss curve: validation at step 0 (eval_at_start) and at the end, train losses.
+        curve = df[df["case"] == f"{case} [curve]"]
+        val = curve[curve["metric"] == "val_loss"]
+        assert list(val["provider"]) == ["step 0", "step 3", "step 6"]
+        train = curve[curve["metric"] == "train_loss"]
+        assert list(train["provider"]) == [f"step {s}" for s in range(1, 7)]
+        (final_val,) = measured[measured["metric"] == "val_loss"]["value"]
+        assert val["value"].iloc[-1] == final_val
+
+    # Different seeds: different models and data, so different losses.
+    def val_loss(case):
+        rows = df[(df["case"] == case) & (df["metric"] == "val_loss")]
+        return rows[rows["provider"] == "measured"]["value"].iloc[0]
+
+    assert val_loss(cases[("baseline_bf16", 0)]) != val_loss(cases[("baseline_bf16", 1)])
+    # The cross-seed summary: mean and range per recipe, gap and speed ratio per seed.
+    summary = df[df["case"] == "gpt2-tiny 4x64x1 [seeds 0,1]"]
+    for recipe in ("baseline_bf16", "toolkit_memory"):
+        losses = [val_loss(cases[(recipe, s)]) for s in (0, 1)]
+        (mean,) = summary[(summary["provider"] == recipe)
+                          & (summary["metric"] == "val_loss_mean")]["value"]  # fmt: skip
+        assert mean == pytest.approx(sum(losses) / 2)
+        (spread,) = summary[(summary["provider"] == recipe)
+                            & (summary["metric"] == "val_loss_range")]["value"]  # fmt: skip
+        assert spread == pytest.approx(abs(losses[0] - losses[1]))
+    for seed in (0, 1):
+        (gap,) = summary[(summary["provider"] == f"seed {seed}")
+                         & (summary["metric"] == "val_gap_vs_bf16_pct")]["value"]  # fmt: skip
+        ours, ref = (
+            val_loss(cases[("toolkit_memory", seed)]),
+            val_loss(cases[("baseline_bf16", seed)]),
+        )
+        assert gap == pytest.approx(100 * (ours / ref - 1))
+
+
+def test_recipe_options_from_the_command_line(training, machine):
+    options = {"recipes": "toolkit_memory", "toolkit_memory.state_bits": "4",
+               "toolkit_memory.checkpointing": "false", "steps": "2", "lr": "1e-3"}  # fmt: skip
+    df = _run(training, machine, options).recorder.frame()
+    assert problems(df).empty, problems(df)["note"].tolist()
+    measured = df[(df["provider"] == "measured") & (df["metric"] == "tokens_per_s")]
+    config = _config(measured.iloc[0])
+    assert config["recipe_options"]["state_bits"] == 4
+    assert config["recipe_options"]["checkpointing"] is False
+    assert config["recipe_options"]["checkpoint_blocks"] == 0
+    assert config["steps"] == 2 and config["lr"] == pytest.approx(1e-3)
+    assert training.parse_value("4") == 4 and training.parse_value("0.5") == 0.5
+    assert training.parse_value("True") is True and training.parse_value("auto") == "auto"
+
+
+def test_out_of_memory_is_recorded_and_the_next_recipe_runs(training, machine, monkeypatch):
+    # On the GPU the 1B baselines run out of memory under the 16 GiB cap: their rows must say
+    # so (with the planner's estimate) and the toolkit run must still happen.
+    import hybrid_triton.recipes as recipes
+
+    def out_of_memory(cfg, device, optim, init_device=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB (simulated)")
+
+    monkeypatch.setitem(recipes.RECIPES, "baseline_fp32", out_of_memory)
+    options = {"model": "gpt2-1b", "recipes": "baseline_fp32,toolkit_memory", "steps": "2"}
+    df = _run(training, machine, options).recorder.frame()
+    status = df[df["metric"] == "status"].set_index("case")["note"]
+    assert status["gpt2-tiny baseline_fp32 4x64x1"].startswith("oom: OutOfMemoryError")
+    assert status["gpt2-tiny toolkit_memory 4x64x1"].startswith("ok")
+    planner = df[(df["case"] == "gpt2-tiny baseline_fp32 4x64x1") & (df["provider"] == "planner")]
+    assert len(planner) == 1  # the estimate is there although the run is not
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"seeds": "0,x"}, "seeds"),
+        ({"seeds": "-1"}, "seeds"),
+        ({"recipes": "baseline_bf16,toolkit_magic"}, "toolkit_magic"),
+        ({"model": "gpt2-xxl"}, "model"),
+        ({"toolkit_magic.state_bits": "4"}, "toolkit_magic"),
+        ({"toolkit_memory.bits": "4", "recipes": "toolkit_memory", "steps": "1"}, "bits"),
+    ],
+    ids=[
+        "seed-not-int",
+        "seed-negative",
+        "unknown-recipe",
+        "unknown-model",
+        "option-for-unknown-recipe",
+        "unknown-recipe-option",
+    ],
+)
+def test_bad_options_are_clear_errors(training, machine, options, message):
+    if "toolkit_memory.bits" in options:  # rejected by the recipe: an error row, nothing run
+        df = _run(training, machine, options).recorder.frame()
+        bad = problems(df)
+        assert len(bad) == 1 and message in bad["note"].iloc[0]
+        assert (df["metric"] == "tokens_per_s").sum() == 0
+        return
+    with pytest.raises(ValueError, match=message):
+        _run(training, machine, options)
+
+
+def test_curve_points(training):
+    evals = [{"step": 0}, {"step": 100}, {"step": 200}]
+    assert training.curve_points(200, evals) == [0, *range(20, 201, 20)]
+    assert training.curve_points(3, []) == [1, 2, 3]
+    assert training.curve_points(0, []) == []
