@@ -12,6 +12,7 @@ from hybrid_triton.kernels.rssm import (
     default_split,
     make_workspace,
 )
+from hybrid_triton.kernels.rssm.rollout import VARIANTS, workspace_parts
 
 from tests.helpers import assert_close
 from tests.tolerances import tol
@@ -93,16 +94,50 @@ def test_bf16_weights(shape, device):
     check_all(rssm_rollout(*problem, T), problem, T, torch.bfloat16)
 
 
-def test_workspace_is_reusable(device):
+# Under the interpreter (one program, no spinning) the variants differ only in the kernel
+# (legacy or fused), the flag protocol and whether the weights stay resident or stream in
+# chunks; one variant of each kind. The GPU tests run them all.
+CPU_VARIANTS = ["legacy", "fused_volatile", "fused_flag_w16", "fused_flag_w8_l1"]
+
+
+@pytest.mark.parametrize("variant", CPU_VARIANTS)
+@pytest.mark.parametrize(
+    "shape", [(3, 2, 37, 11, 5, 3, 4), (2, 1, 130, 5, 3, 2, 2)], ids=["H37-B2", "H130-chunked"]
+)
+def test_variants_match_reference(shape, variant, device):
+    K, B, H, I, S, O, T = shape
+    problem = make_problem(K, B, H, I, S, O, device)
+    check_all(rssm_rollout(*problem, T, variant=variant), problem, T, torch.float32)
+
+
+@pytest.mark.parametrize("variant", ["legacy", "fused_volatile", "fused_flag"])
+def test_workspace_is_reusable(variant, device):
     K, B, H, I, S, O, T = 2, 1, 20, 5, 3, 2, 2
     problem = make_problem(K, B, H, I, S, O, device)
     workspace = make_workspace(K, B, H, device)
-    first = rssm_rollout(*problem, T, workspace=workspace)
-    counters = workspace[K * B * 2 * H :]
+    _, _, counters, tag_base = workspace_parts(workspace, K, B, H)
+    first = rssm_rollout(*problem, T, workspace=workspace, variant=variant)
     assert torch.all(counters == 0), "the kernel must leave its barrier counters at zero"
-    second = rssm_rollout(*problem, T, workspace=workspace)
+    if VARIANTS[variant].fused:
+        # The tags of the next call start past every tag this one wrote.
+        assert tag_base.item() == T + 2
+    second = rssm_rollout(*problem, T, workspace=workspace, variant=variant)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
+    # New inputs on the same workspace: no word left by the earlier calls may pass as current.
+    fresh = make_problem(K, B, H, I, S, O, device)
+    check_all(
+        rssm_rollout(*fresh, T, workspace=workspace, variant=variant), fresh, T, torch.float32
+    )
+
+
+def test_workspace_shared_by_variants(device):
+    K, B, H, I, S, O, T = 2, 1, 24, 4, 3, 2, 3
+    workspace = make_workspace(K, B, H, device)
+    for variant in ("fused_flag", "legacy", "fused_volatile", "fused_flag"):
+        problem = make_problem(K, B, H, I, S, O, device)
+        result = rssm_rollout(*problem, T, workspace=workspace, variant=variant)
+        check_all(result, problem, T, torch.float32)
 
 
 def test_bad_inputs_raise_before_launch(device):
@@ -139,6 +174,8 @@ def test_bad_inputs_raise_before_launch(device):
         rssm_rollout(x0, h0, z0, weights._replace(b_ih=weights.b_ih.to("meta")), feedback, 1)
     with pytest.raises(KernelInputError, match="split must be"):
         rssm_rollout(x0, h0, z0, weights, feedback, 1, split=0)
+    with pytest.raises(KernelInputError, match="variant must be one of"):
+        rssm_rollout(x0, h0, z0, weights, feedback, 1, variant="fastest")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs programs one by one")
@@ -160,24 +197,31 @@ GPU_IDS = ["K5-H256-T50", "K1-T1", "K16-H1024", "H255-B4-T200", "H513"]
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=GPU_IDS)
-def test_gpu_paths_match_reference(shape, weight_dtype):
+def test_gpu_paths_match_reference(shape, weight_dtype, variant):
     K, B, H, I, S, O, T = shape
     problem = make_problem(K, B, H, I, S, O, "cuda", weight_dtype)
     split = default_split(K, B, H, torch.device("cuda"))
-    for forced in sorted({1, split}):  # the single-program path and the persistent one
-        check_all(rssm_rollout(*problem, T, split=forced), problem, T, weight_dtype)
+    # The persistent path of every variant; the single-program path (slow at large H) of the
+    # default and of one fused variant per synchronization kind is enough.
+    single = variant in ("legacy", "fused_volatile", "fused_flag") and weight_dtype == torch.float32
+    for forced in sorted({1, split}) if single else [split]:
+        result = rssm_rollout(*problem, T, split=forced, variant=variant)
+        check_all(result, problem, T, weight_dtype)
 
 
 @pytest.mark.gpu
-def test_gpu_barrier_repeats_cleanly():
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_gpu_barrier_repeats_cleanly(variant):
     K, B, H, I, S, O, T = 5, 1, 256, 64, 32, 5, 50
     problem = make_problem(K, B, H, I, S, O, "cuda")
     workspace = make_workspace(K, B, H, "cuda")
-    first = rssm_rollout(*problem, T, workspace=workspace)
+    first = rssm_rollout(*problem, T, workspace=workspace, variant=variant)
+    check_all(first, problem, T, torch.float32)
     for _ in range(50):
-        again = rssm_rollout(*problem, T, workspace=workspace)
+        again = rssm_rollout(*problem, T, workspace=workspace, variant=variant)
     torch.cuda.synchronize()
     for a, b in zip(first, again, strict=True):
         assert torch.equal(a, b), "a persistent rollout must be deterministic run to run"
@@ -201,14 +245,15 @@ def test_rollout_graph_follows_new_inputs_and_parameter_updates(device):
 
 
 @pytest.mark.gpu
-def test_gpu_rollout_graph_is_a_cuda_graph_and_matches_the_direct_call():
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_gpu_rollout_graph_is_a_cuda_graph_and_matches_the_direct_call(variant):
     from hybrid_triton.kernels.rssm import RolloutGraph
 
     K, B, H, I, S, O, T = 5, 1, 256, 64, 32, 5, 50
     problem = make_problem(K, B, H, I, S, O, "cuda")
-    graph = RolloutGraph(*problem, T)
+    graph = RolloutGraph(*problem, T, variant=variant)
     assert graph.graph is not None
-    direct = rssm_rollout(*problem, T)
+    direct = rssm_rollout(*problem, T, variant=variant)
     for _ in range(3):
         replayed = graph(*problem[:3])
     torch.cuda.synchronize()
