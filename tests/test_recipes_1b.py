@@ -175,6 +175,20 @@ def test_bf16_grads_run_training_learns_like_fp32(corpus, torch_kernels):
     )
 
 
+@pytest.mark.gpu
+def test_bf16_grads_step_is_sync_free():
+    parts = build_recipe("toolkit_memory", TINY, device="cuda", grad_dtype="bf16")
+    x = torch.randint(0, 320, (2, 32), device="cuda")
+    parts.step([(x, x)], 1e-3)  # compiles the kernels, plans the checkpointing
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = parts.step([(x, x)], 2e-3)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss).item()
+
+
 # ---------------------------------------------------------------------------------------------
 # init_device
 # ---------------------------------------------------------------------------------------------
