@@ -17,8 +17,9 @@ Providers (same inputs, same run):
 Curves are separate cases: over K (1-16), H (64-1024) and T (1-200) around the target point
 K=5, H=256, I=64, T=50, batch 1. ``metric="latency"``: no bandwidth is claimed.
 
-Standalone: ``python benchmarks/kernels_rssm.py --csv out.csv [--quick] [--compile WHERE]``
-(WHERE: target, all or none) times every case (do_bench median on CUDA) and writes a
+Standalone: ``python benchmarks/kernels_rssm.py --csv out.csv [--quick] [--compile WHERE]
+[--variant NAME]`` (WHERE: target, all or none; NAME: a kernel variant, see sweep_rssm.py)
+times every case (do_bench median on CUDA) and writes a
 long-format CSV.
 """
 
@@ -89,14 +90,22 @@ def _eager_loop(x0, h0, z0, weights, feedback, T):
 
 
 def _case(
-    K: int, H: int, T: int, curve: str, with_compile: bool, split: int | None = None
+    K: int,
+    H: int,
+    T: int,
+    curve: str,
+    with_compile: bool,
+    split: int | None = None,
+    variant: str | None = None,
 ) -> KernelCase:
     def setup() -> CaseRun:
         device = _device()
         problem = make_inputs(K, H, device)
         workspace = make_workspace(K, BATCH, H, device)
         providers = {
-            "hybrid_triton": lambda: rssm_rollout(*problem, T, split=split, workspace=workspace),
+            "hybrid_triton": lambda: rssm_rollout(
+                *problem, T, split=split, workspace=workspace, variant=variant
+            ),
             "hybrid_triton_single": lambda: rssm_rollout(*problem, T, split=1, workspace=workspace),
             "torch_eager": lambda: _eager_loop(*problem, T),
             "torch_batched": lambda: rssm_rollout_ref(*problem, T),
@@ -112,7 +121,7 @@ def _case(
             with torch.cuda.graph(graph):
                 rssm_rollout_ref(*problem, T)
             providers["torch_cuda_graph"] = graph.replay
-            rollout_graph = RolloutGraph(*problem, T, split=split)
+            rollout_graph = RolloutGraph(*problem, T, split=split, variant=variant)
             providers["hybrid_triton_graph"] = rollout_graph.replay
             if with_compile:
                 compiled = torch.compile(rssm_rollout_ref)
@@ -163,14 +172,17 @@ def points(quick: bool) -> list[tuple[int, int, int, str]]:
 
 
 def cases(
-    quick: bool, compile_points: str = "target", split: int | None = None
+    quick: bool,
+    compile_points: str = "target",
+    split: int | None = None,
+    variant: str | None = None,
 ) -> list[KernelCase]:
     out = []
     for K, H, T, curve in points(quick):
         with_compile = not quick and (
             compile_points == "all" or (compile_points == "target" and curve == "target")
         )
-        out.append(_case(K, H, T, curve, with_compile, split))
+        out.append(_case(K, H, T, curve, with_compile, split, variant))
     return out
 
 
@@ -182,6 +194,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--compile", default="target", choices=["all", "target", "none"])
     parser.add_argument("--no-split", action="store_true", help="hybrid_triton with split=1")
+    parser.add_argument("--variant", default=None, help="a name of rollout.VARIANTS")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     machine = torch.cuda.get_device_name() if cuda else "cpu"
@@ -190,7 +203,8 @@ def main() -> None:
         writer.writerow(
             ["case", "size", "provider", "median_us", "p20_us", "p80_us", "device", "config"]
         )
-        for case in cases(args.quick, args.compile, 1 if args.no_split else None):
+        split = 1 if args.no_split else None
+        for case in cases(args.quick, args.compile, split, args.variant):
             run = case.setup()
             run.check()
             for provider, fn in run.providers.items():
