@@ -32,6 +32,11 @@ The member reduction (mean, variance) is done by whichever program finishes last
 "done" counter, the CUDA threadFenceReduction pattern), which also resets the counters so
 the workspace can be reused by the next call without a memset launch.
 
+Variants (issue 4, ``VARIANTS``, ``rssm_rollout(..., variant=)``): a fused kernel that reads h
+once per step (the heads of step s-1 and the matvec of step s share the read), with cheaper
+synchronization (volatile polls, or step-tagged h words that need no barrier at all) and the
+tile's weights held in registers; ``benchmarks/sweep_rssm.py`` measures them.
+
 References: Hafner et al., DreamerV3 (RSSM); PyTorch ``nn.GRUCell``; CUDA cooperative-groups
 grid sync (same arrive/spin/fence structure, written with Triton atomics).
 """
