@@ -537,6 +537,10 @@ def run_trainer(ctx: SuiteContext, size: TrainingSize, corpus) -> None:
         note=f"phase steps {counts}; entries {summary['phase_entries']}",
     )
     rec.add(case, "measured", "rollbacks", "count", summary["rollbacks"], config=config)
+    rec.add(case, "measured", "predict_steps_rolled_back", "count",
+            summary["predict_steps_rolled_back"], config=config,
+            note="Predict steps whose updates a rollback discarded (counted in the "
+            "steps without backward)")  # fmt: skip
     if on_gpu:
         peaks = {k: v["allocated"] for k, v in summary["phase_peaks"].items()}
         note = "torch.cuda.max_memory_allocated, reset at each phase boundary"
@@ -563,6 +567,11 @@ def run_trainer(ctx: SuiteContext, size: TrainingSize, corpus) -> None:
                 config=config,
                 note=f"median; {timer}; a phase's first step includes its entry work",
             )
+        mean = summary["step_ms_mean"].get(phase)
+        if mean is not None:
+            rec.add(f"{case} [{phase}]", "measured", "step_time_mean_ms", "ms", mean,
+                    config=config, note=f"mean; {timer}; Full: includes the dynamics "
+                    "model's training update, one Full step in train_every")  # fmt: skip
     first_correct = firsts.get("correct")
     if first_correct is not None and medians.get("full"):
         rec.add(f"{case} [correct]", "measured", "first_correct_step_ms", "ms", first_correct,

@@ -17,7 +17,8 @@ Pieces, top to bottom:
   group's next normalized log update norm (residual on the current value).
 - Online training (``observe``): truncated BPTT over the last ``bptt_window`` transitions,
   heads trained through both the posterior and the prior mean (the rollout uses the prior
-  mean), plus a KL term; each member sees a bootstrap subset of the transitions.
+  mean), plus a KL term; each member sees a bootstrap subset of the transitions. With
+  ``train_every = n`` one observe in n trains; the others only filter (one GRU step).
 - Prediction: ``hybrid_triton.kernels.rssm.rssm_rollout`` (one launch, every member and step)
   reads the parameters in place. The loss is log-normal per member spread: mean and variance
   come from the member mean and variance of the normalized log loss.
@@ -58,7 +59,12 @@ class DynamicsConfig:
     ensemble: int = 5  # K members
     hidden: int = 256  # H, GRU hidden size per member
     latent: int = 32  # S, Gaussian latent size
-    bptt_window: int = 16  # transitions unrolled (truncated BPTT) per observe
+    bptt_window: int = 16  # transitions unrolled (truncated BPTT) per training update
+    # observe() trains on every train_every-th call; the others only encode the features,
+    # score the pending forecasts, advance the filtered state and issue the calibration
+    # rollout. Why: one update (a bptt_window-step unroll of small ops, its backward and Adam)
+    # is launch-bound, about 70 ms on an H100, next to a GPT-2 small step of about 66 ms.
+    train_every: int = 1
     lr: float = 1e-3
     grad_clip: float = 1.0
     kl_weight: float = 0.1
@@ -156,7 +162,12 @@ class FeatureEncoder(nn.Module):
         device = self.ema_fast.device
 
         def scalar(v: Any) -> torch.Tensor:
-            return torch.as_tensor(v, dtype=torch.float32, device=device).reshape(())
+            if isinstance(v, torch.Tensor):
+                return v.to(device=device, dtype=torch.float32).reshape(())
+            # A host number becomes a fill kernel's argument: torch.as_tensor(number,
+            # device="cuda") copies from pageable memory and waits for the whole queue (the
+            # trainer passes its step counter as an int: that was a host sync per Full step).
+            return torch.full((), float(v), dtype=torch.float32, device=device)
 
         log_loss = scalar(stats["loss"]).clamp_min(1e-12).log()
         log_gn = scalar(stats["grad_norm"]).clamp_min(1e-12).log()
@@ -169,7 +180,7 @@ class FeatureEncoder(nn.Module):
         log_lr = scalar(stats["lr"]).clamp_min(1e-20).log()
         step = scalar(stats["step"])
         opt = stats.get("optimizer")
-        # zeros() fills on the device; scalar(0.0) would copy a host float (a synchronizing copy).
+        # No optimizer summary given: the feature is 0.
         log_opt = (
             scalar(opt).clamp_min(1e-20).log()
             if opt is not None
@@ -231,6 +242,10 @@ class DynamicsModel(nn.Module):
             raise ValueError(f"num_segment_groups must be >= 1, got {num_segment_groups}")
         if cfg.ensemble < 1 or cfg.hidden < 1 or cfg.latent < 1 or cfg.bptt_window < 1:
             raise ValueError("ensemble, hidden, latent and bptt_window must all be >= 1")
+        if isinstance(cfg.train_every, bool) or not isinstance(cfg.train_every, int):
+            raise ValueError(f"train_every must be an int >= 1, got {cfg.train_every!r}")
+        if cfg.train_every < 1:
+            raise ValueError(f"train_every must be an int >= 1, got {cfg.train_every!r}")
         if cfg.weight_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"weight_dtype must be float32 or bfloat16, got {cfg.weight_dtype}")
         self.config = cfg
@@ -396,9 +411,53 @@ class DynamicsModel(nn.Module):
         self._observed += 1
         self._score_pending(raw)
         self._window.append(raw)
-        loss = self._train()
+        if self._observed % self.config.train_every == 0:
+            loss = self._train()
+        else:
+            loss = self._filter()
         self._issue_calibration_rollout()
         return loss
+
+    @torch.no_grad()
+    def _filter(self) -> torch.Tensor:
+        """An observe without training: the filtered state consumes the newest features (one
+        GRU step, the posterior mean as the latent, as at the end of :meth:`_train`) and the
+        window slides, so the next update still unrolls ``bptt_window`` transitions."""
+        K = self.config.ensemble
+        if len(self._window) >= 2:
+            x_prev, x_new = self.norm.normalize(torch.stack(list(self._window)[-2:]))
+            h = gru_cell_batched(
+                torch.cat([x_prev.expand(K, 1, -1), self.z], -1),
+                self.h,
+                self.w_ih,
+                self.w_hh,
+                self.b_ih,
+                self.b_hh,
+            )
+            self.h.copy_(h)
+            self.z.copy_(self._posterior(h, x_new.expand(K, 1, -1))[0])
+        self._slide()
+        return torch.zeros((), device=self.h.device)
+
+    @torch.no_grad()
+    def _slide(self) -> None:
+        """Past ``bptt_window`` transitions: advance the window's start state by one."""
+        if len(self._window) <= self.config.bptt_window:
+            return
+        K = self.config.ensemble
+        x0, x1 = self.norm.normalize(torch.stack(list(self._window)[:2]))
+        x0, x1 = x0.expand(K, 1, -1), x1.expand(K, 1, -1)
+        h0 = gru_cell_batched(
+            torch.cat([x0, self.z_start], -1),
+            self.h_start,
+            self.w_ih,
+            self.w_hh,
+            self.b_ih,
+            self.b_hh,
+        )
+        self.h_start.copy_(h0)
+        self.z_start.copy_(self._posterior(h0, x1)[0])
+        self._window.popleft()
 
     def _train(self) -> torch.Tensor:
         cfg = self.config
@@ -446,19 +505,7 @@ class DynamicsModel(nn.Module):
             # Filtered state for prediction: h_{t-1}, z_{t-1} = posterior mean given x_t.
             self.h.copy_(h.detach())
             self.z.copy_(self._posterior(h.detach(), xs[-1].expand(K, 1, -1))[0])
-            if len(self._window) > cfg.bptt_window:  # slide: advance the window's start state
-                x0, x1 = xs[0].expand(K, 1, -1), xs[1].expand(K, 1, -1)
-                h0 = gru_cell_batched(
-                    torch.cat([x0, self.z_start], -1),
-                    self.h_start,
-                    self.w_ih,
-                    self.w_hh,
-                    self.b_ih,
-                    self.b_hh,
-                )
-                self.h_start.copy_(h0)
-                self.z_start.copy_(self._posterior(h0, x1)[0])
-                self._window.popleft()
+        self._slide()
         return (per_member * keep).sum().detach()
 
     # ---------------------------------------------------------------- prediction

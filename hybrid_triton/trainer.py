@@ -71,6 +71,13 @@ from hybrid_triton.scheduler import Phase, PhaseController, PhasePlan, TrainerCo
 
 TRAINER_FORMAT = "hybrid_triton.HybridTrainer/1"
 SCALE_LIMIT = 4.0  # bound on the dynamics model's per-group step multipliers
+# The RSSM trains on one Full step in this many. An update (a 16-step BPTT unroll of small
+# batched ops, its backward and Adam) is launch-bound: about 70 ms on an H100, which doubled
+# GPT-2 small's Full step (140 vs 66 ms for Warmup). On the recorded char-MLP replay
+# (benchmarks/data/rssm_run_charmlp.csv, CPU) every 4th step kept the held-out forecast errors
+# (lead 1/4/8: 0.096/0.100/0.108 vs 0.097/0.105/0.113 training every step) at a lower mean
+# confidence (0.17 vs 0.30); docs/trainer.md has the figures.
+RSSM_TRAIN_EVERY = 4
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -146,6 +153,10 @@ class RSSMDynamics:
         **config: Any,
     ) -> None:
         from hybrid_triton.dynamics import DynamicsConfig, DynamicsModel
+
+        # One training update of the ensemble per RSSM_TRAIN_EVERY Full steps (the others
+        # filter and calibrate); ``dynamics={"train_every": 1}`` trains on every Full step.
+        config.setdefault("train_every", RSSM_TRAIN_EVERY)
 
         if isinstance(loss_smoothing, bool) or not 0.0 <= float(loss_smoothing) < 1.0:
             raise ValueError(
@@ -515,6 +526,7 @@ class HybridTrainer:
         self._prepared: tuple[PhasePlan, bool, Any] | None = None
         self._prediction: EpisodePrediction | None = None
         self._rolled_back_episode = -1
+        self._episode_predict_steps = 0  # Predict steps of the current episode (for rollbacks)
         self._accum_freed = False
         self._last_flags: dict[str, Any] = {}
         self._bind_precision(self.controller.plan)
@@ -672,6 +684,7 @@ class HybridTrainer:
         return loss_sum, acc.grad_norm().reshape(())
 
     def _predict_step(self, batch: Any, plan: PhasePlan) -> torch.Tensor:
+        self._episode_predict_steps += 1
         if self.controller.steps_until_phase_end <= self.cfg.lookahead:
             self.offloader.start_restore()
         size = _batch_size(batch)
@@ -818,6 +831,7 @@ class HybridTrainer:
         from hybrid_triton.kernels import quantize_blockwise
 
         self.episode += 1
+        self._episode_predict_steps = 0
         # Snapshot for rollback, in host memory (pinned on CUDA: the copy does not block).
         pin = self.device.type == "cuda"
         if self._snapshot is None or self._snapshot.numel() != self.master.numel():
@@ -922,6 +936,9 @@ class HybridTrainer:
         self._bind_precision(self.controller.plan)
         self.metrics.note_precision(self.controller.plan.precision)
         self.metrics.counters["rollbacks"] += 1
+        # Their updates are gone: steps without backward that bought no progress.
+        self.metrics.counters["predict_steps_rolled_back"] += self._episode_predict_steps
+        self._episode_predict_steps = 0
         self.divergence.reset_streak()
 
     # ------------------------------------------------------------------ host side
@@ -1139,6 +1156,7 @@ class HybridTrainer:
             "confidence": self.confidence,
             "episode": self.episode,
             "rolled_back_episode": self._rolled_back_episode,
+            "episode_predict_steps": self._episode_predict_steps,
             "drop_reset": bool(getattr(self, "_drop_reset", False)),
             "snapshot": None if self._snapshot is None else self._snapshot.clone(),
             "prediction": None
@@ -1233,6 +1251,7 @@ class HybridTrainer:
         self.confidence = float(state["confidence"])
         self.episode = int(state["episode"])
         self._rolled_back_episode = int(state["rolled_back_episode"])
+        self._episode_predict_steps = int(state.get("episode_predict_steps", 0))
         self._drop_reset = bool(state["drop_reset"])
         self._snapshot = None if state["snapshot"] is None else state["snapshot"].clone()
         if self._snapshot is not None and self.device.type == "cuda":

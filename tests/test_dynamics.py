@@ -123,13 +123,15 @@ def test_features_are_scale_free():
             torch.testing.assert_close(outs[0], outs[1], atol=1e-3, rtol=1e-3)
 
 
-def test_state_dict_round_trip_continues_identically(torch_path):
-    cfg = DynamicsConfig(**SMALL)
+@pytest.mark.parametrize("train_every", [1, 3], ids=["train_every_1", "train_every_3"])
+def test_state_dict_round_trip_continues_identically(torch_path, train_every):
+    cfg = DynamicsConfig(**SMALL, train_every=train_every)
     model = DynamicsModel(2, cfg)
     for step in range(10):
         model.observe(run_stats(step))
     state = copy.deepcopy(model.state_dict())
-    clone = DynamicsModel(2, DynamicsConfig(**{**SMALL, "seed": 123}))  # different init
+    other = {**SMALL, "seed": 123, "train_every": train_every}
+    clone = DynamicsModel(2, DynamicsConfig(**other))  # different init
     clone.load_state_dict(state)
     for step in range(10, 14):  # same observations: same training, same optimizer moments
         model.observe(run_stats(step))
@@ -138,6 +140,42 @@ def test_state_dict_round_trip_continues_identically(torch_path):
     for name in ("loss_mean", "loss_var", "scales_mean", "confidence"):
         torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=0, rtol=0)
     torch.testing.assert_close(model.norm.var, clone.norm.var, atol=0, rtol=0)
+
+
+def test_train_every_trains_on_every_nth_observe_and_filters_between(torch_path):
+    n = 3
+    model = DynamicsModel(2, DynamicsConfig(**SMALL, train_every=n))
+    trained = []
+    for step in range(14):
+        before = model.w_hh.detach().clone()
+        h_before = model.h.clone()
+        loss = model.observe(run_stats(step))
+        changed = not torch.equal(before, model.w_hh)
+        trained.append(changed)
+        assert changed == (float(loss) != 0.0), step
+        if step >= 1:  # the filtered state consumes every observation, trained or not
+            assert not torch.equal(h_before, model.h), step
+        # The window slides on every observe: an update still unrolls bptt_window steps.
+        assert len(model._window) <= SMALL["bptt_window"] + 1
+    assert trained == [(i + 1) % n == 0 for i in range(14)], trained
+    assert torch.isfinite(model.predict(4).loss_mean).all()
+    # Filtering keeps forecasting: calibration goes on between updates.
+    assert model._calib_written > 0 and 0.0 <= float(model.confidence()) <= 1.0
+
+
+def test_train_every_filtering_matches_the_trained_state_at_the_window_end(torch_path):
+    # _filter advances (h, z) by one GRU step with the posterior mean; _train re-derives the
+    # same state from the window start with sampled latents. Both must describe the newest
+    # observation: after a filter step, predictions stay close to the trained model's.
+    trained = DynamicsModel(2, DynamicsConfig(**SMALL))
+    filtered = DynamicsModel(2, DynamicsConfig(**SMALL, train_every=1000))
+    for step in range(12):
+        trained.observe(run_stats(step))
+    filtered.load_state_dict(copy.deepcopy(trained.state_dict()))  # trained up to step 11 ...
+    filtered.observe(run_stats(12))  # ... then one filter step
+    trained.observe(run_stats(12))  # ... against one more update
+    a, b = trained.predict(3).loss_mean, filtered.predict(3).loss_mean
+    torch.testing.assert_close(a, b, rtol=0.05, atol=0)
 
 
 def test_bf16_rollout_weights_are_a_shadow_refreshed_per_update(device, torch_path):
@@ -156,6 +194,9 @@ def test_bad_input():
     with pytest.raises(ValueError, match="num_segment_groups"):
         DynamicsModel(0)
     model = DynamicsModel(2, DynamicsConfig(**SMALL))
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="train_every must be an int >= 1"):
+            DynamicsModel(2, DynamicsConfig(**SMALL, train_every=bad))
     with pytest.raises(ValueError, match="update_norms has 3 values; expected 2"):
         model.observe({**run_stats(0), "update_norms": [1.0, 2.0, 3.0]})
     with pytest.raises(ValueError, match="horizon must be an int >= 1"):
@@ -174,6 +215,25 @@ def test_gpu_observe_and_predict_do_not_sync():
         model.observe(stats)
         pred = model.predict(50)
         model.confidence()
+        # The trainer passes its step counter (and may pass other values) as host numbers:
+        # they become kernel arguments, never a synchronizing host-to-device copy.
+        model.observe({**run_stats(21, groups=4, device="cuda"), "step": 21, "optimizer": 0.5})
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(pred.loss_mean).all()
+
+
+@pytest.mark.gpu
+def test_gpu_filter_observe_does_not_sync():
+    model = DynamicsModel(4, DynamicsConfig(device="cuda", train_every=4))
+    all_stats = [run_stats(s, groups=4, device="cuda") for s in range(24)]
+    for stats in all_stats[:20]:
+        model.observe(stats)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for stats in all_stats[20:]:  # three filter steps and one update
+            model.observe(stats)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(model.predict(8).loss_mean).all()

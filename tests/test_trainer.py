@@ -176,6 +176,7 @@ def test_injected_divergence_rolls_back(corpus):
     data = batches(corpus, 60)
     used = _run_into_predict(tr, data)
     episode = tr.episode
+    predict_len = tr.controller.phase_len
     steps_taken = tr.optimizer.flat_state["step"].clone()
     # Inject: the last predicted step becomes absurdly large; the real loss diverges. The first
     # Correct step measures it; with host_lag 1 the verdict is read two steps later.
@@ -192,6 +193,8 @@ def test_injected_divergence_rolls_back(corpus):
     tr.flush()
     records = tr.metrics.summary()
     assert records["rollbacks"] == 1
+    # Every Predict step of the rolled-back episode is counted as bought back.
+    assert records["predict_steps_rolled_back"] == predict_len >= 2
     # Training goes on from the snapshot: the next losses are back to normal.
     for batch in data[used + 4 : used + 6]:
         tr.step(batch)
