@@ -187,10 +187,12 @@ def _process_cap_gib(device: torch.device) -> float | None:
     getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
     if device.type != "cuda" or getter is None:
         return None
-    fraction = float(getter(device))
+    # The getter wants an index: "cuda" alone is refused.
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    fraction = float(getter(index))
     if fraction >= 1.0:
         return None
-    return fraction * torch.cuda.get_device_properties(device).total_memory / GIB
+    return fraction * torch.cuda.get_device_properties(index).total_memory / GIB
 
 
 def curve_points(num_steps: int, evals: list[dict], points: int = 10) -> list[int]:
