@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
 import pytest
 import torch
 from hybrid_triton.kernels import rssm_rollout, rssm_rollout_ref
@@ -10,8 +13,10 @@ from hybrid_triton.kernels.rssm import (
     RSSMFeedback,
     RSSMWeights,
     default_split,
+    default_variant,
     make_workspace,
 )
+from hybrid_triton.kernels.rssm import rollout as rollout_module
 from hybrid_triton.kernels.rssm.rollout import VARIANTS, workspace_parts
 
 from tests.helpers import assert_close
@@ -94,13 +99,10 @@ def test_bf16_weights(shape, device):
     check_all(rssm_rollout(*problem, T), problem, T, torch.bfloat16)
 
 
-# Under the interpreter (one program, no spinning) the variants differ only in the kernel
-# (legacy or fused), the flag protocol and whether the weights stay resident or stream in
-# chunks; one variant of each kind. The GPU tests run them all.
-CPU_VARIANTS = ["legacy", "fused_volatile", "fused_flag_w16", "fused_flag_w8_l1"]
-
-
-@pytest.mark.parametrize("variant", CPU_VARIANTS)
+# Under the interpreter (one program, no spinning) the variants differ in the kernel (legacy
+# or fused) and, through num_warps, in whether the weights stay resident or stream in chunks
+# (H37: resident; H130: streamed); the barrier code is compiled out. Every variant runs.
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize(
     "shape", [(3, 2, 37, 11, 5, 3, 4), (2, 1, 130, 5, 3, 2, 2)], ids=["H37-B2", "H130-chunked"]
 )
@@ -110,17 +112,14 @@ def test_variants_match_reference(shape, variant, device):
     check_all(rssm_rollout(*problem, T, variant=variant), problem, T, torch.float32)
 
 
-@pytest.mark.parametrize("variant", ["legacy", "fused_volatile", "fused_flag"])
+@pytest.mark.parametrize("variant", ["legacy", "fused_volatile"])
 def test_workspace_is_reusable(variant, device):
     K, B, H, I, S, O, T = 2, 1, 20, 5, 3, 2, 2
     problem = make_problem(K, B, H, I, S, O, device)
     workspace = make_workspace(K, B, H, device)
-    _, _, counters, tag_base = workspace_parts(workspace, K, B, H)
+    _, counters = workspace_parts(workspace, K, B, H)
     first = rssm_rollout(*problem, T, workspace=workspace, variant=variant)
     assert torch.all(counters == 0), "the kernel must leave its barrier counters at zero"
-    if VARIANTS[variant].fused:
-        # The tags of the next call start past every tag this one wrote.
-        assert tag_base.item() == T + 2
     second = rssm_rollout(*problem, T, workspace=workspace, variant=variant)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
@@ -134,7 +133,7 @@ def test_workspace_is_reusable(variant, device):
 def test_workspace_shared_by_variants(device):
     K, B, H, I, S, O, T = 2, 1, 24, 4, 3, 2, 3
     workspace = make_workspace(K, B, H, device)
-    for variant in ("fused_flag", "legacy", "fused_volatile", "fused_flag"):
+    for variant in ("fused_volatile", "legacy", "fused_volatile_w8", "fused_acquire"):
         problem = make_problem(K, B, H, I, S, O, device)
         result = rssm_rollout(*problem, T, workspace=workspace, variant=variant)
         check_all(result, problem, T, torch.float32)
@@ -176,6 +175,59 @@ def test_bad_inputs_raise_before_launch(device):
         rssm_rollout(x0, h0, z0, weights, feedback, 1, split=0)
     with pytest.raises(KernelInputError, match="variant must be one of"):
         rssm_rollout(x0, h0, z0, weights, feedback, 1, variant="fastest")
+    # Removed after the H100 sweep (failed its check, or duplicated fused_volatile_w8).
+    for removed in ("fused_flag", "fused_flag_w8_l1", "fused_volacq_w8"):
+        with pytest.raises(KernelInputError, match="variant must be one of"):
+            rssm_rollout(x0, h0, z0, weights, feedback, 1, variant=removed)
+
+
+def test_default_variant_follows_the_hidden_size():
+    assert [default_variant(H) for H in (1, 64, 256, 257, 512, 1023, 1024, 4096)] == [
+        "fused_volatile",
+        "fused_volatile",
+        "fused_volatile",
+        "legacy",
+        "legacy",
+        "legacy",
+        "fused_volatile_w8",
+        "fused_volatile_w8",
+    ]
+    assert all(default_variant(H) in VARIANTS for H in (1, 300, 2000))
+
+
+def test_variant_none_runs_the_default_of_its_hidden_size(device, monkeypatch):
+    asked = []
+
+    def spy(H):
+        asked.append(H)
+        return "legacy"
+
+    monkeypatch.setattr(rollout_module, "default_variant", spy)
+    problem = make_problem(2, 1, 21, 4, 3, 2, device)
+    check_all(rssm_rollout(*problem, 2), problem, 2, torch.float32)
+    assert asked == [21]
+
+
+SWEEP_CSV = (
+    Path(__file__).resolve().parents[1] / "reports/rssm/2026-11-24_sweep_h100/sweep_rssm.csv"
+)
+SWEEP_H = {"target": 256, "T1": 256, "T10": 256, "T200": 256, "H64": 64, "H1024": 1024, "K16": 256}
+
+
+@pytest.mark.skipif(not SWEEP_CSV.exists(), reason="the sweep report is not in this checkout")
+def test_default_variant_is_the_fastest_measured():
+    """At every point of the H100 sweep, the default is the fastest remaining variant (graph
+    replay), or within 1% of it (T=1: fused_volatile 21.09 us, legacy 20.99)."""
+    graph_us: dict[str, dict[str, float]] = {}
+    with SWEEP_CSV.open() as f:
+        for row in csv.DictReader(f):
+            if row["mode"] == "graph" and row["provider"] in VARIANTS:
+                graph_us.setdefault(row["point"], {})[row["provider"]] = float(row["median_us"])
+    assert set(graph_us) == set(SWEEP_H), "every sweep point has timed variants"
+    for point, timed in graph_us.items():
+        chosen = default_variant(SWEEP_H[point])
+        assert chosen in timed, f"{point}: the default {chosen} was not timed"
+        assert timed[chosen] <= 1.01 * min(timed.values()), (point, chosen, timed)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs programs one by one")
@@ -204,9 +256,9 @@ def test_gpu_paths_match_reference(shape, weight_dtype, variant):
     K, B, H, I, S, O, T = shape
     problem = make_problem(K, B, H, I, S, O, "cuda", weight_dtype)
     split = default_split(K, B, H, torch.device("cuda"))
-    # The persistent path of every variant; the single-program path (slow at large H) of the
-    # default and of one fused variant per synchronization kind is enough.
-    single = variant in ("legacy", "fused_volatile", "fused_flag") and weight_dtype == torch.float32
+    # The persistent path of every variant; the single-program path (slow at large H, and
+    # the barrier is compiled out there) of the legacy and one fused variant is enough.
+    single = variant in ("legacy", "fused_volatile") and weight_dtype == torch.float32
     for forced in sorted({1, split}) if single else [split]:
         result = rssm_rollout(*problem, T, split=forced, variant=variant)
         check_all(result, problem, T, weight_dtype)

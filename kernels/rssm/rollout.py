@@ -32,10 +32,12 @@ The member reduction (mean, variance) is done by whichever program finishes last
 "done" counter, the CUDA threadFenceReduction pattern), which also resets the counters so
 the workspace can be reused by the next call without a memset launch.
 
-Variants (issue 4, ``VARIANTS``, ``rssm_rollout(..., variant=)``): a fused kernel that reads h
-once per step (the heads of step s-1 and the matvec of step s share the read), with cheaper
-synchronization (volatile polls, or step-tagged h words that need no barrier at all) and the
-tile's weights held in registers; ``benchmarks/sweep_rssm.py`` measures them.
+Variants (issue 4, ``VARIANTS``, ``rssm_rollout(..., variant=)``): the legacy kernel above, and
+a fused kernel that reads h once per step (the heads of step s-1 and the matvec of step s share
+the read), with the tile's weights held in registers when they fit, and either the legacy
+acquire polls or volatile polls (which leave L1 alone). ``benchmarks/sweep_rssm.py`` measured
+them on the H100 (reports/rssm/2026-11-24_sweep_h100/); :func:`default_variant` picks the
+fastest per hidden size from that sweep.
 
 References: Hafner et al., DreamerV3 (RSSM); PyTorch ``nn.GRUCell``; CUDA cooperative-groups
 grid sync (same arrive/spin/fence structure, written with Triton atomics).
@@ -337,9 +339,8 @@ def _rssm_rollout_kernel(
 SYNC_ACQUIRE = 0  # counter; arrive with a release atomic, poll with acquire loads (the legacy
 #                   barrier: each acquire poll also invalidates the SM's L1, weights included)
 SYNC_VOLATILE = 1  # counter; poll with volatile loads (no L1 invalidation); h is read volatile
-SYNC_VOLATILE_ACQUIRE = 2  # counter; volatile polls, then one acquire load after the wait
-SYNC_FLAG = 3  # no counter: every h word carries its step tag (NCCL's LL protocol): a reader
-#                polls the words it needs until their tags say "step s"; no fence, no atomic
+# (The sweep of 2026-11-24 also had step-tagged h words without a counter, "flag": they failed
+# the reference check at some measured point in every configuration and were removed.)
 
 
 @triton.jit
@@ -359,39 +360,7 @@ def _arrive_and_wait(counter_ptr, target, SPLIT: tl.constexpr, SYNC: tl.constexp
             seen = tl.load(counter_ptr, volatile=True)
             while seen < target:
                 seen = tl.load(counter_ptr, volatile=True)
-            if SYNC == 2:
-                tl.atomic_add(counter_ptr, 0, sem="acquire")
         tl.debug_barrier()
-
-
-@triton.jit
-def _publish_h(words_ptr, buf_ptr, rows, h, tag, mask, SYNC: tl.constexpr):
-    if SYNC == 3:
-        # One 64-bit word per element: tag in the high half, the fp32 bits in the low half.
-        # An aligned 8-byte write is seen whole or not at all, so the tag vouches for the value.
-        low = h.to(tl.int32, bitcast=True).to(tl.uint32, bitcast=True).to(tl.int64)
-        word = (tag.to(tl.int64) << 32) | low
-        tl.atomic_xchg(words_ptr + rows, word, mask=mask, sem="relaxed")
-    else:
-        tl.store(buf_ptr + rows, h, mask=mask)
-
-
-@triton.jit
-def _fetch_h(words_ptr, buf_ptr, cols, m_c, tag, SYNC: tl.constexpr):
-    if SYNC == 3:
-        word = tl.load(words_ptr + cols, mask=m_c, other=0, volatile=True)
-        ready = ((word >> 32).to(tl.int32) == tag) | (m_c == 0)
-        pending = tl.sum((ready == 0).to(tl.int32), axis=0)
-        while pending > 0:
-            again = tl.load(words_ptr + cols, mask=m_c & (ready == 0), other=0, volatile=True)
-            word = tl.where(ready, word, again)
-            ready = ((word >> 32).to(tl.int32) == tag) | (m_c == 0)
-            pending = tl.sum((ready == 0).to(tl.int32), axis=0)
-        hv = word.to(tl.int32).to(tl.float32, bitcast=True)
-    else:
-        # volatile: h was written by other SMs; a stale L1 line would be wrong.
-        hv = tl.load(buf_ptr + cols, mask=m_c, other=0.0, volatile=True)
-    return hv
 
 
 @triton.jit
@@ -414,7 +383,6 @@ def _rssm_rollout_fused_kernel(
     traj_ptr,
     mean_ptr,
     var_ptr,
-    h_words_ptr,
     h_buf_ptr,
     sync_ptr,
     K,
@@ -460,12 +428,8 @@ def _rssm_rollout_fused_kernel(
     b_hh = b_hh_ptr + k64 * 3 * H
     w_prior = w_prior_ptr + k64 * S * H
     w_head = w_head_ptr + k64 * O * HS
-    words = h_words_ptr + kb * 2 * H
     h_buf = h_buf_ptr + kb * 2 * H
     counter = sync_ptr + group
-    # Tags of this call: base+1 for h0, base+2+s for h_s; the last program advances the base
-    # past them, so no word left by an earlier call on this workspace can match.
-    base = tl.load(sync_ptr + K * B + 1)
 
     offs_i = tl.arange(0, I_PAD)
     offs_s = tl.arange(0, S_PAD)
@@ -540,20 +504,19 @@ def _rssm_rollout_fused_kernel(
     x = tl.load(x0_ptr + b64 * I + offs_i, mask=mask_i, other=0.0)
     z = tl.load(z0_ptr + kb * S + offs_s, mask=mask_s, other=0.0)
     h_own = tl.load(h0_ptr + kb * H + rows, mask=m_r, other=0.0)
-    _publish_h(words, h_buf, rows, h_own, base + 1, m_r, SYNC)
-    if SYNC != 3:
-        _arrive_and_wait(counter, SPLIT, SPLIT, SYNC)
+    tl.store(h_buf + rows, h_own, mask=m_r)
+    _arrive_and_wait(counter, SPLIT, SPLIT, SYNC)
 
     for s in range(T_C + 1 if STATIC_BOUNDS else T + 1):
-        tag = base + 1 + s
-        slot = (s % 2) * H
+        h_cur = h_buf + (s % 2) * H
         gh_r = tl.zeros([BLOCK_H], dtype=tl.float32)
         gh_u = tl.zeros([BLOCK_H], dtype=tl.float32)
         gh_n = tl.zeros([BLOCK_H], dtype=tl.float32)
         z_acc = tl.zeros([S_PAD], dtype=tl.float32)
         y_acc = tl.zeros([O_PAD], dtype=tl.float32)
         if RESIDENT:
-            hv = _fetch_h(words + slot, h_buf + slot, offs_c, offs_c < H, tag, SYNC)
+            # volatile: h was written by other SMs; a stale L1 line would be wrong.
+            hv = tl.load(h_cur + offs_c, mask=offs_c < H, other=0.0, volatile=True)
             gh_r += tl.sum(wh_r * hv[None, :], axis=1)
             gh_u += tl.sum(wh_u * hv[None, :], axis=1)
             gh_n += tl.sum(wh_n * hv[None, :], axis=1)
@@ -563,7 +526,7 @@ def _rssm_rollout_fused_kernel(
             for c0 in range(0, H_C if STATIC_BOUNDS else H, BLOCK_C):
                 cols = c0 + offs_c
                 m_c = cols < H
-                hv = _fetch_h(words + slot, h_buf + slot, cols, m_c, tag, SYNC)
+                hv = tl.load(h_cur + cols, mask=m_c, other=0.0, volatile=True)
                 m_h = m_r[:, None] & m_c[None, :]
                 p_h = w_hh + rows[:, None] * H + cols[None, :]
                 gh_r += tl.sum(tl.load(p_h, mask=m_h, other=0.0).to(tl.float32) * hv[None, :], 1)
@@ -607,14 +570,11 @@ def _rssm_rollout_fused_kernel(
         # tanh(a) = 2 sigmoid(2a) - 1: stable for large |a|, no tl.tanh in every version.
         cand = 2.0 * tl.sigmoid(2.0 * pre_n) - 1.0
         h_own = (1.0 - update) * cand + update * h_own
-        nxt = ((s + 1) % 2) * H
-        _publish_h(words + nxt, h_buf + nxt, rows, h_own, tag + 1, m_r & (s < T), SYNC)
-        if SYNC != 3:  # noqa: SIM102 (a constexpr test; the inner one is a runtime branch)
-            if s < T:
-                _arrive_and_wait(counter, (s + 2) * SPLIT, SPLIT, SYNC)
+        tl.store(h_buf + ((s + 1) % 2) * H + rows, h_own, mask=m_r & (s < T))
+        if s < T:
+            _arrive_and_wait(counter, (s + 2) * SPLIT, SPLIT, SYNC)
 
-    # The last program to finish reduces over the members, resets the counters and advances
-    # the tag base.
+    # The last program to finish reduces over the members and resets the counters.
     tl.debug_barrier()
     done = tl.atomic_add(sync_ptr + K * B, 1, sem="acq_rel")
     if done == K * B * SPLIT - 1:
@@ -624,7 +584,6 @@ def _rssm_rollout_fused_kernel(
                 sync_ptr + g0 + offs, tl.zeros([BLOCK_R], dtype=tl.int32), mask=g0 + offs < K * B
             )
         tl.store(sync_ptr + K * B, 0)
-        tl.store(sync_ptr + K * B + 1, base + T + 2)
         n = T * B * O
         for e0 in range(0, T_C * B_C * O_C if STATIC_BOUNDS else T * B * O, BLOCK_R):
             idx = e0 + offs
@@ -719,41 +678,41 @@ class RolloutVariant(NamedTuple):
     """One way of running the rollout (issue 4's latency work; ``VARIANTS`` names them).
 
     ``fused``: the fused kernel (one tile per program, one read of h per step) instead of the
-    legacy one. ``sync``: ``"acquire"``, ``"volatile"``, ``"volatile_acquire"`` or ``"flag"``
-    (see the ``SYNC_*`` constants). ``tile_scale``: hidden rows per program times this (fewer,
-    larger programs). ``resident``: keep the tile's recurrent and head weights in registers
-    when they fit the budget below (else they are re-read, from L1, every step).
+    legacy one. ``sync``: ``"acquire"`` or ``"volatile"`` (see the ``SYNC_*`` constants).
+    ``num_warps``: more warps give the fused kernel more registers for resident weights.
     """
 
     fused: bool
     sync: str
     num_warps: int
-    tile_scale: int = 1
-    resident: bool = True
-    maxnreg: int | None = None  # ptxas register cap; None lets ptxas aim at 2 programs per SM
 
 
-_SYNC_CODES = {
-    "acquire": SYNC_ACQUIRE,
-    "volatile": SYNC_VOLATILE,
-    "volatile_acquire": SYNC_VOLATILE_ACQUIRE,
-    "flag": SYNC_FLAG,
-}
+_SYNC_CODES = {"acquire": SYNC_ACQUIRE, "volatile": SYNC_VOLATILE}
 VARIANTS: dict[str, RolloutVariant] = {
     "legacy": RolloutVariant(False, "acquire", 4),
     "fused_acquire": RolloutVariant(True, "acquire", 4),
     "fused_volatile": RolloutVariant(True, "volatile", 4),
     "fused_volatile_w8": RolloutVariant(True, "volatile", 8),
-    "fused_volacq_w8": RolloutVariant(True, "volatile_acquire", 8),
-    "fused_flag": RolloutVariant(True, "flag", 4),
-    "fused_flag_w8": RolloutVariant(True, "flag", 8),
-    "fused_flag_w16": RolloutVariant(True, "flag", 16, maxnreg=128),
-    "fused_flag_w8_x2": RolloutVariant(True, "flag", 8, tile_scale=2),
-    "fused_flag_w8_l1": RolloutVariant(True, "flag", 8, resident=False),
 }
-# The legacy kernel stays the default until the sweep (benchmarks/sweep_rssm.py) has measured
-# the others on a GPU; the interpreter and the CPU tests run every variant.
-DEFAULT_VARIANT = "legacy"
+# Hidden sizes the H100 sweep measured each default at (reports/rssm/2026-11-24_sweep_h100/,
+# graph replay, K=5 or 16, B=1, T=1..200): fused_volatile was the fastest (or within 0.5%, at
+# T=1) of the remaining variants at H=64 and H=256 and 2.4x slower than legacy at H=1024,
+# where fused_volatile_w8 was the fastest (1638 us; legacy 2301). H=512 was not measured with
+# the fused kernels, so sizes between 256 and 1024 keep the legacy kernel. Above 1024 and
+# below 64 the nearest measured size decides (not measured).
+FUSED_VOLATILE_MAX_H = 256
+FUSED_VOLATILE_W8_MIN_H = 1024
+
+
+def default_variant(H: int) -> str:
+    """The variant ``rssm_rollout(variant=None)`` runs for hidden size ``H`` (see above)."""
+    if H <= FUSED_VOLATILE_MAX_H:
+        return "fused_volatile"
+    if H >= FUSED_VOLATILE_W8_MIN_H:
+        return "fused_volatile_w8"
+    return "legacy"
+
+
 # Per-thread fp32 registers the fused kernel may spend on resident weights, and the elements
 # of one [BLOCK_H, BLOCK_C] weight chunk per warp when it streams them instead.
 RESIDENT_REGS_PER_THREAD = 160
@@ -772,16 +731,13 @@ def fused_tiling(
 ) -> FusedTiling:
     """Tile sizes of the fused kernel for ``split`` programs per group (at most that many)."""
     block_h = min(triton.next_power_of_2(H), triton.next_power_of_2(triton.cdiv(H, split)))
-    block_h = min(triton.next_power_of_2(H), block_h * variant.tile_scale)
     programs = triton.cdiv(H, block_h)
     h_pad = triton.next_power_of_2(H)
     threads = 32 * variant.num_warps
     i_pad, s_pad, o_pad = (triton.next_power_of_2(v) for v in (I, S, O))
     resident_elems = (3 * block_h + s_pad + o_pad) * h_pad
     fixed_elems = 3 * block_h * (i_pad + s_pad) + i_pad * i_pad + 2 * o_pad * i_pad
-    resident = variant.resident and (
-        resident_elems + fixed_elems <= RESIDENT_REGS_PER_THREAD * threads
-    )
+    resident = resident_elems + fixed_elems <= RESIDENT_REGS_PER_THREAD * threads
     if resident:
         block_c = h_pad
     else:
@@ -801,8 +757,8 @@ def default_split(K: int, B: int, H: int, device: torch.device) -> int:
 
 
 def _workspace_words(K: int, B: int, H: int) -> int:
-    # [tagged h words: K*B x 2 slots x H int64][h: K*B x 2 x H fp32][K*B counters][done][tag]
-    return 6 * K * B * H + K * B + 2
+    # [h: K*B x 2 slots x H fp32][K*B barrier counters][done counter]
+    return 2 * K * B * H + K * B + 1
 
 
 def make_workspace(K: int, B: int, H: int, device: torch.device | str) -> torch.Tensor:
@@ -813,13 +769,11 @@ def make_workspace(K: int, B: int, H: int, device: torch.device | str) -> torch.
 
 def workspace_parts(
     workspace: torch.Tensor, K: int, B: int, H: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Views of a workspace: (tagged h words int64, h fp32, counters [K*B + 1], tag base [1])."""
-    words = workspace[: 4 * K * B * H].view(torch.int64)
-    h_buf = workspace[4 * K * B * H : 6 * K * B * H].view(torch.float32)
-    counters = workspace[6 * K * B * H : 6 * K * B * H + K * B + 1]
-    tag_base = workspace[6 * K * B * H + K * B + 1 : _workspace_words(K, B, H)]
-    return words, h_buf, counters, tag_base
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of a workspace: (h double buffers fp32, counters [K*B + 1]: per group, then done)."""
+    h_buf = workspace[: 2 * K * B * H].view(torch.float32)
+    counters = workspace[2 * K * B * H : _workspace_words(K, B, H)]
+    return h_buf, counters
 
 
 def rssm_rollout(
@@ -838,13 +792,13 @@ def rssm_rollout(
 
     ``split`` forces the programs per (member, batch row) (1 = the interpreter-safe path);
     ``workspace`` (from :func:`make_workspace`) avoids a zero-fill per call; ``variant`` names
-    a kernel variant of ``VARIANTS`` (default ``DEFAULT_VARIANT``). None is needed.
+    a kernel variant of ``VARIANTS`` (None: :func:`default_variant` of H, the fastest measured).
     Stream-ordered: a reused workspace must not be shared by concurrent launches.
     """
     K, B, H, I, S, O = _check_inputs(x0, h0, z0, weights, feedback, steps)
     device = h0.device
     if variant is None:
-        variant = DEFAULT_VARIANT
+        variant = default_variant(H)
     if variant not in VARIANTS:
         raise KernelInputError(f"{OP}: variant must be one of {sorted(VARIANTS)}, got {variant!r}")
     chosen = VARIANTS[variant]
@@ -872,8 +826,7 @@ def rssm_rollout(
         check_tensor(OP, "workspace", workspace, dtypes=(torch.int32,), device=device)
         if workspace.numel() < need:
             raise KernelInputError(f"{OP}: workspace has {workspace.numel()} words; needs {need}")
-    words, h_buf, _, _ = workspace_parts(workspace, K, B, H)
-    sync = workspace[6 * K * B * H : need]
+    h_buf, sync = workspace_parts(workspace, K, B, H)
     traj = empty(K, steps, B, O, dtype=torch.float32, device=device)
     mean = empty(steps, B, O, dtype=torch.float32, device=device)
     var = empty(steps, B, O, dtype=torch.float32, device=device)
@@ -901,7 +854,7 @@ def rssm_rollout(
         )  # fmt: skip
     else:
         _rssm_rollout_fused_kernel[(K * B * tiling.programs,)](
-            x0, h0, z0, *weights, *feedback, traj, mean, var, words, h_buf, sync,
+            x0, h0, z0, *weights, *feedback, traj, mean, var, h_buf, sync,
             K, B, steps, H, I, S, O,
             SPLIT=tiling.programs,
             BLOCK_H=tiling.block_h,
@@ -910,7 +863,6 @@ def rssm_rollout(
             SYNC=_SYNC_CODES[chosen.sync],
             num_warps=chosen.num_warps,
             **pads,
-            **({} if chosen.maxnreg is None else {"maxnreg": chosen.maxnreg}),
         )  # fmt: skip
     return RolloutResult(traj, mean, var)
 
