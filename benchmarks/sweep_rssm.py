@@ -11,8 +11,10 @@ For every variant of ``hybrid_triton.kernels.rssm.rollout.VARIANTS`` and every p
    each checked against the reference again, then ``triton.testing.do_bench`` median; beside
    them the batched torch rollout replayed from a CUDA graph (the issue's 10x baseline).
 
-Prints a table (µs, graph replay / direct call) headed by the machine line, and optionally a
-long-format CSV. GPU only. Usage::
+Prints a table (µs, graph replay / direct call; ``*`` marks the variant that ``variant=None``
+runs at that point, ``default_variant(H)``) headed by the machine line, and optionally a
+long-format CSV. GPU only. The run of 2026-11-24 on the H100 is in
+reports/rssm/2026-11-24_sweep_h100/. Usage::
 
     python benchmarks/sweep_rssm.py [--csv sweep.csv] [--variants a,b] [--points target,T1]
 """
@@ -134,9 +136,9 @@ def _torch_graph(problem, T: int):
 
 def main() -> None:
     from hybrid_triton.kernels.rssm.rollout import (
-        DEFAULT_VARIANT,
         VARIANTS,
         RolloutGraph,
+        default_variant,
         make_workspace,
         rssm_rollout,
     )
@@ -221,12 +223,13 @@ def main() -> None:
     # 3. Table: one row per provider, one column per point, "graph / direct" in µs.
     cell = {(p, prov, mode): us for p, prov, mode, us in rows}
     cols = [p for p, *_ in POINTS if p in point_names]
-    head = f"{'variant (graph / direct, us)':30s}" + "".join(f"{c:>17s}" for c in cols)
+    default_at = {p: default_variant(H) for p, _, H, _ in POINTS}
+    head = f"{'variant (graph / direct, us)':30s}" + "".join(f"{c:>19s}" for c in cols)
     print()
     print(head)
     print("-" * len(head))
     for prov in ["torch_cuda_graph", *variants]:
-        line = f"{prov + (' *' if prov == DEFAULT_VARIANT else ''):30s}"
+        line = f"{prov:30s}"
         for c in cols:
             g, d = cell.get((c, prov, "graph")), cell.get((c, prov, "direct"))
             if g is None and d is None:
@@ -235,9 +238,11 @@ def main() -> None:
                 text = f"{g:.1f}"
             else:
                 text = f"{g:.1f} / {d:.1f}"
-            line += f"{text:>17s}"
+            if prov == default_at[c]:
+                text += " *"
+            line += f"{text:>19s}"
         print(line)
-    print("* current DEFAULT_VARIANT")
+    print("* the default at that point: default_variant(H), what variant=None runs")
     for c in cols:
         timed = [(cell[(c, v, "graph")], v) for v in variants if (c, v, "graph") in cell]
         if timed:
