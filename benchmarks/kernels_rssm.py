@@ -1,12 +1,13 @@
 """RSSM ensemble rollout latency: the one-launch kernel against four torch paths.
 
 Providers (same inputs, same run):
-- ``hybrid_triton``: ``rssm_rollout`` (persistent split path where the SMs allow), with a
-  reused workspace, as ``DynamicsModel.predict`` calls it.
+- ``hybrid_triton``: ``rssm_rollout`` (persistent split path where the SMs allow; the kernel
+  variant ``default_variant(H)`` picks, or ``--variant``), with a reused workspace, as
+  ``DynamicsModel.predict`` calls it.
 - ``hybrid_triton_graph``: the same launch captured once in a CUDA graph (``RolloutGraph``)
   and replayed, as ``torch_cuda_graph`` replays the batched torch form: no per-call Python
   validation and argument binding, which dominate the direct call at small T.
-- ``hybrid_triton_single``: the same kernel forced to one program per member (the path the
+- ``hybrid_triton_single``: the same variant forced to one program per member (the path the
   interpreter runs), to show what the split buys.
 - ``torch_eager``: a loop over members, each rolled out by ``rssm_rollout_ref`` with K=1.
 - ``torch_batched``: ``rssm_rollout_ref`` (members batched with ``baddbmm``).
@@ -106,7 +107,9 @@ def _case(
             "hybrid_triton": lambda: rssm_rollout(
                 *problem, T, split=split, workspace=workspace, variant=variant
             ),
-            "hybrid_triton_single": lambda: rssm_rollout(*problem, T, split=1, workspace=workspace),
+            "hybrid_triton_single": lambda: rssm_rollout(
+                *problem, T, split=1, workspace=workspace, variant=variant
+            ),
             "torch_eager": lambda: _eager_loop(*problem, T),
             "torch_batched": lambda: rssm_rollout_ref(*problem, T),
         }
@@ -194,7 +197,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--compile", default="target", choices=["all", "target", "none"])
     parser.add_argument("--no-split", action="store_true", help="hybrid_triton with split=1")
-    parser.add_argument("--variant", default=None, help="a name of rollout.VARIANTS")
+    parser.add_argument(
+        "--variant", default=None, help="a name of rollout.VARIANTS (default: per H)"
+    )
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     machine = torch.cuda.get_device_name() if cuda else "cpu"
