@@ -25,6 +25,8 @@ Example::
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from hybrid_triton.arena import ArenaError, ArenaGroup, FlatArena
@@ -134,8 +136,17 @@ class GradAccumulator:
     # -- hooks -------------------------------------------------------------------------------
 
     def _make_hook(self, group_index: int, segment_index: int):
+        # The hook holds the accumulator weakly: hooks live in the parameters' C++ autograd
+        # data, which Python's garbage collector cannot see, so a strong reference here makes
+        # parameter -> hook -> accumulator -> arena group -> parameter a cycle that is never
+        # collected (a dropped training setup kept its weights and buffers on the GPU). Keep
+        # a reference to the accumulator while training; once it is gone, its hooks do nothing.
+        owner = weakref.ref(self)
+
         def hook(param: torch.Tensor) -> None:
-            self._fold(group_index, segment_index, param)
+            accumulator = owner()
+            if accumulator is not None:
+                accumulator._fold(group_index, segment_index, param)
 
         return hook
 

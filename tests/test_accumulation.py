@@ -193,3 +193,19 @@ def test_gpu_hook_path_never_syncs():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert accum.ready and torch.isfinite(accum.grad_norm()).item()
+
+
+def test_a_dropped_model_and_accumulator_are_collected():
+    """Hooks live in the parameters' C++ autograd data, invisible to Python's collector: a
+    hook holding the accumulator strongly made an uncollectable cycle (parameter -> hook ->
+    accumulator -> arena -> parameter) that kept a dropped setup's tensors alive."""
+    import gc
+    import weakref
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    accum = GradAccumulator(FlatArena.from_module(model), 1)
+    model(torch.randn(3, 8)).sum().backward()
+    refs = [weakref.ref(p) for p in model.parameters()] + [weakref.ref(accum.accumulators[0])]
+    del model, accum
+    gc.collect()
+    assert all(r() is None for r in refs), "a dropped model/accumulator is still alive"
