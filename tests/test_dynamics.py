@@ -209,6 +209,7 @@ def test_gpu_observe_and_predict_do_not_sync():
     for step in range(20):
         model.observe(run_stats(step, groups=4, device="cuda"))
     stats = run_stats(20, groups=4, device="cuda")  # made before: torch.tensor(float) copies
+    later = run_stats(21, groups=4, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -217,7 +218,7 @@ def test_gpu_observe_and_predict_do_not_sync():
         model.confidence()
         # The trainer passes its step counter (and may pass other values) as host numbers:
         # they become kernel arguments, never a synchronizing host-to-device copy.
-        model.observe({**run_stats(21, groups=4, device="cuda"), "step": 21, "optimizer": 0.5})
+        model.observe({**later, "step": 21, "optimizer": 0.5})
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(pred.loss_mean).all()
