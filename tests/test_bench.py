@@ -229,6 +229,9 @@ def test_report_layout_and_index(tmp_path, machine):
     index = (tmp_path / "README.md").read_text()
     assert f"({second.relative_to(tmp_path).as_posix()}/table.md)" in index
     assert report_mod.latest_runs(tmp_path) == {"memory": second}
+    # A suite written with its own --out one level down (reports/gpt2/training/<run>).
+    nested = report_mod.write_report(df, tmp_path / "gpt2", "training")
+    assert report_mod.latest_runs(tmp_path) == {"gpt2/training": nested, "memory": second}
     plain = tmp_path / "plain"
     plain.mkdir()  # a report directory gets the same permissions as any new directory
     assert second.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777

@@ -435,19 +435,30 @@ def write_report(df: pd.DataFrame, out: str | os.PathLike, suite: str) -> Path:
 
 
 def latest_runs(out: str | os.PathLike) -> dict[str, Path]:
-    """The latest complete report directory of each suite under ``out``."""
+    """The latest complete report directory of each suite under ``out``: ``<suite>/<run>``,
+    or one level deeper for a suite written with its own ``--out`` (``gpt2/training/<run>``,
+    listed as ``gpt2/training``)."""
     latest: dict[str, Path] = {}
     root = Path(out)
     if not root.is_dir():
         return latest
-    for suite_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        runs = [
+
+    def complete_runs(folder: Path) -> list[Path]:
+        return [
             p
-            for p in suite_dir.iterdir()
+            for p in folder.iterdir()
             if p.is_dir() and not p.name.startswith("_tmp") and (p / "results.csv").is_file()
         ]
+
+    for suite_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        runs = complete_runs(suite_dir)
         if runs:
             latest[suite_dir.name] = max(runs, key=lambda p: p.name)
+            continue
+        for nested in sorted(p for p in suite_dir.iterdir() if p.is_dir()):
+            runs = complete_runs(nested)
+            if runs:
+                latest[f"{suite_dir.name}/{nested.name}"] = max(runs, key=lambda p: p.name)
     return latest
 
 
