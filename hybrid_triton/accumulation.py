@@ -160,16 +160,26 @@ class GradAccumulator:
             self.total_sumsq.zero_()
         torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
 
+    def _fold_target(
+        self, gi: int, si: int, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where segment ``si`` of group ``gi`` accumulates, and the gradient to fold there
+        (subclasses map sharded gradients to their local part)."""
+        return self._views[gi][si], grad
+
     def _fold(self, gi: int, si: int, param: torch.Tensor) -> None:
         if not self._in_backward:
             self._begin_backward()
         grad = param.grad
         if grad is None:
             return
+        target, grad = self._fold_target(gi, si, grad)
         if grad.layout != torch.strided:
-            raise TypeError(f"GradAccumulator: sparse gradients are not supported ({grad.layout})")
+            raise TypeError(
+                f"{type(self).__name__}: sparse gradients are not supported ({grad.layout})"
+            )
         accumulate_grads(
-            self._views[gi][si],
+            target,
             grad if grad.is_contiguous() else grad.contiguous(),
             alpha=self.alpha,
             first=self._completed == 0,

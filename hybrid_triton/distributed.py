@@ -396,29 +396,13 @@ class ShardedGradAccumulator(GradAccumulator):
         super().__init__(arena.group, num_micro_batches, **kwargs)
         self.sharded_arena = arena
 
-    def _fold(self, gi: int, si: int, param: torch.Tensor) -> None:
-        if not self._in_backward:
-            self._begin_backward()
-        grad = param.grad
-        if grad is None:
-            return
+    def _fold_target(
+        self, gi: int, si: int, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # FSDP2 hands the hook a sharded DTensor: fold its local shard into the real (unpadded)
+        # part of the segment.
         local = _local(grad)
-        if local.layout != torch.strided:
-            raise TypeError(f"ShardedGradAccumulator: sparse gradients ({local.layout})")
-        view = self._views[gi][si][: local.numel()]
-        accumulate_grads(
-            view,
-            local if local.is_contiguous() else local.contiguous(),
-            alpha=self.alpha,
-            first=self._completed == 0,
-            inv_scale=self.inv_scale,
-            found_inf=self.found_inf,
-            seg_sumsq=self.seg_sumsq[gi] if self.track_norms else None,
-            total_sumsq=self.total_sumsq if self.track_norms else None,
-            segment_index=si if self.track_norms else None,
-        )
-        param.grad = None
-        self._touched[gi][si] = True
+        return self._views[gi][si][: local.numel()], local
 
 
 # ---------------------------------------------------------------------------- optimizer
