@@ -60,6 +60,7 @@ from hybrid_triton.planner.estimate import (
     GiB,
     MiB,
     PhaseEstimate,
+    PhasePeaks,
     _round,
     estimate,
 )
@@ -122,7 +123,7 @@ class ParallelSetup:
 
 
 @dataclass
-class RankEstimate:
+class RankEstimate(PhasePeaks):
     """One rank's estimate. ``phases[name]`` is a :class:`PhaseEstimate` whose components
     may include ``allgather_buffers``, ``reduce_scatter_buffers`` and ``ddp_buckets``;
     ``single`` is the single-GPU estimate it was derived from (same per-rank batch)."""
@@ -140,23 +141,6 @@ class RankEstimate:
     @property
     def setup(self) -> TrainSetup:
         return self.single.setup
-
-    @property
-    def phase_peak_bytes(self) -> dict[str, int]:
-        return {name: p.peak_bytes for name, p in self.phases.items()}
-
-    @property
-    def peak_phase(self) -> str:
-        order = sorted(self.phases, key=lambda name: name != "full")
-        return max(order, key=lambda name: self.phases[name].peak_bytes)
-
-    @property
-    def peak_bytes(self) -> int:
-        return self.phases[self.peak_phase].peak_bytes
-
-    @property
-    def components(self) -> dict[str, int]:
-        return self.phases[self.peak_phase].components
 
     @property
     def global_batch(self) -> int:

@@ -145,17 +145,11 @@ class PhaseEstimate:
         )
 
 
-@dataclass
-class Estimate:
-    """The estimate for one model and setup. ``phase_peak_bytes["full"]`` etc. are the
-    allocated peaks (``torch.cuda.max_memory_allocated`` reset at phase boundaries);
-    ``peak_bytes`` is the maximum over the phase plan; ``cuda_context_bytes`` is apart."""
+class PhasePeaks:
+    """The run-level view of per-phase estimates (``self.phases``: name -> PhaseEstimate),
+    shared by the single-GPU :class:`Estimate` and the per-rank estimate."""
 
-    spec: ModelSpec
-    setup: TrainSetup
     phases: dict[str, PhaseEstimate]
-    cuda_context_bytes: int = CUDA_CONTEXT
-    notes: list[str] = field(default_factory=list)
 
     @property
     def phase_peak_bytes(self) -> dict[str, int]:
@@ -175,6 +169,19 @@ class Estimate:
     def components(self) -> dict[str, int]:
         """The breakdown at the run's peak."""
         return self.phases[self.peak_phase].components
+
+
+@dataclass
+class Estimate(PhasePeaks):
+    """The estimate for one model and setup. ``phase_peak_bytes["full"]`` etc. are the
+    allocated peaks (``torch.cuda.max_memory_allocated`` reset at phase boundaries);
+    ``peak_bytes`` is the maximum over the phase plan; ``cuda_context_bytes`` is apart."""
+
+    spec: ModelSpec
+    setup: TrainSetup
+    phases: dict[str, PhaseEstimate]
+    cuda_context_bytes: int = CUDA_CONTEXT
+    notes: list[str] = field(default_factory=list)
 
     def device_bytes(self) -> int:
         """What the GPU must hold: the allocated peak plus the segment slack plus the context."""
