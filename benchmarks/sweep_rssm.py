@@ -47,11 +47,19 @@ DEVICE = "cuda"  # the smoke test of the check path sets "cpu" (the interpreter)
 ATOL, RTOL = 1e-4, 1e-3  # as benchmarks/kernels_rssm.py's check (fp32 kernel vs float64 ref)
 
 
-def _problem(K: int, H: int):
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from kernels_rssm import make_inputs
+def _kernels_rssm():
+    """benchmarks/kernels_rssm.py (inputs and the torch CUDA-graph baseline), imported by path
+    so the script also runs as ``python benchmarks/sweep_rssm.py`` and in worker processes."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import kernels_rssm
 
-    return make_inputs(K, H, DEVICE)
+    return kernels_rssm
+
+
+def _problem(K: int, H: int):
+    return _kernels_rssm().make_inputs(K, H, DEVICE)
 
 
 def _reference(problem, T: int):
@@ -120,18 +128,7 @@ def _machine_line() -> str:
 
 
 def _torch_graph(problem, T: int):
-    from hybrid_triton.kernels.rssm import rssm_rollout_ref
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            rssm_rollout_ref(*problem, T)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        rssm_rollout_ref(*problem, T)
-    return graph.replay
+    return _kernels_rssm().torch_graph_replay(problem, T)
 
 
 def main() -> None:

@@ -64,6 +64,7 @@ from hybrid_triton.planner.estimate import (
     _round,
     estimate,
 )
+from hybrid_triton.planner.report import COMPONENT_LABELS
 from hybrid_triton.planner.setup import DTYPE_BYTES, TrainSetup
 from hybrid_triton.planner.specs import ModelSpec, PlannerError
 
@@ -290,18 +291,8 @@ def estimate_per_rank(
 
 
 _LABELS = {
+    **COMPONENT_LABELS,
     "weights": "weights (this rank)",
-    "master_weights": "master weights",
-    "gradients": "gradients / accumulator",
-    "optimizer_state": "optimizer state",
-    "update_direction": "update direction (Predict)",
-    "activations": "activations",
-    "autocast_cache": "autocast weight copies",
-    "logits_and_loss": "logits and loss",
-    "temporaries": "temporaries",
-    "workspace": "cuBLAS workspace",
-    "inputs": "input batch",
-    "allocator_rounding": "allocator rounding",
     "allgather_buffers": "FSDP all-gather buffers",
     "reduce_scatter_buffers": "FSDP reduce-scatter buffers",
     "ddp_buckets": "DDP gradient buckets",

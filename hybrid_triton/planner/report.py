@@ -16,7 +16,7 @@ import os
 from hybrid_triton.planner.estimate import COMPONENTS, Estimate, GiB
 from hybrid_triton.planner.fit import FitResult
 
-_LABELS = {
+COMPONENT_LABELS = {  # row labels of the per-component table
     "weights": "weights",
     "master_weights": "master weights",
     "gradients": "gradients / accumulator",
@@ -39,7 +39,7 @@ def _g(nbytes: float) -> str:
 def format_estimate(est: Estimate) -> str:
     """A plain-text table: components x phases, GiB, allocated at each phase's peak."""
     phases = list(est.phases)
-    width = max(len(v) for v in _LABELS.values()) + 2
+    width = max(len(v) for v in COMPONENT_LABELS.values()) + 2
     col = max(10, *(len(p) + 2 for p in phases))
     lines = [
         f"model: {est.spec.summary()}",
@@ -50,7 +50,9 @@ def format_estimate(est: Estimate) -> str:
     for comp in COMPONENTS:
         values = [est.phases[p].components.get(comp, 0) for p in phases]
         if any(values):
-            lines.append(_LABELS[comp].ljust(width) + "".join(_g(v).rjust(col) for v in values))
+            lines.append(
+                COMPONENT_LABELS[comp].ljust(width) + "".join(_g(v).rjust(col) for v in values)
+            )
     lines.append("-" * (width + col * len(phases)))
     lines.append(
         "peak allocated".ljust(width)
@@ -119,7 +121,7 @@ def plot_estimate(
         values = [est.phases[p].components.get(comp, 0) / GiB for p in phases]
         if not any(values):
             continue
-        ax.bar(phases, values, bottom=bottoms, label=_LABELS[comp], color=cmap(k))
+        ax.bar(phases, values, bottom=bottoms, label=COMPONENT_LABELS[comp], color=cmap(k))
         bottoms = [b + v for b, v in zip(bottoms, values)]
     context = est.cuda_context_bytes / GiB
     ax.bar(
