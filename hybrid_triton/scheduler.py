@@ -82,6 +82,11 @@ class TrainerConfig:
     confidence_threshold: float = 0.85
     max_consecutive_predicts: int = 5
     horizon_penalty: float = 0.1
+    # False: no Predict phase ever (Warmup, then Full phases only), and the dynamics model
+    # neither observes nor trains; the trainer is then plain training with its own setup
+    # (arena, 8-bit state, hook-folded gradients), which separates the loss gap that Predict
+    # causes from the rest.
+    predict: bool = True
     # Precision: the default for every phase, overridden per phase ({"predict": "bf16"}).
     precision: str = "fp32"
     phase_precision: dict[str, str] = field(default_factory=dict)
@@ -189,7 +194,7 @@ class TrainerConfig:
         choice("direction_format", QUANT_FORMATS)
         choice("residual_format", QUANT_FORMATS)
         choice("dynamics_model", ("rssm", "trend"))
-        for flag in ("async_restore", "residual_error_feedback", "progress"):
+        for flag in ("predict", "async_restore", "residual_error_feedback", "progress"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(
                     f"TrainerConfig.{flag} must be true or false, got {getattr(self, flag)!r}"
@@ -222,7 +227,8 @@ class TrainerConfig:
     # ----------------------------------------------------------------- presets and files
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> TrainerConfig:
-        """A named preset (``conservative``, ``balanced``, ``aggressive``) with overrides."""
+        """A named preset (``conservative``, ``balanced``, ``aggressive``, ``full_only``:
+        balanced with Predict off) with overrides."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
@@ -354,6 +360,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         divergence_rel_critical=0.6,
     ),
 }
+# "full_only": the balanced preset with Predict off (Warmup, then Full phases only): the
+# trainer's own setup without Predict, to measure what Predict costs in loss and time.
+PRESETS["full_only"] = dict(PRESETS["balanced"], predict=False)
 
 
 # --------------------------------------------------------------------------------- plans
@@ -442,7 +451,8 @@ class PhaseController:
 
     def may_predict(self, confidence: float) -> bool:
         return (
-            math.isfinite(confidence)
+            self.cfg.predict
+            and math.isfinite(confidence)
             and confidence >= self.cfg.confidence_threshold
             and self.consecutive_predicts < self.cfg.max_consecutive_predicts
         )
@@ -455,7 +465,9 @@ class PhaseController:
             return Phase.CORRECT, cfg.correct_steps, "predict horizon done"
         if self.may_predict(confidence):
             return Phase.PREDICT, self.horizon(confidence), f"confidence {confidence:.3f}"
-        if self.consecutive_predicts >= cfg.max_consecutive_predicts:
+        if not cfg.predict:
+            why = "predict off"
+        elif self.consecutive_predicts >= cfg.max_consecutive_predicts:
             why = f"{self.consecutive_predicts} predict phases in a row"
         else:
             why = f"confidence {confidence:.3f} < {cfg.confidence_threshold}"

@@ -67,7 +67,7 @@ from hybrid_triton.metrics import MetricsCollector
 from hybrid_triton.offload import StateOffloader
 from hybrid_triton.optim import FusedAdamW
 from hybrid_triton.residuals import Corrector, ResidualStore
-from hybrid_triton.scheduler import Phase, PhaseController, PhasePlan, TrainerConfig
+from hybrid_triton.scheduler import PRESETS, Phase, PhaseController, PhasePlan, TrainerConfig
 
 TRAINER_FORMAT = "hybrid_triton.HybridTrainer/1"
 SCALE_LIMIT = 4.0  # bound on the dynamics model's per-group step multipliers
@@ -541,7 +541,7 @@ class HybridTrainer:
             return config
         if isinstance(config, dict):
             return TrainerConfig.from_dict(config)
-        if isinstance(config, str) and config in ("conservative", "balanced", "aggressive"):
+        if isinstance(config, str) and config in PRESETS:
             return TrainerConfig.preset(config)
         return TrainerConfig.from_file(config)
 
@@ -666,7 +666,7 @@ class HybridTrainer:
         self.optimizer.step(grad=acc.accumulator, found_inf=flag, grad_sumsq=acc.total_sumsq)
         if before is not None:
             self._record_residual(before, flag)
-        if plan.phase is Phase.FULL and getattr(self.dynamics, "device_side", False):
+        if self._observes_on_device(plan):
             self.dynamics.observe_device(
                 {
                     "loss": loss_sum,
@@ -682,6 +682,15 @@ class HybridTrainer:
         else:
             acc.found_inf.zero_()
         return loss_sum, acc.grad_norm().reshape(())
+
+    def _observes_on_device(self, plan: PhasePlan) -> bool:
+        """Full steps feed a device-side dynamics model; with Predict off nothing reads its
+        confidence, so its features (update norms) and training are not computed at all."""
+        return (
+            self.cfg.predict
+            and plan.phase is Phase.FULL
+            and getattr(self.dynamics, "device_side", False)
+        )
 
     def _predict_step(self, batch: Any, plan: PhasePlan) -> torch.Tensor:
         self._episode_predict_steps += 1
@@ -945,7 +954,7 @@ class HybridTrainer:
     def _push(self, loss, gnorm, scale, plan: PhasePlan, size: int, started) -> None:
         nan = torch.full((), math.nan, device=self.device)
         conf = nan
-        if plan.phase is Phase.FULL and getattr(self.dynamics, "device_side", False):
+        if self._observes_on_device(plan):
             conf = self.dynamics.confidence()
         vals = torch.stack(
             [

@@ -65,6 +65,22 @@ def test_low_confidence_keeps_full():
     assert ctrl.phase_counts["predict"] == 0
 
 
+def test_predict_off_runs_full_phases_only():
+    cfg = small(predict=False)
+    ctrl = PhaseController(cfg)
+    phases = run(ctrl, [1.0] * 30)  # full confidence: Predict would be entered at step 7
+    assert phases[:3] == ["warmup"] * 3
+    assert set(phases[3:]) == {"full"}
+    assert ctrl.phase_counts["predict"] == 0 and ctrl.step_counts["predict"] == 0
+    assert all(reason == "predict off" for *_, reason in ctrl.transitions[1:])
+    assert not TrainerConfig.preset("full_only").predict
+    assert TrainerConfig.preset("balanced").predict
+    # full_only is balanced with Predict off, nothing else.
+    off = TrainerConfig.preset("full_only").to_dict()
+    on = TrainerConfig.preset("balanced").to_dict()
+    assert {k for k in off if off[k] != on[k]} == {"predict"}
+
+
 def test_nan_confidence_never_predicts():
     ctrl = PhaseController(small())
     assert set(run(ctrl, [float("nan")] * 12)[3:]) == {"full"}
@@ -136,6 +152,8 @@ def test_plans():
         ("direction_format", "int2", "direction_format"),
         ("quant_block", 100, "quant_block"),
         ("async_restore", "yes", "async_restore"),
+        ("predict", "no", "predict"),
+        ("predict", 0, "predict"),
         ("phase_precision", {"predict": "int8"}, "phase_precision.predict"),
         ("phase_precision", {"sleep": "bf16"}, "sleep"),
         ("phase_micro_batches", {"full": 0}, "phase_micro_batches.full"),
@@ -153,7 +171,7 @@ def test_min_above_max_predict():
         TrainerConfig(min_predict_steps=9, max_predict_steps=3)
 
 
-@pytest.mark.parametrize("name", ["conservative", "balanced", "aggressive"])
+@pytest.mark.parametrize("name", ["conservative", "balanced", "aggressive", "full_only"])
 def test_presets(name):
     cfg = TrainerConfig.preset(name, warmup_steps=7)
     assert cfg.warmup_steps == 7

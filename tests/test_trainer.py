@@ -338,3 +338,39 @@ def test_rssm_dynamics_drives_predict(corpus, tmp_path, monkeypatch):
     for (k, a), b in zip(model.state_dict().items(), other.dynamics.model.state_dict().values()):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b), k
+
+
+def test_predict_off_trains_without_the_dynamics_model(corpus, monkeypatch):
+    # The RSSM would enter Predict at this threshold (test above); with Predict off it must
+    # not even observe (no update norms, no training): plain Full steps after the warm-up.
+    monkeypatch.setenv("HYBRID_TRITON_IMPL", "torch")
+    cfg = {
+        **CYCLE,
+        "dynamics_model": "rssm",
+        "dynamics": RSSM_SMALL,
+        "confidence_threshold": 0.05,
+        "full_steps": 10,
+        "predict": False,
+    }
+    tr = make_trainer(cfg)
+    data = batches(corpus, 30)
+    for batch in data:
+        tr.step(batch)
+    s = tr.summary()
+    tr.close()
+    assert s["phase_steps"] == {"warmup": 4, "full": 26, "predict": 0, "correct": 0}
+    assert tr.dynamics.model._observed == 0
+    assert s["rollbacks"] == 0
+    # The same steps as the trainer with Predict on until its first Predict phase.
+    on = make_trainer({**cfg, "predict": True})
+    for batch in data[:14]:
+        on.step(batch)
+    on.flush()
+    off = make_trainer(cfg)
+    for batch in data[:14]:
+        off.step(batch)
+    off.flush()
+    assert on.controller.step_counts["predict"] == 0  # its first Predict is step 15
+    assert torch.equal(on.master, off.master)
+    on.close()
+    off.close()
