@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from hybrid_triton.accumulation import GradAccumulator
-from hybrid_triton.arena import FlatArena
+from hybrid_triton.arena import ArenaGroup, FlatArena
 from hybrid_triton.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from hybrid_triton.divergence import DivergenceMonitor, Level
 from hybrid_triton.metrics import MetricsCollector
@@ -349,6 +349,29 @@ def segment_groups(table, max_groups: int = 16) -> list[tuple[int, int, list[int
     return out
 
 
+def _decay_first_group(
+    model: nn.Module, decay_filter: Callable[[str, nn.Parameter], bool]
+) -> tuple[ArenaGroup, int]:
+    """One arena group of the model's trainable parameters with those that ``decay_filter``
+    accepts first (tied parameters once, their other names as aliases), and their count."""
+    by_param: dict[int, tuple[nn.Parameter, list[str]]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if not p.requires_grad:
+            continue
+        if id(p) in by_param:
+            by_param[id(p)][1].append(name)
+        else:
+            by_param[id(p)] = (p, [name])
+    if not by_param:
+        raise ValueError(f"HybridTrainer: {type(model).__name__} has no trainable parameters")
+    entries = list(by_param.values())
+    decayed = [e for e in entries if decay_filter(e[1][0], e[0])]
+    plain = [e for e in entries if not decay_filter(e[1][0], e[0])]
+    ordered = decayed + plain
+    group = ArenaGroup.from_params([p for p, _ in ordered], [names for _, names in ordered])
+    return group, len(decayed)
+
+
 def _split(batch: Any, n: int) -> list[tuple[Any, int]]:
     """``batch`` (a tensor, or a tuple/list/dict of tensors with one leading dim) in ``n``
     near-equal pieces along dim 0, with their sizes."""
@@ -431,6 +454,14 @@ class HybridTrainer:
         dynamics: a dynamics model (``observe``/``predict``/``confidence``); default
             :class:`TrendDynamics`.
         max_groups: segment groups for per-group scales and corrections.
+        decay_filter: ``decay_filter(name, param) -> bool``: which parameters weight decay
+            applies to (e.g. ``lambda n, p: p.dim() >= 2``: matrices and embeddings, not
+            biases and norm gains, as the GPT-2 recipes do). Only when the trainer builds the
+            optimizer: the arena then holds the decayed parameters first, the optimizer runs
+            with ``weight_decay=0`` and the trainer applies ``optimizer_kwargs["weight_decay"]``
+            to that prefix of the master weights before each step (AdamW's decoupled
+            ``w *= 1 - lr * wd``, skipped with the step on a non-finite gradient). Default:
+            every parameter decays.
     """
 
     def __init__(
@@ -444,6 +475,7 @@ class HybridTrainer:
         optimizer_kwargs: dict[str, Any] | None = None,
         dynamics: Any | None = None,
         max_groups: int = 16,
+        decay_filter: Callable[[str, nn.Parameter], bool] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -454,7 +486,30 @@ class HybridTrainer:
         self.cfg = self._resolve_config(config)
         self.model = model
         self.loss_fn = loss_fn
-        if optimizer is None:
+        # Weight decay the trainer applies itself (decay_filter): the rate and the end of the
+        # decayed prefix of the arena, in elements.
+        self.weight_decay = 0.0
+        self.decay_end = 0
+        if decay_filter is not None and optimizer is not None:
+            raise ValueError(
+                "HybridTrainer: decay_filter needs the trainer to build the optimizer (it orders "
+                "the arena); pass optimizer=None and the optimizer's options in optimizer_kwargs"
+            )
+        if decay_filter is not None and not callable(decay_filter):
+            raise TypeError("HybridTrainer: decay_filter must be callable as f(name, param)")
+        if optimizer is None and decay_filter is not None:
+            kwargs = dict(optimizer_kwargs or {})
+            self.weight_decay = float(kwargs.pop("weight_decay", 1e-2))  # FusedAdamW's default
+            group, decayed = _decay_first_group(model, decay_filter)
+            self.decay_end = (
+                group.table[decayed].offset if decayed < len(group.table) else (group.numel)
+            )
+            if not self.weight_decay >= 0.0:
+                raise ValueError(
+                    f"HybridTrainer: weight_decay must be >= 0, got {self.weight_decay}"
+                )
+            optimizer = FusedAdamW(group, lr=lr, weight_decay=0.0, **kwargs)
+        elif optimizer is None:
             arena = FlatArena.from_module(model)
             optimizer = FusedAdamW(arena, lr=lr, **(optimizer_kwargs or {}))
         elif not isinstance(optimizer, FusedAdamW):
@@ -663,6 +718,7 @@ class HybridTrainer:
         # temporary of the master's size, freed after the step).
         record = plan.phase is Phase.CORRECT and self._direction is not None
         before = self.master.clone() if record else None
+        self._decay(flag)
         self.optimizer.step(grad=acc.accumulator, found_inf=flag, grad_sumsq=acc.total_sumsq)
         if before is not None:
             self._record_residual(before, flag)
@@ -682,6 +738,16 @@ class HybridTrainer:
         else:
             acc.found_inf.zero_()
         return loss_sum, acc.grad_norm().reshape(())
+
+    def _decay(self, skip: torch.Tensor) -> None:
+        """``decay_filter``'s weight decay: ``master[:decay_end] *= 1 - lr * wd`` before the
+        optimizer step (as torch's AdamW orders it), unless the step is skipped on the device
+        (``skip`` nonzero). The rate is the host value the optimizer is about to use."""
+        if not self.weight_decay or not self.decay_end:
+            return
+        keep = 1.0 - float(self.optimizer.param_groups[0]["lr"]) * self.weight_decay
+        factor = torch.where(skip.reshape(1) > 0, 1.0, keep).to(torch.float32)
+        self.master[: self.decay_end].mul_(factor)
 
     def _observes_on_device(self, plan: PhasePlan) -> bool:
         """Full steps feed a device-side dynamics model; with Predict off nothing reads its
@@ -811,6 +877,10 @@ class HybridTrainer:
             del m
             if hp["weight_decay"]:
                 d.add_(self.master[start:end], alpha=hp["weight_decay"])
+            # decay_filter's decay covers the prefix [0, decay_end) of the arena only.
+            stop = min(self.group.numel if end is None else end, self.decay_end)
+            if self.weight_decay and stop > start:
+                d[: stop - start].add_(self.master[start:stop], alpha=self.weight_decay)
             yield d
 
     def _dequantized_moment(self, which: str, start: int, end: int | None) -> torch.Tensor:

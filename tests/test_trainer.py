@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
 from hybrid_triton.kernels import dequantize_blockwise_ref
 from torch import nn
 
@@ -374,3 +375,58 @@ def test_predict_off_trains_without_the_dynamics_model(corpus, monkeypatch):
     assert torch.equal(on.master, off.master)
     on.close()
     off.close()
+
+
+def test_decay_filter_matches_torch_adamw_param_groups(corpus):
+    # Matrices and embeddings decay, the bias does not: torch's AdamW with two param groups
+    # (imported, not re-implemented) on the same fp32 model and batches.
+    import copy
+
+    torch.manual_seed(3)
+    model = CharModel()
+    reference = copy.deepcopy(model)
+    wd, lr = 0.5, 3e-2  # large, so a decayed bias would be far off
+    tr = HybridTrainer(
+        model,
+        lm_loss,
+        config=TrainerConfig(**{**CYCLE, "warmup_steps": 50, "predict": False}),
+        lr=lr,
+        optimizer_kwargs={"weight_decay": wd, "state_bits": 32},
+        decay_filter=lambda name, p: p.dim() >= 2,
+    )
+    assert tr.optimizer.param_groups[0]["weight_decay"] == 0.0 and tr.weight_decay == wd
+    names = [seg.name for seg in tr.group.table]
+    assert names[-1] == "out.bias" and tr.decay_end == tr.group.table[-1].offset
+    params = dict(reference.named_parameters())
+    opt = torch.optim.AdamW(
+        [
+            {"params": [params["emb.weight"], params["out.weight"]], "weight_decay": wd},
+            {"params": [params["out.bias"]], "weight_decay": 0.0},
+        ],
+        lr=lr,
+    )
+    for batch in batches(corpus, 5):
+        tr.step(batch)
+        opt.zero_grad()
+        lm_loss(reference, batch).backward()
+        opt.step()
+    tr.flush()
+    for name, p in model.named_parameters():
+        assert_close(name, p, params[name], atol=1e-6, rtol=1e-5)
+    # Without the filter every parameter decays: the bias then differs.
+    torch.manual_seed(3)
+    plain = HybridTrainer(
+        CharModel(),
+        lm_loss,
+        config=TrainerConfig(**{**CYCLE, "warmup_steps": 50, "predict": False}),
+        lr=lr,
+        optimizer_kwargs={"weight_decay": wd, "state_bits": 32},
+    )
+    for batch in batches(corpus, 5):
+        plain.step(batch)
+    plain.flush()
+    assert not torch.allclose(plain.model.out.bias, params["out.bias"], atol=1e-4)
+    with pytest.raises(ValueError, match="decay_filter"):
+        HybridTrainer(CharModel(), lm_loss, optimizer=tr.optimizer, decay_filter=lambda n, p: True)
+    tr.close()
+    plain.close()
