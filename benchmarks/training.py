@@ -324,7 +324,9 @@ def run_recipe(
         rec.add(case, "measured", "val_ppl", "", last["val_ppl"], config=config)
         if results is not None:
             results[(recipe, seed)] = {"val_loss": last["val_loss"],
-                                       "tokens_per_s": result.tokens_per_s}  # fmt: skip
+                                       "tokens_per_s": result.tokens_per_s,
+                                       "train_time_s": result.train_time_s,
+                                       "curve": _eval_times(result)}  # fmt: skip
     peak = result.peak_memory_allocated
     rec.add(case, "measured", "peak_allocated", "GiB", None if peak is None else peak / GIB,
             config=config, note="whole run, build included" if peak is not None
@@ -409,33 +411,242 @@ def record_seed_summary(ctx: SuiteContext, size: TrainingSize, seeds, results: d
 # ----------------------------------------------------------------------------- trainer run
 
 
+# Trainer configurations by the name ``trainer_presets`` takes: a TrainerConfig preset, or
+# "off" (the balanced preset with Predict off: the trainer's own setup, plain Full steps).
+TRAINER_PRESET_ALIASES = {"off": "full_only"}
+
+
+def parse_trainer_presets(text: str) -> list[str]:
+    """``"off,balanced"`` -> ``["off", "balanced"]`` (each a preset name or an alias)."""
+    from hybrid_triton.scheduler import PRESETS
+
+    names = list(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+    known = sorted({*PRESETS, *TRAINER_PRESET_ALIASES})
+    unknown = [n for n in names if n not in PRESETS and n not in TRAINER_PRESET_ALIASES]
+    if not names or unknown:
+        raise ValueError(
+            f"--option trainer_presets={text!r}: unknown {unknown}; expected names from {known}"
+        )
+    return names
+
+
+def parse_trainer_overrides(text: str) -> dict:
+    """``"field:value;field:value"`` -> ``{field: value}`` (values as ``parse_value``); the
+    fields are checked against TrainerConfig (a clear error names a bad one)."""
+    from hybrid_triton.scheduler import TrainerConfig
+
+    overrides = {}
+    for part in text.split(";"):
+        if not part.strip():
+            continue
+        key, sep, value = part.partition(":")
+        if not sep or not key.strip():
+            raise ValueError(
+                f"--option trainer_overrides={text!r}: expected field:value;field:value, got "
+                f"{part!r}"
+            )
+        overrides[key.strip()] = parse_value(value)
+    TrainerConfig.from_dict({"preset": "balanced", **overrides})  # validates names and values
+    return overrides
+
+
+def trainer_checkpoint_blocks(ctx: SuiteContext, size: TrainingSize, model_cfg, state_bits) -> int:
+    """Blocks the trainer case checkpoints (the first K): ``trainer_checkpointing`` is
+    ``auto`` (GPU default: the toolkit_memory recipe's planned choice,
+    :func:`hybrid_triton.recipes.plan_checkpoint_blocks` with its 4 GiB budget, so the trainer
+    runs on top of configuration 3), ``all``, ``none`` (CPU default) or a block count."""
+    default = "auto" if ctx.device.type == "cuda" else "none"
+    text = str(ctx.options.get("trainer_checkpointing", default)).strip().lower()
+    n_layer = model_cfg.n_layer
+    if text == "auto":
+        from hybrid_triton.recipes import plan_checkpoint_blocks, recipe_option_defaults
+
+        opts = recipe_option_defaults("toolkit_memory")
+        blocks, _ = plan_checkpoint_blocks(
+            model_cfg,
+            size.micro_batch,
+            size.seq_len,
+            size.accum,
+            memory_budget_gib=opts["memory_budget_gib"],
+            state_bits=state_bits,
+            fused_loss=True,
+            loss_chunk_tokens=opts["loss_chunk_tokens"],
+        )
+        return blocks
+    if text == "all":
+        return n_layer
+    if text == "none":
+        return 0
+    try:
+        blocks = int(text)
+    except ValueError:
+        blocks = -1
+    if not 0 <= blocks <= n_layer:
+        raise ValueError(
+            f"--option trainer_checkpointing={text!r}: expected auto, all, none or a block count "
+            f"in [0, {n_layer}]"
+        )
+    return blocks
+
+
+def _eval_times(result) -> list[tuple[int, float, float]]:
+    """``(step, val_loss, training seconds up to that step)`` of a recipe run: the wall-clock
+    training time (evaluation left out) split over the steps in proportion to their measured
+    step times."""
+    times = result.step_time_s
+    total = sum(times)
+    scale = result.train_time_s / total if total > 0 else 0.0
+    out = []
+    for e in result.evals:
+        out.append((e["step"], e["val_loss"], scale * sum(times[: e["step"]])))
+    return out
+
+
 def run_trainer(ctx: SuiteContext, size: TrainingSize, corpus) -> None:
-    """``HybridTrainer`` (a preset, default ``balanced``) on GPT-2 with bf16 parameters and
-    fp32 master weights (``FusedAdamW``, ``trainer_state_bits`` moments, activation
-    checkpointing on a GPU): the memory suite's ``hybrid`` setup, trained for ``steps`` steps.
+    """``HybridTrainer`` on GPT-2 in one or more configurations, then the baseline recipe once
+    on the same steps and data, then a trade-off summary.
 
-    Records: wall clock and tokens/s, final validation loss (the recipes' validation set), the
-    fraction of steps without backward (Predict), steps and entries per phase, rollbacks,
-    per-phase peak allocated memory from the trainer's own counters (CUDA; reset at every
-    phase boundary, each phase's entry work apart as ``enter:<phase>``), median step time per
-    phase, the first Correct step after Predict against the median Full step (and against the
-    other Correct steps: the exposed cost of the restore), and the restore's hidden fraction.
+    Each configuration (``trainer_presets``, default ``trainer_preset`` or ``balanced``; "off"
+    is the balanced preset with Predict off) is its own case (:func:`run_trainer_config`);
+    ``trainer_overrides=field:value;...`` applies to every one. After the baseline
+    (``trainer_baseline``, e.g. ``baseline_bf16``; default none), the case
+    ``<model> hybrid_trainer trade-off <shape>`` has one provider per configuration: steps
+    without backward (%), final validation loss and its gap to the baseline (%), tokens/s and
+    the speedup over the baseline, rollbacks, and the training time to first reach the
+    baseline's final validation loss (at the evaluation points, every ``eval_every`` steps)
+    with the speedup over the baseline's own time to it.
 
-    Options (``--option KEY=VALUE``): ``steps`` (every run of the suite), ``trainer_preset``,
-    ``trainer_warmup`` (override the preset's warm-up steps), ``trainer_state_bits``,
-    ``trainer_checkpointing`` (0/1), ``trainer_baseline`` (a recipe trained right after on the
-    same steps and data, e.g. ``baseline_bf16``; ``none`` for none).
+    Options: ``steps``, ``eval_every`` (every run of the suite), ``trainer_presets``,
+    ``trainer_preset`` (one), ``trainer_overrides``, ``trainer_warmup`` (the warm-up steps),
+    ``trainer_state_bits`` (8), ``trainer_checkpointing`` (auto / all / none / K),
+    ``trainer_decay`` (``matrices``: the recipes' weight decay, matrices and embeddings only,
+    default; ``all``: every parameter), ``trainer_baseline``.
     """
-    rec = ctx.recorder
-    preset = ctx.option("trainer_preset", "balanced")
+    presets = parse_trainer_presets(
+        ctx.options.get("trainer_presets", ctx.options.get("trainer_preset", "balanced"))
+    )
+    overrides = parse_trainer_overrides(ctx.options.get("trainer_overrides", ""))
+    baseline = ctx.option("trainer_baseline", "none")
+    if baseline != "none":
+        from hybrid_triton.recipes import RECIPES
+
+        if baseline not in RECIPES:
+            raise ValueError(
+                f"--option trainer_baseline={baseline!r}: expected none or one of {sorted(RECIPES)}"
+            )
     state_bits = ctx.option("trainer_state_bits", 8)
+    blocks = trainer_checkpoint_blocks(ctx, size, model_config(size, ctx.quick), state_bits)
+    decay = ctx.options.get("trainer_decay", "matrices")
+    if decay not in ("matrices", "all"):
+        raise ValueError(f"--option trainer_decay={decay!r}: expected matrices or all")
+    runs = {}
+    for preset in presets:
+        runs[preset] = run_trainer_config(
+            ctx, size, corpus, preset, overrides, state_bits, blocks, decay
+        )
+    if baseline == "none":
+        return
+    # Plain training on the same steps, data (train stream seed 0) and validation set.
+    results: dict = {}
+    run_recipe(ctx, baseline, size, corpus, results=results)
+    record_trainer_tradeoff(ctx, size, runs, baseline, results.get((baseline, 0)))
+
+
+def record_trainer_tradeoff(
+    ctx: SuiteContext, size: TrainingSize, runs: dict, baseline: str, base: dict | None
+) -> None:
+    """The trade-off case: per trainer configuration against the baseline recipe."""
+    rec = ctx.recorder
+    case = f"{size.model} hybrid_trainer trade-off {size.micro_batch}x{size.seq_len}x{size.accum}"
+    if base is None:
+        rec.status(case, baseline, STATUS_ERROR, message=f"the baseline {baseline} did not finish")
+        return
+    target = base["val_loss"]
+    base_time = next((t for _, v, t in base["curve"] if v <= target), base["train_time_s"])
+    config = {"baseline": baseline, "steps": size.steps, "eval_every": size.eval_every}
+    rec.add(case, baseline, "val_loss", "nats", target, config=config, note="final")
+    rec.add(case, baseline, "tokens_per_s", "tok/s", base["tokens_per_s"], config=config)
+    rec.add(case, baseline, "time_to_baseline_loss_s", "s", base_time, config=config,
+            note="its own first evaluation at or below its final validation loss")  # fmt: skip
+    lines = [
+        f"trade-off vs {baseline} (val {target:.4f}, {base['tokens_per_s']:.0f} tok/s, "
+        f"reaches it at {base_time:.1f} s):",
+        f"{'config':<14}{'no-bwd %':>9}{'val':>8}{'gap %':>8}{'tok/s':>10}{'x tok/s':>8}"
+        f"{'rollb':>6}{'reach s':>9}{'x reach':>8}",
+    ]
+    for label, run in runs.items():
+        if run is None:
+            rec.status(case, label, STATUS_ERROR, config=config, message="the run failed")
+            continue
+        c = {**config, "preset": label}
+        gap = 100.0 * (run["val_loss"] / target - 1.0)
+        speed = run["tokens_per_s"] / base["tokens_per_s"]
+        reach = next((t for _, v, t in run["curve"] if v <= target), None)
+        rec.add(case, label, "steps_without_backward_pct", "%", run["no_backward_pct"], config=c,
+                note="Predict steps / all steps (rolled-back ones included)")  # fmt: skip
+        rec.add(case, label, "val_loss", "nats", run["val_loss"], config=c, note="final")
+        rec.add(case, label, "val_gap_pct", "%", gap, config=c,
+                note=f"final validation loss / {baseline}'s - 1 (target <= 1%)")  # fmt: skip
+        rec.add(case, label, "tokens_per_s", "tok/s", run["tokens_per_s"], config=c,
+                note="evaluation left out")  # fmt: skip
+        rec.add(case, label, "tokens_per_s_vs_baseline", "x", speed, config=c)
+        rec.add(case, label, "rollbacks", "count", run["rollbacks"], config=c)
+        rec.add(case, label, "time_to_baseline_loss_s", "s", reach, config=c,
+                note=f"first evaluation (every {size.eval_every} steps) at or below the "
+                f"baseline's final validation loss" + ("" if reach is not None
+                                                       else ": not reached"))  # fmt: skip
+        rec.add(case, label, "speedup_to_baseline_loss", "x",
+                None if reach is None or reach <= 0 else base_time / reach, config=c,
+                note="baseline's time to its final loss / this one's (target >= 1.2)")  # fmt: skip
+        reach_s = "-" if reach is None else f"{reach:.1f}"
+        x_reach = "-" if reach is None or reach <= 0 else f"{base_time / reach:.2f}"
+        lines.append(
+            f"{label:<14}{run['no_backward_pct']:>9.1f}{run['val_loss']:>8.4f}{gap:>8.2f}"
+            f"{run['tokens_per_s']:>10.0f}{speed:>8.2f}{run['rollbacks']:>6d}{reach_s:>9}"
+            f"{x_reach:>8}"
+        )
+    rec.status(case, "-", STATUS_OK, config=config)
+    ctx.log("\n".join(lines))
+
+
+def run_trainer_config(
+    ctx: SuiteContext,
+    size: TrainingSize,
+    corpus,
+    preset: str,
+    overrides: dict,
+    state_bits: int = 8,
+    checkpoint_blocks: int = 0,
+    decay: str = "matrices",
+) -> dict | None:
+    """One ``HybridTrainer`` run (``preset``, or "off") on GPT-2 with bf16 parameters and
+    fp32 master weights (``FusedAdamW``, ``trainer_state_bits`` moments, the fused chunked
+    loss and the planned activation checkpointing of the toolkit_memory recipe, the recipes'
+    weight decay on matrices and embeddings only): configuration 3 of issue 8, under the
+    phases, trained for ``steps`` steps with the validation loss every ``eval_every`` steps
+    (evaluation left out of the timing).
+
+    Records: wall clock and tokens/s, the validation curve (``[curve]`` rows with the training
+    time at each point) and final validation loss, the fraction of steps without backward
+    (Predict), steps and entries per phase, rollbacks, per-phase peak allocated memory from the
+    trainer's own counters (CUDA; reset at every phase boundary, each phase's entry work apart
+    as ``enter:<phase>``), median step time per phase, the first Correct step after Predict
+    against the median Full step (and against the other Correct steps: the exposed cost of the
+    restore), and the restore's hidden fraction. Returns the figures the trade-off needs, or
+    None when the run failed."""
+    rec = ctx.recorder
+    blocks = checkpoint_blocks
     on_gpu = ctx.device.type == "cuda"
-    checkpointing = bool(ctx.option("trainer_checkpointing", 1 if on_gpu else 0))
     case = f"{size.model} hybrid_trainer {preset} {size.micro_batch}x{size.seq_len}x{size.accum}"
+    if overrides:
+        case += " " + ",".join(f"{k}={v}" for k, v in overrides.items())
     config = {"runner": "HybridTrainer", "preset": preset, "model": size.model,
               "micro_batch": size.micro_batch, "seq_len": size.seq_len, "steps": size.steps,
-              "state_bits": state_bits, "checkpointing": checkpointing,
-              "params": "bf16 + fp32 master"}  # fmt: skip
+              "state_bits": state_bits, "params": "bf16 + fp32 master", "fused_loss": True,
+              "weight_decay_on": decay, "eval_every": size.eval_every,
+              "checkpoint_blocks": blocks}  # fmt: skip
+    if overrides:
+        config["overrides"] = overrides
     try:
         from dataclasses import replace as dc_replace
 
@@ -446,27 +657,33 @@ def run_trainer(ctx: SuiteContext, size: TrainingSize, corpus) -> None:
         from hybrid_triton.trainer import HybridTrainer
     except ImportError as err:
         rec.status(case, "measured", "skipped", config=config, message=f"no trainer yet: {err}")
-        return
+        return None
     device = ctx.device
     try:
+        base_cfg = model_config(size, ctx.quick)
         torch.manual_seed(0)
-        model_cfg = dc_replace(model_config(size, ctx.quick),
-                               activation_checkpointing=checkpointing)  # fmt: skip
+        model_cfg = dc_replace(base_cfg, activation_checkpointing=blocks > 0,
+                               checkpoint_blocks=blocks, fused_loss=True)  # fmt: skip
         model = GPT2(model_cfg).to(device)
         fp32_init = {id(p): p.detach().clone() for p in model.parameters()}
         model.to(torch.bfloat16)  # the same Parameter objects, bf16 data
-        overrides = {}
+        settings = {}
         if "trainer_warmup" in ctx.options:
-            overrides["warmup_steps"] = ctx.option("trainer_warmup", 100)
+            settings["warmup_steps"] = ctx.option("trainer_warmup", 100)
         if ctx.quick:  # a few steps: short phases so that the run is more than a warm-up
-            overrides.update(warmup_steps=2, full_steps=2, max_predict_steps=2, correct_steps=1)
+            settings.update(warmup_steps=2, full_steps=2, min_predict_steps=1,
+                            max_predict_steps=2, correct_steps=1)  # fmt: skip
+        settings.update(overrides)
         # bf16 parameters compute in bf16 without autocast (as the toolkit recipe).
-        tcfg = TrainerConfig.preset(preset, precision="fp32", **overrides)
+        settings.setdefault("precision", "fp32")
+        name = TRAINER_PRESET_ALIASES.get(preset, preset)
+        tcfg = TrainerConfig.preset(name, **settings)
+        config["trainer_config"] = {k: v for k, v in tcfg.to_dict().items()
+                                    if k not in ("metrics_path", "progress")}  # fmt: skip
         # The recipes' optimizer and schedule (OptimConfig: betas (0.9, 0.95), weight decay
-        # 0.1, clipping at 1.0, linear warm-up then cosine decay), so the comparison is of the
-        # phases alone. FusedAdamW has one weight decay for the whole arena: here it also
-        # decays biases and norms, which the recipes leave alone.
-        optim = OptimConfig()
+        # 0.1 on matrices and embeddings, clipping at 1.0, linear warm-up then cosine decay),
+        # so the comparison is of the phases alone.
+        optim = OptimConfig() if size.lr is None else OptimConfig(lr=size.lr)
         trainer = HybridTrainer(
             model,
             lambda m, b: m(b[0], b[1])[1],
@@ -478,6 +695,7 @@ def run_trainer(ctx: SuiteContext, size: TrainingSize, corpus) -> None:
                 "max_grad_norm": optim.grad_clip if optim.grad_clip > 0 else None,
                 "state_bits": state_bits,
             },
+            decay_filter=(lambda n, p: p.dim() >= 2) if decay == "matrices" else None,
         )
         with torch.no_grad():  # the master starts from the fp32 initialisation, not its bf16
             for view, p in zip(trainer.group.views(trainer.master), trainer.group.params):
@@ -493,6 +711,8 @@ def run_trainer(ctx: SuiteContext, size: TrainingSize, corpus) -> None:
         )
         probe = MemoryProbe(device) if not on_gpu else None
         cpu_peaks: dict[str, int] = {}
+        curve: list[tuple[int, float, float]] = []  # (step, val loss, training seconds)
+        elapsed = 0.0
         _sync(device)
         start = time.perf_counter()
         for i in range(size.steps):
@@ -500,18 +720,25 @@ def run_trainer(ctx: SuiteContext, size: TrainingSize, corpus) -> None:
             trainer.optimizer.param_groups[0]["lr"] = optim.lr_at(i, size.steps)
             if probe is None:  # CUDA: the trainer's own per-phase peak counters
                 trainer.step(train.batch(i))
-                continue
-            with probe.phase("step", resident=()):
-                out = trainer.step(train.batch(i))
-            phase = str(out["phase"])
-            cpu_peaks[phase] = max(
-                cpu_peaks.get(phase, 0), probe.results.pop("step").peak_allocated
-            )
+            else:
+                with probe.phase("step", resident=()):
+                    out = trainer.step(train.batch(i))
+                phase = str(out["phase"])
+                cpu_peaks[phase] = max(
+                    cpu_peaks.get(phase, 0), probe.results.pop("step").peak_allocated
+                )
+            done = i + 1
+            if done % size.eval_every == 0 or done == size.steps:
+                # The current weights are the bf16 ones in every phase (Predict moves them in
+                # place); the evaluation and its syncs stay out of the training time.
+                _sync(device)
+                elapsed += time.perf_counter() - start
+                curve.append((done, evaluate(model, val_set), elapsed))
+                _sync(device)
+                start = time.perf_counter()
         trainer.flush()
-        _sync(device)
-        elapsed = time.perf_counter() - start
         summary = trainer.summary()
-        val_loss = evaluate(model, val_set)
+        val_loss = curve[-1][1]
         trainer.close()
     except Exception as err:
         status = STATUS_OOM if is_oom(err) else STATUS_ERROR
@@ -519,15 +746,22 @@ def run_trainer(ctx: SuiteContext, size: TrainingSize, corpus) -> None:
             ctx.log(traceback.format_exc())
         rec.status(case, "measured", status, config=config, message=f"{type(err).__name__}: {err}")
         free_device_memory()
-        return
+        return None
     tokens = size.steps * size.tokens_per_step
     counts = summary["phase_steps"]
-    rec.add(case, "measured", "train_time_s", "s", elapsed, config=config,
-            note="wall clock" + ("" if on_gpu else ", includes the cpu memory probe"))  # fmt: skip
+    timer_note = "wall clock, evaluation left out"
+    if not on_gpu:
+        timer_note += ", includes the cpu memory probe"
+    rec.add(case, "measured", "train_time_s", "s", elapsed, config=config, note=timer_note)
     rec.add(case, "measured", "tokens_per_s", "tok/s", tokens / elapsed, config=config)
     rec.add(case, "measured", "val_loss", "nats", val_loss, config=config,
             note=f"after step {size.steps}")  # fmt: skip
     rec.add(case, "measured", "val_ppl", "", math.exp(min(val_loss, 700.0)), config=config)
+    for step, loss, seconds in curve:
+        c = {**config, "step": step}
+        rec.add(f"{case} [curve]", f"step {step}", "val_loss", "nats", loss, config=c)
+        rec.add(f"{case} [curve]", f"step {step}", "train_time_s", "s", seconds, config=c,
+                note="training time up to this step, evaluation left out")  # fmt: skip
     no_backward = counts.get("predict", 0) / max(1, size.steps)
     rec.add(
         case,
@@ -603,10 +837,13 @@ def run_trainer(ctx: SuiteContext, size: TrainingSize, corpus) -> None:
                message=f"phase steps: {counts}")  # fmt: skip
     del trainer, model
     free_device_memory()
-    baseline = ctx.option("trainer_baseline", "none")
-    if baseline != "none":
-        # Plain training on the same steps, data (train stream seed 0) and validation set.
-        run_recipe(ctx, baseline, size, corpus)
+    return {
+        "val_loss": val_loss,
+        "tokens_per_s": tokens / elapsed,
+        "no_backward_pct": 100.0 * no_backward,
+        "rollbacks": int(summary["rollbacks"]),
+        "curve": curve,
+    }
 
 
 # ----------------------------------------------------------------------------- probe overhead
@@ -790,6 +1027,10 @@ def run(ctx: SuiteContext) -> None:
         size = replace(size, lr=ctx.option("lr", 0.0))
     if "max_train_s" in ctx.options:
         size = replace(size, max_train_s=ctx.option("max_train_s", 0.0))
+    if "eval_every" in ctx.options:  # validation points (recipes and trainer alike)
+        size = replace(size, eval_every=ctx.option("eval_every", 1))
+        if size.eval_every < 1:
+            raise ValueError(f"--option eval_every={size.eval_every}: expected an int >= 1")
     seeds = parse_seeds(ctx.options.get("seeds", "0"))
     recipes = list(RECIPES)
     if "recipes" in ctx.options:

@@ -194,3 +194,66 @@ def test_curve_points(training):
     assert training.curve_points(200, evals) == [0, *range(20, 201, 20)]
     assert training.curve_points(3, []) == [1, 2, 3]
     assert training.curve_points(0, []) == []
+
+
+def test_trainer_presets_and_tradeoff(training, machine, monkeypatch):
+    # Quick mode: gpt2-tiny, 6 steps; two trainer configurations ("off" = Predict off) on the
+    # torch references (the kernels have their own tests), then the baseline and the
+    # trade-off case.
+    monkeypatch.setenv("HYBRID_TRITON_IMPL", "torch")
+    options = {
+        "trainer_presets": "off,aggressive",
+        "trainer_overrides": "dynamics_model:trend;confidence_threshold:0.01",
+        "trainer_baseline": "baseline_bf16",
+        "trainer_checkpointing": "auto",
+        "eval_every": "2",
+    }
+    df = _run(training, machine, options, pattern="hybrid_trainer").recorder.frame()
+    assert problems(df).empty, problems(df)["note"].tolist()
+    status = df[df["metric"] == "status"]
+    suffix = "dynamics_model=trend,confidence_threshold=0.01"
+    for preset in ("off", "aggressive"):
+        case = f"gpt2-tiny hybrid_trainer {preset} 4x64x1 {suffix}"
+        assert (status["case"] == case).any(), sorted(status["case"])
+        rows = df[df["case"] == case]
+        config = _config(rows.iloc[0])
+        assert config["trainer_config"]["predict"] is (preset != "off")
+        assert config["trainer_config"]["dynamics_model"] == "trend"
+        # auto: the recipe's planned blocks (the tiny model fits the 4 GiB budget: none).
+        assert config["checkpoint_blocks"] == 0
+        curve = df[df["case"] == f"{case} [curve]"]
+        steps = sorted({_config(r)["step"] for _, r in curve.iterrows()})
+        assert steps == [2, 4, 6]
+        times = curve[curve["metric"] == "train_time_s"]["value"].tolist()
+        assert times == sorted(times) and times[0] > 0
+        no_bwd = rows[rows["metric"] == "steps_without_backward_pct"]["value"].item()
+        # 6 steps are too few for the trend model's confidence: the Predict path has its own
+        # tests (test_trainer*.py); here "off" must show none and its config say so.
+        assert no_bwd == 0 if preset == "off" else 0 <= no_bwd <= 100
+    trade = df[df["case"] == "gpt2-tiny hybrid_trainer trade-off 4x64x1"]
+    assert set(trade["provider"]) == {"baseline_bf16", "off", "aggressive", "-"}
+    base_val = df[(df["case"] == "gpt2-tiny baseline_bf16 4x64x1") & (df["metric"] == "val_loss")]
+    for preset in ("off", "aggressive"):
+        mine = trade[trade["provider"] == preset].set_index("metric")["value"]
+        case = f"gpt2-tiny hybrid_trainer {preset} 4x64x1 {suffix}"
+        val = df[(df["case"] == case) & (df["metric"] == "val_loss")]["value"].item()
+        expected_gap = 100.0 * (val / base_val["value"].item() - 1.0)
+        assert abs(mine["val_gap_pct"] - expected_gap) < 1e-9
+        assert mine["tokens_per_s_vs_baseline"] > 0
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({"trainer_presets": "balanced,reckless"}, "trainer_presets"),
+        ({"trainer_overrides": "full_step:3"}, "full_step"),
+        ({"trainer_overrides": "full_steps=3"}, "field:value"),
+        ({"trainer_overrides": "full_steps:0"}, "full_steps"),
+        ({"trainer_checkpointing": "some"}, "trainer_checkpointing"),
+        ({"trainer_baseline": "baseline_fp8"}, "trainer_baseline"),
+    ],
+    ids=["preset", "field", "syntax", "value", "checkpointing", "baseline"],
+)
+def test_trainer_bad_options(training, machine, options, match):
+    with pytest.raises(ValueError, match=match):
+        _run(training, machine, options, pattern="hybrid_trainer")
