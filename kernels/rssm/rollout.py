@@ -37,7 +37,9 @@ a fused kernel that reads h once per step (the heads of step s-1 and the matvec 
 the read), with the tile's weights held in registers when they fit, and either the legacy
 acquire polls or volatile polls (which leave L1 alone). ``benchmarks/sweep_rssm.py`` measured
 them on the H100 (reports/rssm/2026-11-24_sweep_h100/); :func:`default_variant` picks the
-fastest per hidden size from that sweep.
+fastest per hidden size from that sweep. The ``folded*`` variants (rollout_folded.py) fold the
+linear part of each step (latent, heads, feedback, GRU input) into the gate inputs, so a step
+is one level of reductions over (h_{s-1}, x_{s-1}).
 
 References: Hafner et al., DreamerV3 (RSSM); PyTorch ``nn.GRUCell``; CUDA cooperative-groups
 grid sync (same arrive/spin/fence structure, written with Triton atomics).
@@ -680,11 +682,16 @@ class RolloutVariant(NamedTuple):
     ``fused``: the fused kernel (one tile per program, one read of h per step) instead of the
     legacy one. ``sync``: ``"acquire"`` or ``"volatile"`` (see the ``SYNC_*`` constants).
     ``num_warps``: more warps give the fused kernel more registers for resident weights.
+    ``folded``: the folded kernel of rollout_folded.py (the linear chain folded into the gate
+    inputs; ``fused`` is ignored). ``full_row``: the folded kernel reads the whole row of h
+    in one chunk per step when its weights are not resident.
     """
 
     fused: bool
     sync: str
     num_warps: int
+    folded: bool = False
+    full_row: bool = False
 
 
 _SYNC_CODES = {"acquire": SYNC_ACQUIRE, "volatile": SYNC_VOLATILE}
@@ -693,6 +700,11 @@ VARIANTS: dict[str, RolloutVariant] = {
     "fused_acquire": RolloutVariant(True, "acquire", 4),
     "fused_volatile": RolloutVariant(True, "volatile", 4),
     "fused_volatile_w8": RolloutVariant(True, "volatile", 8),
+    # rollout_folded.py: one level of reductions per step (not yet in the H100 sweep).
+    "folded": RolloutVariant(True, "volatile", 4, folded=True),
+    "folded_w8": RolloutVariant(True, "volatile", 8, folded=True),
+    "folded_row": RolloutVariant(True, "volatile", 4, folded=True, full_row=True),
+    "folded_row_w8": RolloutVariant(True, "volatile", 8, folded=True, full_row=True),
 }
 # Hidden sizes the H100 sweep measured each default at (reports/rssm/2026-11-24_sweep_h100/,
 # graph replay, K=5 or 16, B=1, T=1..200): fused_volatile was the fastest (or within 0.5%, at
@@ -808,7 +820,12 @@ def rssm_rollout(
         split = default_split(K, B, H, device)
     if not isinstance(split, int) or split < 1 or split > triton.cdiv(H, BLOCK_H):
         raise KernelInputError(f"{OP}: split must be an int in [1, {triton.cdiv(H, BLOCK_H)}]")
-    tiling = fused_tiling(H, I, S, O, split, chosen) if chosen.fused else None
+    if chosen.folded:
+        from .rollout_folded import folded_tiling
+
+        tiling = folded_tiling(H, I, S, O, split, chosen.num_warps, chosen.full_row)
+    else:
+        tiling = fused_tiling(H, I, S, O, split, chosen) if chosen.fused else None
     programs = tiling.programs if tiling is not None else split
     static = impl_for_device(device) == "triton-interpreter"
     if programs > 1:
@@ -830,6 +847,14 @@ def rssm_rollout(
     traj = empty(K, steps, B, O, dtype=torch.float32, device=device)
     mean = empty(steps, B, O, dtype=torch.float32, device=device)
     var = empty(steps, B, O, dtype=torch.float32, device=device)
+    if chosen.folded:
+        from .rollout_folded import launch_folded
+
+        launch_folded(
+            x0, h0, z0, weights, feedback, steps, tiling, h_buf, sync, traj, mean, var,
+            sync_code=_SYNC_CODES[chosen.sync], num_warps=chosen.num_warps, static=static,
+        )  # fmt: skip
+        return RolloutResult(traj, mean, var)
     pads = dict(
         I_PAD=triton.next_power_of_2(I),
         S_PAD=triton.next_power_of_2(S),
