@@ -609,6 +609,61 @@ def record_trainer_tradeoff(
     ctx.log("\n".join(lines))
 
 
+def trainer_config_for(preset: str, settings: dict):
+    """The TrainerConfig of ``preset`` (or an alias such as "off") with ``settings``; the
+    parameters are bf16, which compute in bf16 without autocast (as the toolkit recipe), so
+    the precision is "fp32" unless ``settings`` says otherwise."""
+    from hybrid_triton.scheduler import TrainerConfig
+
+    settings = {"precision": "fp32", **settings}
+    return TrainerConfig.preset(TRAINER_PRESET_ALIASES.get(preset, preset), **settings)
+
+
+def build_gpt2_trainer(
+    model_cfg,
+    tcfg,
+    device: torch.device,
+    optim,
+    total_steps: int,
+    state_bits: int = 8,
+    checkpoint_blocks: int = 0,
+    decay: str = "matrices",
+):
+    """``(HybridTrainer, GPT2)``: configuration 3 of issue 8 under the trainer: bf16
+    parameters with fp32 master weights (from the fp32 initialisation, seed 0), ``FusedAdamW``
+    with ``state_bits`` moments and the recipes' optimizer settings (``optim``: betas, weight
+    decay on matrices and embeddings only unless ``decay="all"``, clipping), the fused chunked
+    loss, the first ``checkpoint_blocks`` blocks checkpointed."""
+    from dataclasses import replace as dc_replace
+
+    from hybrid_triton.models.gpt2 import GPT2
+    from hybrid_triton.trainer import HybridTrainer
+
+    torch.manual_seed(0)
+    model_cfg = dc_replace(model_cfg, activation_checkpointing=checkpoint_blocks > 0,
+                           checkpoint_blocks=checkpoint_blocks, fused_loss=True)  # fmt: skip
+    model = GPT2(model_cfg).to(device)
+    fp32_init = {id(p): p.detach().clone() for p in model.parameters()}
+    model.to(torch.bfloat16)  # the same Parameter objects, bf16 data
+    trainer = HybridTrainer(
+        model,
+        lambda m, b: m(b[0], b[1])[1],
+        config=tcfg,
+        lr=optim.lr_at(0, total_steps),
+        optimizer_kwargs={
+            "betas": optim.betas,
+            "weight_decay": optim.weight_decay,
+            "max_grad_norm": optim.grad_clip if optim.grad_clip > 0 else None,
+            "state_bits": state_bits,
+        },
+        decay_filter=(lambda n, p: p.dim() >= 2) if decay == "matrices" else None,
+    )
+    with torch.no_grad():  # the master starts from the fp32 initialisation, not its bf16
+        for view, p in zip(trainer.group.views(trainer.master), trainer.group.params):
+            view.copy_(fp32_init[id(p)])
+    return trainer, model
+
+
 def run_trainer_config(
     ctx: SuiteContext,
     size: TrainingSize,
@@ -648,25 +703,15 @@ def run_trainer_config(
     if overrides:
         config["overrides"] = overrides
     try:
-        from dataclasses import replace as dc_replace
-
         from hybrid_triton.data import TokenStream
-        from hybrid_triton.models.gpt2 import GPT2
         from hybrid_triton.recipes import OptimConfig, evaluate
-        from hybrid_triton.scheduler import TrainerConfig
-        from hybrid_triton.trainer import HybridTrainer
+        from hybrid_triton.trainer import HybridTrainer  # noqa: F401 (is the trainer there?)
     except ImportError as err:
         rec.status(case, "measured", "skipped", config=config, message=f"no trainer yet: {err}")
         return None
     device = ctx.device
     try:
         base_cfg = model_config(size, ctx.quick)
-        torch.manual_seed(0)
-        model_cfg = dc_replace(base_cfg, activation_checkpointing=blocks > 0,
-                               checkpoint_blocks=blocks, fused_loss=True)  # fmt: skip
-        model = GPT2(model_cfg).to(device)
-        fp32_init = {id(p): p.detach().clone() for p in model.parameters()}
-        model.to(torch.bfloat16)  # the same Parameter objects, bf16 data
         settings = {}
         if "trainer_warmup" in ctx.options:
             settings["warmup_steps"] = ctx.option("trainer_warmup", 100)
@@ -674,33 +719,13 @@ def run_trainer_config(
             settings.update(warmup_steps=2, full_steps=2, min_predict_steps=1,
                             max_predict_steps=2, correct_steps=1)  # fmt: skip
         settings.update(overrides)
-        # bf16 parameters compute in bf16 without autocast (as the toolkit recipe).
-        settings.setdefault("precision", "fp32")
-        name = TRAINER_PRESET_ALIASES.get(preset, preset)
-        tcfg = TrainerConfig.preset(name, **settings)
+        tcfg = trainer_config_for(preset, settings)
         config["trainer_config"] = {k: v for k, v in tcfg.to_dict().items()
                                     if k not in ("metrics_path", "progress")}  # fmt: skip
-        # The recipes' optimizer and schedule (OptimConfig: betas (0.9, 0.95), weight decay
-        # 0.1 on matrices and embeddings, clipping at 1.0, linear warm-up then cosine decay),
-        # so the comparison is of the phases alone.
         optim = OptimConfig() if size.lr is None else OptimConfig(lr=size.lr)
-        trainer = HybridTrainer(
-            model,
-            lambda m, b: m(b[0], b[1])[1],
-            config=tcfg,
-            lr=optim.lr_at(0, size.steps),
-            optimizer_kwargs={
-                "betas": optim.betas,
-                "weight_decay": optim.weight_decay,
-                "max_grad_norm": optim.grad_clip if optim.grad_clip > 0 else None,
-                "state_bits": state_bits,
-            },
-            decay_filter=(lambda n, p: p.dim() >= 2) if decay == "matrices" else None,
+        trainer, model = build_gpt2_trainer(
+            base_cfg, tcfg, device, optim, size.steps, state_bits, blocks, decay
         )
-        with torch.no_grad():  # the master starts from the fp32 initialisation, not its bf16
-            for view, p in zip(trainer.group.views(trainer.master), trainer.group.params):
-                view.copy_(fp32_init[id(p)])
-        del fp32_init
         train = TokenStream(
             "train", size.micro_batch, size.seq_len, 0, corpus=corpus, device=device
         )
