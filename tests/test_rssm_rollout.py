@@ -18,6 +18,7 @@ from hybrid_triton.kernels.rssm import (
 )
 from hybrid_triton.kernels.rssm import rollout as rollout_module
 from hybrid_triton.kernels.rssm.rollout import VARIANTS, workspace_parts
+from hybrid_triton.kernels.rssm.rollout_folded import fold_weights, folded_tiling
 
 from tests.helpers import assert_close
 from tests.tolerances import tol
@@ -112,7 +113,77 @@ def test_variants_match_reference(shape, variant, device):
     check_all(rssm_rollout(*problem, T, variant=variant), problem, T, torch.float32)
 
 
-@pytest.mark.parametrize("variant", ["legacy", "fused_volatile"])
+# The folded kernel (rollout_folded.py) folds latent, heads and feedback into the gate
+# inputs; the fold changes the summation order, so every adversarial shape runs through it
+# too: K=1, odd and prime H, T=1, S=1, O=1, B=3, a longer rollout, and bf16 weights.
+FOLDED_SHAPES = [*CPU_SHAPES, (2, 1, 16, 6, 3, 2, 24)]
+FOLDED_IDS = [*CPU_IDS, "T24"]
+
+
+@pytest.mark.parametrize("shape", FOLDED_SHAPES, ids=FOLDED_IDS)
+def test_folded_matches_reference(shape, device):
+    K, B, H, I, S, O, T = shape
+    problem = make_problem(K, B, H, I, S, O, device)
+    result = rssm_rollout(*problem, T, variant="folded")
+    assert result.traj.shape == (K, T, B, O) and result.mean.shape == (T, B, O)
+    check_all(result, problem, T, torch.float32)
+    if K == 1:
+        assert torch.all(result.var == 0), "one member has no disagreement"
+
+
+@pytest.mark.parametrize(
+    "shape", [(3, 2, 19, 6, 4, 2, 3), (1, 1, 7, 3, 1, 1, 1)], ids=["H19", "T1"]
+)
+def test_folded_bf16_weights(shape, device):
+    K, B, H, I, S, O, T = shape
+    problem = make_problem(K, B, H, I, S, O, device, weight_dtype=torch.bfloat16)
+    # Folded in fp32 from the same upcast bf16 values the reference uses.
+    check_all(rssm_rollout(*problem, T, variant="folded"), problem, T, torch.bfloat16)
+
+
+def test_fold_makes_new_fp32_tensors_and_keeps_tf32_setting():
+    K, H, I, S, O = 2, 9, 5, 3, 2
+    _, _, _, weights, feedback = make_problem(K, 1, H, I, S, O, "cpu", torch.bfloat16)
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        folded = fold_weights(weights, feedback)
+        assert torch.backends.cuda.matmul.allow_tf32, "the fold restores the caller's setting"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    shapes = {
+        "a": (K, 3 * H, H),
+        "c": (K, 3 * H, I),
+        "d": (K, 3 * H),
+        "n": (K, I, H),
+        "e": (K, I),
+        "m": (I, I),
+        "wy": (K, O, H),
+        "by": (K, O),
+    }
+    for name, shape in shapes.items():
+        t = getattr(folded, name)
+        assert tuple(t.shape) == shape and t.dtype == torch.float32, name
+        assert t.is_contiguous(), f"{name}: the kernel indexes it as contiguous"
+
+
+@pytest.mark.parametrize("H", [1, 5, 16, 37, 64, 130, 256, 1024])
+@pytest.mark.parametrize("split", [1, 2, 3, 16, 64])
+@pytest.mark.parametrize("num_warps, full_row", [(4, False), (8, False), (4, True)])
+def test_folded_tiling_owns_every_row_once(H, split, num_warps, full_row):
+    # On the GPU each program owns one tile of hidden rows and one block of the small rows
+    # [x_s; y_{s-1}] (I + O): together they must cover all rows, with no idle program.
+    for I, O in ((64, 5), (3, 1), (1, 9)):
+        t = folded_tiling(H, I, 32, O, split, num_warps, full_row)
+        assert 1 <= t.programs <= max(1, min(split, H))
+        assert t.programs * t.block_h >= H > (t.programs - 1) * t.block_h
+        assert t.programs * t.block_x >= I + O
+        assert t.block_c >= 1 and t.block_c & (t.block_c - 1) == 0
+        if t.resident or full_row:
+            assert t.block_c >= H, "one chunk covers the row"
+
+
+@pytest.mark.parametrize("variant", ["legacy", "fused_volatile", "folded"])
 def test_workspace_is_reusable(variant, device):
     K, B, H, I, S, O, T = 2, 1, 20, 5, 3, 2, 2
     problem = make_problem(K, B, H, I, S, O, device)
@@ -133,7 +204,7 @@ def test_workspace_is_reusable(variant, device):
 def test_workspace_shared_by_variants(device):
     K, B, H, I, S, O, T = 2, 1, 24, 4, 3, 2, 3
     workspace = make_workspace(K, B, H, device)
-    for variant in ("fused_volatile", "legacy", "fused_volatile_w8", "fused_acquire"):
+    for variant in ("fused_volatile", "folded", "legacy", "fused_volatile_w8", "folded_w8"):
         problem = make_problem(K, B, H, I, S, O, device)
         result = rssm_rollout(*problem, T, workspace=workspace, variant=variant)
         check_all(result, problem, T, torch.float32)
@@ -175,6 +246,17 @@ def test_bad_inputs_raise_before_launch(device):
         rssm_rollout(x0, h0, z0, weights, feedback, 1, split=0)
     with pytest.raises(KernelInputError, match="variant must be one of"):
         rssm_rollout(x0, h0, z0, weights, feedback, 1, variant="fastest")
+    # The folded variants share the launcher's checks (before the fold runs).
+    with pytest.raises(KernelInputError, match="w_hh has shape"):
+        rssm_rollout(
+            x0, h0, z0, weights._replace(w_hh=weights.w_hh[:, :, :-1].contiguous()), feedback, 1,
+            variant="folded",
+        )  # fmt: skip
+    with pytest.raises(KernelInputError, match=r"feedback\.feed has shape"):
+        rssm_rollout(
+            x0, h0, z0, weights, feedback._replace(feed=feedback.feed[:, :1].contiguous()), 1,
+            variant="folded",
+        )  # fmt: skip
     # Removed after the H100 sweep (failed its check, or duplicated fused_volatile_w8).
     for removed in ("fused_flag", "fused_flag_w8_l1", "fused_volacq_w8"):
         with pytest.raises(KernelInputError, match="variant must be one of"):
@@ -258,7 +340,7 @@ def test_gpu_paths_match_reference(shape, weight_dtype, variant):
     split = default_split(K, B, H, torch.device("cuda"))
     # The persistent path of every variant; the single-program path (slow at large H, and
     # the barrier is compiled out there) of the legacy and one fused variant is enough.
-    single = variant in ("legacy", "fused_volatile") and weight_dtype == torch.float32
+    single = variant in ("legacy", "fused_volatile", "folded") and weight_dtype == torch.float32
     for forced in sorted({1, split}) if single else [split]:
         result = rssm_rollout(*problem, T, split=forced, variant=variant)
         check_all(result, problem, T, weight_dtype)
@@ -279,18 +361,26 @@ def test_gpu_barrier_repeats_cleanly(variant):
         assert torch.equal(a, b), "a persistent rollout must be deterministic run to run"
 
 
-def test_rollout_graph_follows_new_inputs_and_parameter_updates(device):
+@pytest.mark.parametrize("variant", [None, "folded"], ids=["default", "folded"])
+def test_rollout_graph_follows_new_inputs_and_parameter_updates(variant, device):
     from hybrid_triton.kernels.rssm import RolloutGraph
 
     K, B, H, I, S, O, T = 2, 1, 20, 5, 3, 2, 3
     problem = make_problem(K, B, H, I, S, O, device)
     x0, h0, z0, weights, feedback = problem
-    graph = RolloutGraph(x0, h0, z0, weights, feedback, T)
+    graph = RolloutGraph(x0, h0, z0, weights, feedback, T, variant=variant)
     check_all(graph(x0, h0, z0), problem, T, torch.float32)
-    # New inputs and an in-place parameter update are both seen by the next call.
+    # New inputs and in-place updates are all seen by the next call, including those of the
+    # tensors the folded variant derives its matrices from (prior, heads, feedback maps).
     fresh = make_problem(K, B, H, I, S, O, device)
     with torch.no_grad():
         weights.w_hh.mul_(0.5)
+        weights.w_prior.mul_(-1.5)
+        weights.b_prior.add_(0.3)
+        weights.w_head.mul_(1.3)
+        weights.w_ih.mul_(0.7)
+        feedback.feed.mul_(-1.0)
+        feedback.drift.add_(0.2)
     check_all(graph(*fresh[:3]), (*fresh[:3], weights, feedback), T, torch.float32)
     with pytest.raises(KernelInputError, match="built for h0"):
         graph(x0, h0[:1], z0)

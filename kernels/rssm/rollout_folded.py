@@ -123,10 +123,11 @@ def folded_tiling(
     block_h = min(triton.next_power_of_2(H), triton.next_power_of_2(triton.cdiv(H, split)))
     programs = triton.cdiv(H, block_h)
     block_x = triton.next_power_of_2(triton.cdiv(I + O, programs))
-    h_pad, i_pad, s_pad = (triton.next_power_of_2(v) for v in (H, I, S))
+    h_pad, i_pad = triton.next_power_of_2(H), triton.next_power_of_2(I)
     threads = 32 * num_warps
     per_col = 6 * block_h + block_x  # A and W_hh (3 gates each), N / Wy rows
-    fixed = (3 * block_h + block_x) * i_pad + 3 * block_h * (i_pad + s_pad)
+    # C and [M; SKIP] stay live; step 0's W_ih tile is dead before the loop (not counted).
+    fixed = (3 * block_h + block_x) * i_pad
     resident = per_col * h_pad + fixed <= FOLDED_RESIDENT_REGS_PER_THREAD * threads
     if resident or full_row:
         block_c = h_pad
