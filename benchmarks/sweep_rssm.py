@@ -13,10 +13,13 @@ For every variant of ``hybrid_triton.kernels.rssm.rollout.VARIANTS`` and every p
 
 Prints a table (µs, graph replay / direct call; ``*`` marks the variant that ``variant=None``
 runs at that point, ``default_variant(H)``) headed by the machine line, and optionally a
-long-format CSV. GPU only. The run of 2026-11-24 on the H100 is in
-reports/rssm/2026-11-24_sweep_h100/. Usage::
+long-format CSV. GPU only (tests/test_rssm_sweep.py runs the check path on CPU through the
+interpreter, at a tiny point). The run of 2026-11-24 on the H100 is in
+reports/rssm/2026-11-24_sweep_h100/; the ``folded*`` variants (rollout_folded.py) came after
+it. Usage::
 
     python benchmarks/sweep_rssm.py [--csv sweep.csv] [--variants a,b] [--points target,T1]
+    python benchmarks/sweep_rssm.py --variants fused_volatile,folded,folded_w8 --csv f.csv
 """
 
 from __future__ import annotations
