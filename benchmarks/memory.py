@@ -31,6 +31,13 @@ run decided it or the uncapped run already did, see ``derived_cap_verdict``), ``
 ``fit_agreement_pct`` sums them up. An OOM under a cap is caught, the cap lifted, memory
 freed, and the next check runs.
 
+The planner is asked with the allocator this process runs under (``process_allocator``:
+``PYTORCH_CUDA_ALLOC_CONF`` with ``expandable_segments:True`` is "expandable", anything else
+"native"), recorded in every row's config (``allocator``, ``alloc_conf``) and in the notes of
+the cap rows, so a run under expandable segments checks that model against real capped runs
+(``benchmarks/run_gpu.sh``: ``MEMORY_ALLOC_CONF``). ``benchmarks/recheck_caps.py REPORT_DIR``
+recomputes the planner's verdicts against a report's recorded outcomes offline.
+
 Options (``--option KEY=VALUE``): ``traced=auto|all|none`` (auto: the traced mode for the
 quick model and GPT-2 small, not medium), ``config_timeout=SECONDS`` (each configuration's
 real run and each capped run under its own limit; full default 150, 0 = none),
@@ -44,6 +51,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -151,7 +159,29 @@ def configurations(quick: bool) -> list[MemoryConfig]:
 # ----------------------------------------------------------------------------- planner
 
 
-def planner_setup(cfg: MemoryConfig, device: torch.device):
+def alloc_conf() -> str:
+    """The caching allocator's settings this process runs under, as given to PyTorch
+    (``PYTORCH_CUDA_ALLOC_CONF``, or its newer name ``PYTORCH_ALLOC_CONF``); "" when unset."""
+    return os.environ.get("PYTORCH_CUDA_ALLOC_CONF", os.environ.get("PYTORCH_ALLOC_CONF", ""))
+
+
+def process_allocator(conf: str | None = None) -> str:
+    """The planner's ``TrainSetup.allocator`` for an allocator configuration string
+    (default: this process's, :func:`alloc_conf`): "expandable" when it turns
+    ``expandable_segments`` on, else "native". Comma-separated ``key:value`` pairs, as PyTorch
+    reads them; the last setting of a key wins."""
+    conf = alloc_conf() if conf is None else conf
+    expandable = False
+    for item in conf.split(","):
+        key, _, value = item.partition(":")
+        if key.strip() == "expandable_segments":
+            expandable = value.strip().lower() in ("true", "1")
+    return "expandable" if expandable else "native"
+
+
+def planner_setup(cfg: MemoryConfig, device: torch.device, allocator: str | None = None):
+    """The planner's setup for ``cfg``; ``allocator``: None = this process's
+    (:func:`process_allocator`)."""
     from hybrid_triton.planner.setup import setup_preset
 
     trainer = cfg.setup not in RECIPE_FOR_SETUP
@@ -164,17 +194,18 @@ def planner_setup(cfg: MemoryConfig, device: torch.device):
         phases=TRAINER_PHASES if trainer else ("full",),
         # On CUDA the trainer's Predict moves the moments to pinned host memory.
         predict_moments="offload" if device.type == "cuda" else "keep",
+        allocator=allocator or process_allocator(),
     )
 
 
-def planner_estimate(cfg: MemoryConfig, device: torch.device):
+def planner_estimate(cfg: MemoryConfig, device: torch.device, allocator: str | None = None):
     from hybrid_triton.planner.estimate import estimate
     from hybrid_triton.planner.specs import gpt2_spec
 
     args = dict(cfg.model_args)
     spec = gpt2_spec(cfg.model, args["n_layer"], args["n_embd"], args["n_head"],
                      vocab_size=args["vocab_size"], block_size=args["block_size"])  # fmt: skip
-    return estimate(spec, planner_setup(cfg, device))
+    return estimate(spec, planner_setup(cfg, device, allocator))
 
 
 def traced_peak(cfg: MemoryConfig, device: torch.device) -> int:
@@ -335,6 +366,9 @@ def _record_estimate(ctx: SuiteContext, cfg: MemoryConfig, est, config: dict) ->
             if nbytes:
                 rec.add(case, "planner", f"component:{name}", "GiB", nbytes / GIB, config=c)
         rec.add(case, "planner", "segment_slack", "GiB", p.segment_slack_bytes / GIB, config=c)
+        rec.add(case, "planner", "reserved", "GiB", p.reserved_bytes / GIB, config=c,
+                note=f"{est.allocator} allocator: allocated + "
+                f"{p.allocator_slack_bytes / GIB:.3f} GiB slack")  # fmt: skip
 
 
 def _record_measured(ctx: SuiteContext, cfg: MemoryConfig, peaks, config: dict) -> None:
@@ -378,7 +412,7 @@ def run_config(ctx: SuiteContext, cfg: MemoryConfig) -> tuple[float | None, floa
     """Measure one configuration, then check it under each memory cap; returns (measured
     peak, estimated peak) in GiB."""
     rec = ctx.recorder
-    config = cfg.as_config()
+    config = {**cfg.as_config(), "allocator": process_allocator(), "alloc_conf": alloc_conf()}
     est_peak = None
     est = None
     try:
@@ -423,10 +457,11 @@ def run_config(ctx: SuiteContext, cfg: MemoryConfig) -> tuple[float | None, floa
 
 
 def planner_reserved_bytes(est) -> int:
-    """What the planner says the caching allocator reserves at the run's peak: the allocated
-    peak plus the segment slack, the highest over phases. A cap limits exactly that (the
-    CUDA context is outside it)."""
-    return max(p.peak_bytes + p.segment_slack_bytes for p in est.phases.values())
+    """What the planner says the caching allocator reserves at the run's peak under the
+    estimate's allocator: the allocated peak plus the allocator's slack (native: segment
+    rounding + fragmentation allowance; expandable: 20 MiB pages), the highest over phases.
+    A cap limits exactly that (the CUDA context is outside it)."""
+    return est.reserved_peak_bytes
 
 
 def _gib(nbytes: int) -> str:
@@ -442,6 +477,11 @@ def derived_cap_verdict(result: Measurement, cap_bytes: int) -> tuple[bool, str]
       allocator reserves at least what it hands out: it runs out of memory.
     - In between, whether freeing cached blocks saves the run depends on fragmentation:
       only a run under the cap says.
+
+    Both rules hold under either allocator (native or expandable segments): reserved is
+    never below allocated, and a run that never reserved more than the cap never meets it.
+    They hold only for the allocator the uncapped run used, which is this process's: the
+    capped runs happen in the same process, under the same ``PYTORCH_CUDA_ALLOC_CONF``.
     """
     if result.status == STATUS_OOM:
         return False, "derived: the uncapped run already ran out of memory"
@@ -489,14 +529,18 @@ def check_cap(ctx: SuiteContext, cfg: MemoryConfig, cap: float, result: Measurem
     if how != "not checked":
         rec.add(case, "measured", "fits_cap", "bool",
                 None if measured is None else float(measured), config={**c, "how": how},
-                note="" if verdict is None else verdict[1])  # fmt: skip
+                note=("" if verdict is None else verdict[1] + "; ")
+                + f"allocator {c.get('allocator', 'native')}")  # fmt: skip
     if est is None:
         return
     reserved = planner_reserved_bytes(est)
     planned = reserved <= cap_bytes
+    phase = est.phases[est.reserved_peak_phase]
     rec.add(case, "planner", "fits_cap", "bool", float(planned), config=c,
-            note=f"estimated reserved peak {reserved / GIB:.3f} GiB (allocated peak + segment "
-            "slack; the CUDA context is outside the cap)")  # fmt: skip
+            note=f"estimated reserved peak {reserved / GIB:.3f} GiB ({est.reserved_peak_phase}: "
+            f"allocated {phase.peak_bytes / GIB:.3f} + {est.allocator} allocator slack "
+            f"{phase.allocator_slack_bytes / GIB:.3f}; the CUDA context is outside the cap); "
+            f"PYTORCH_CUDA_ALLOC_CONF={c.get('alloc_conf', '')!r}")  # fmt: skip
     agrees = None if measured is None else float(planned == measured)
     rec.add(case, "planner", "fit_agrees", "bool", agrees, config={**c, "how": how},
             note="" if agrees is not None else "not checked: a run failed")  # fmt: skip

@@ -483,7 +483,10 @@ def test_phase_subset_and_json_schema():
         "cuda_context_bytes",
         "device_bytes",
         "phases",
+        "allocator",
+        "reserved_peak_bytes",
     }
+    assert data["allocator"] == data["setup"]["allocator"] == "native"
     for phase in data["phases"].values():
         assert set(phase) == {
             "phase",
@@ -492,9 +495,17 @@ def test_phase_subset_and_json_schema():
             "components",
             "stage_peaks",
             "segment_slack_bytes",
+            "largest_transient_bytes",
+            "largest_transient_component",
+            "allocator",
+            "allocator_slack_bytes",
+            "reserved_bytes",
         }
         assert all(isinstance(v, int) and v >= 0 for v in phase["components"].values())
         assert sum(phase["components"].values()) == phase["peak_bytes"]
+        assert phase["reserved_bytes"] == phase["peak_bytes"] + phase["allocator_slack_bytes"]
+    assert data["reserved_peak_bytes"] == max(p["reserved_bytes"] for p in data["phases"].values())
+    assert data["device_bytes"] == data["reserved_peak_bytes"] + data["cuda_context_bytes"]
 
 
 @pytest.mark.parametrize("max_groups", [16, 3])

@@ -4,6 +4,7 @@ Examples::
 
     hybrid-triton plan gpt2-small --setup bf16-autocast --batch 8 --seq-len 1024
     hybrid-triton plan gpt2-medium --fit --gpu rtx-4080
+    hybrid-triton plan gpt2-medium --setup bf16-master --batch 16 --allocator expandable --gpu 24
     hybrid-triton plan llama-7b --fit --gpu 16 --json
     hybrid-triton plan path/to/config.json --setup hybrid --batch 4 --chart plan.png
     hybrid-triton plan --module mypkg.models:build_on_meta --traced --batch 2 --seq-len 256
@@ -27,6 +28,7 @@ from hybrid_triton.planner.report import (
     to_json,
 )
 from hybrid_triton.planner.setup import (
+    ALLOCATORS,
     ATTENTION,
     GRAD_MODES,
     LOGITS_LIFETIME,
@@ -84,6 +86,13 @@ def _parser() -> argparse.ArgumentParser:
         "--loss-chunk-tokens",
         type=int,
         help="positions per chunk of GPT-2's no_grad (Predict) loss; 0: full logits (1024)",
+    )
+    p.add_argument(
+        "--allocator",
+        choices=ALLOCATORS,
+        help="PyTorch's CUDA caching allocator: native (the default) or expandable "
+        "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True); with --fit, only this one is "
+        "searched (without it, --fit also considers expandable segments)",
     )
     p.add_argument("--gpu", help="a GPU preset (--list) or a size in GiB")
     p.add_argument("--margin", type=float, default=0.1, help="fraction kept free (0.1)")
@@ -152,6 +161,7 @@ def _setup(args):
         ("attention", args.attention),
         ("logits_lifetime", args.logits_lifetime),
         ("loss_chunk_tokens", args.loss_chunk_tokens),
+        ("allocator", args.allocator),
     ):
         if value is not None:
             overrides[field] = value
@@ -221,6 +231,7 @@ def main(argv: list[str]) -> int:
                 seq_len=args.seq_len,
                 max_micro_batch=args.max_batch,
                 accum_steps=args.accum or 1,
+                allocator=args.allocator,
             )
             print(to_json(result) if args.json else format_fit(result))
             if args.chart:

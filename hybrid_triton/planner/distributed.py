@@ -43,9 +43,12 @@ buckets replace the gradients instead of adding to them (PyTorch's DDP documenta
 place) nothing is added; a DDP-wrapped module would still allocate its buckets.
 
 Not counted: NCCL's own buffers and streams (outside PyTorch's caching allocator, like the
-CUDA context), and fragmentation from the collectives' buffers beyond the segment slack of the
-single-GPU estimate. These per-rank figures are a model; ``benchmarks/multi_gpu.py`` measures
-each rank's peak against them on two GPUs.
+CUDA context). The reserved figure adds the same allocator slack as the single-GPU estimate
+(``setup.allocator``: native segment rounding + fragmentation allowance, or expandable-segment
+pages), with the all-gathered units counted among the transient blocks that size the native
+allowance; fragmentation the collectives cause beyond that is not modelled. These per-rank
+figures are a model; ``benchmarks/multi_gpu.py`` measures each rank's peak against them on
+two GPUs.
 """
 
 from __future__ import annotations
@@ -148,9 +151,10 @@ class RankEstimate(PhasePeaks):
         return self.setup.micro_batch * self.setup.accum_steps * self.parallel.gpus
 
     def device_bytes(self) -> int:
-        """One GPU's need: allocated peak + segment slack + CUDA context (NCCL not counted)."""
-        phase = self.phases[self.peak_phase]
-        return phase.peak_bytes + phase.segment_slack_bytes + CUDA_CONTEXT
+        """One GPU's need: the reserved peak (allocated + the allocator's slack, as the
+        single-GPU estimate models it for ``setup.allocator``) + CUDA context (NCCL not
+        counted)."""
+        return self.reserved_peak_bytes + CUDA_CONTEXT
 
     def to_dict(self) -> dict:
         return dict(
@@ -161,6 +165,8 @@ class RankEstimate(PhasePeaks):
             phase_peak_bytes=self.phase_peak_bytes,
             peak_phase=self.peak_phase,
             peak_bytes=self.peak_bytes,
+            allocator=self.setup.allocator,
+            reserved_peak_bytes=self.reserved_peak_bytes,
             cuda_context_bytes=CUDA_CONTEXT,
             device_bytes=self.device_bytes(),
             units=dict(self.units),
@@ -220,6 +226,8 @@ def _rank_phase(
     r = DTYPE_BYTES[setup.param_dtype]
     P = spec.num_params
     extra: dict[str, int] = dict.fromkeys(COMM_COMPONENTS, 0)
+    largest_transient = phase.largest_transient_bytes
+    transient_component = phase.largest_transient_component
     if par.shard == "fsdp" and par.gpus > 1:
         frac = sharded_numel(spec, par.gpus) / P
         for c in SHARDED_COMPONENTS:
@@ -230,6 +238,10 @@ def _rank_phase(
         extra["allgather_buffers"] = _round(root * r) + in_flight * _round(largest * r)
         if backward:
             extra["reduce_scatter_buffers"] = _round(root * r) + 2 * _round(largest * r)
+        # the unsharded units are allocated and freed every step: transient blocks too
+        unit = max(_round(root * r), _round(largest * r))
+        if unit > largest_transient:
+            largest_transient, transient_component = unit, "allgather_buffers"
     elif par.shard == "ddp" and par.gpus > 1 and backward and setup.grad_mode == "full":
         buckets = _ddp_bucket_bytes(spec, r, par.bucket_cap_mb)
         if par.gradient_as_bucket_view:
@@ -245,6 +257,9 @@ def _rank_phase(
         components,
         dict(phase.stage_peaks),
         phase.segment_slack_bytes,
+        largest_transient_bytes=largest_transient,
+        largest_transient_component=transient_component,
+        allocator=phase.allocator,
     )
 
 
@@ -331,8 +346,9 @@ def format_rank_estimate(est: RankEstimate) -> str:
     )
     lines.append("")
     lines.append(
-        f"run peak per rank: {est.peak_bytes / GiB:.3f} GiB allocated ({est.peak_phase}); CUDA "
-        f"context {CUDA_CONTEXT / GiB:.3f} GiB apart; device need per GPU "
+        f"run peak per rank: {est.peak_bytes / GiB:.3f} GiB allocated ({est.peak_phase}), "
+        f"{est.reserved_peak_bytes / GiB:.3f} GiB reserved ({est.setup.allocator} allocator); "
+        f"CUDA context {CUDA_CONTEXT / GiB:.3f} GiB apart; device need per GPU "
         f"{est.device_bytes() / GiB:.2f} GiB"
     )
     lines += [f"note: {n}" for n in est.notes]

@@ -55,10 +55,16 @@ What is modelled (per token of a micro-batch, ``N = micro_batch * seq_len``, wid
   the Predict phase's peak. The moments and the master come back at Predict exit (the presets'
   ``lookahead=0``; a larger lookahead adds the moments to the last Predict steps); Correct
   keeps the direction and copies the master weights around its step.
-- Allocator: every block is rounded up to ``ALLOC_ROUND`` bytes (``allocator_rounding``).
-  ``segment_slack_bytes`` (reported apart, not in the allocated peak) is what rounding the
-  live large blocks to the allocator's 2 MiB segment granularity adds: a floor for
-  ``max_memory_reserved`` minus allocated; real fragmentation can be higher.
+- Allocator: every block is rounded up to ``ALLOC_ROUND`` bytes (``allocator_rounding``, in
+  the allocated peak). What the caching allocator reserves beyond that (reported apart, as
+  ``allocator_slack_bytes``; ``reserved_bytes`` = allocated peak + slack is what a
+  ``set_per_process_memory_fraction`` cap or the card limits) depends on
+  ``setup.allocator``: "native" (PyTorch's default) adds ``segment_slack_bytes`` (the live
+  large blocks rounded to 2 MiB segments) and a fragmentation allowance,
+  ``NATIVE_FRAGMENTATION`` times the largest transient block alive at the peak
+  (``largest_transient_bytes``: for GPT-2 a ``[N, V]`` logits / loss buffer), fitted on the
+  H100's capped runs; "expandable" (expandable segments) rounds the peak up to 20 MiB pages
+  and adds one page.
 - Not counted in the allocated peak: the CUDA context (``cuda_context_bytes``, reported apart)
   and anything the caller allocates besides the batch.
 
@@ -102,6 +108,24 @@ CUBLAS_WORKSPACE = 32 * MiB
 # reports/memory/2026-11-24_223017_nvidia-h100-80gb-hbm3 (H100, torch 2.11, CUDA 13).
 # Calibration constant; other drivers and GPUs differ by some hundred MiB.
 CUDA_CONTEXT = 1300 * MiB
+# Expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True) map the large pool's
+# segment in pages of kLargeBuffer = 20 MiB (c10/cuda/CUDACachingAllocator.cpp, Note
+# [Expandable Segments]: "we use 2MiB pages for our small pool and 20MiB pages for our large
+# pool"); under memory pressure every wholly free page is unmapped and can be mapped again
+# where the next allocation needs it.
+EXPANDABLE_PAGE = 20 * MiB
+# Native allocator (one cudaMalloc'd segment per large allocation, split for smaller blocks
+# once freed): fragmentation allowance, as a fraction of the largest transient block alive at
+# the peak. The block whose request fails at the peak is a fresh vocabulary-sized buffer; the
+# free space the allocator holds but cannot give it is what is left of earlier segments of
+# that size after smaller tensors took parts of them, so it stays below one such block. Under
+# 8/16/24 GiB caps on the H100 (reports/memory/2026-11-24_223017_nvidia-h100-80gb-hbm3) the
+# three runs that ran out of memory held 1.21, 1.27 and 2.15 GiB reserved and unusable beside
+# requests of 3.07, 1.54 and 3.07 GiB (0.39, 0.83 and 0.70 of the request). FITTED on those
+# 84 cap checks (benchmarks/recheck_caps.py): every value in roughly (0.62, 0.91) agrees with
+# all of them; 0.85 is near the top, the pessimistic side, so it is not an independent
+# validation.
+NATIVE_FRAGMENTATION = 0.85
 
 COMPONENTS = (
     "weights",
@@ -132,7 +156,26 @@ class PhaseEstimate:
     peak_at: str  # e.g. "backward: cross-entropy"
     components: dict[str, int]  # bytes per component at the peak (sums to peak_bytes)
     stage_peaks: dict[str, int]  # "forward", "backward", "optimizer" -> allocated peak
-    segment_slack_bytes: int  # floor of reserved - allocated at the peak (2 MiB segments)
+    segment_slack_bytes: int  # native allocator: 2 MiB segment rounding of the live blocks
+    # the largest block allocated during the step (not model state) alive at the peak: for
+    # GPT-2 one of the [N, V] logits / loss buffers
+    largest_transient_bytes: int = 0
+    largest_transient_component: str = ""  # its component, e.g. "logits_and_loss"
+    allocator: str = "native"  # which allocator allocator_slack_bytes models
+
+    @property
+    def allocator_slack_bytes(self) -> int:
+        """Reserved minus allocated at the peak under ``allocator`` (see
+        :func:`allocator_slack_bytes`)."""
+        return allocator_slack_bytes(
+            self.allocator, self.peak_bytes, self.segment_slack_bytes, self.largest_transient_bytes
+        )
+
+    @property
+    def reserved_bytes(self) -> int:
+        """What the caching allocator holds at this phase's peak: the allocated peak plus the
+        allocator's slack. A ``set_per_process_memory_fraction`` cap limits this figure."""
+        return self.peak_bytes + self.allocator_slack_bytes
 
     def to_dict(self) -> dict:
         return dict(
@@ -142,7 +185,30 @@ class PhaseEstimate:
             components=dict(self.components),
             stage_peaks=dict(self.stage_peaks),
             segment_slack_bytes=self.segment_slack_bytes,
+            largest_transient_bytes=self.largest_transient_bytes,
+            largest_transient_component=self.largest_transient_component,
+            allocator=self.allocator,
+            allocator_slack_bytes=self.allocator_slack_bytes,
+            reserved_bytes=self.reserved_bytes,
         )
+
+
+def allocator_slack_bytes(
+    allocator: str, peak_bytes: int, segment_slack: int, largest_transient: int
+) -> int:
+    """What the caching allocator reserves beyond the allocated peak, by allocator.
+
+    - "native": the 2 MiB segment rounding of the live blocks (``segment_slack``) plus a
+      fragmentation allowance of ``NATIVE_FRAGMENTATION`` times the largest transient block
+      alive at the peak (``largest_transient``): see ``NATIVE_FRAGMENTATION``.
+    - "expandable": the peak rounded up to whole ``EXPANDABLE_PAGE`` pages, plus one page
+      for the partly used pages at the edges of free gaps (only whole free pages are
+      unmapped under pressure): 20-40 MiB.
+    """
+    if allocator == "expandable":
+        pages = -(-peak_bytes // EXPANDABLE_PAGE) + 1
+        return pages * EXPANDABLE_PAGE - peak_bytes
+    return segment_slack + int(NATIVE_FRAGMENTATION * largest_transient)
 
 
 class PhasePeaks:
@@ -170,6 +236,21 @@ class PhasePeaks:
         """The breakdown at the run's peak."""
         return self.phases[self.peak_phase].components
 
+    @property
+    def reserved_peak_phase(self) -> str:
+        order = sorted(self.phases, key=lambda name: name != "full")
+        return max(order, key=lambda name: self.phases[name].reserved_bytes)
+
+    @property
+    def reserved_peak_bytes(self) -> int:
+        """The highest reserved figure over the phases (allocated peak + the allocator's
+        slack): what a ``set_per_process_memory_fraction`` cap must hold."""
+        return self.phases[self.reserved_peak_phase].reserved_bytes
+
+    @property
+    def allocator(self) -> str:
+        return self.phases[self.peak_phase].allocator
+
 
 @dataclass
 class Estimate(PhasePeaks):
@@ -184,9 +265,16 @@ class Estimate(PhasePeaks):
     notes: list[str] = field(default_factory=list)
 
     def device_bytes(self) -> int:
-        """What the GPU must hold: the allocated peak plus the segment slack plus the context."""
-        phase = self.phases[self.peak_phase]
-        return phase.peak_bytes + phase.segment_slack_bytes + self.cuda_context_bytes
+        """What the GPU must hold: the reserved peak (allocated + the allocator's slack, the
+        highest over the phases) plus the CUDA context."""
+        return self.reserved_peak_bytes + self.cuda_context_bytes
+
+    def with_allocator(self, allocator: str) -> Estimate:
+        """The same estimate under another allocator: the allocated figures do not change,
+        only the reserved ones (no second replay)."""
+        setup = self.setup.replace(allocator=allocator)
+        phases = {n: replace(p, allocator=setup.allocator) for n, p in self.phases.items()}
+        return Estimate(self.spec, setup, phases, self.cuda_context_bytes, list(self.notes))
 
     def to_dict(self) -> dict:
         return dict(
@@ -197,6 +285,8 @@ class Estimate(PhasePeaks):
             phase_peak_bytes=self.phase_peak_bytes,
             peak_phase=self.peak_phase,
             peak_bytes=self.peak_bytes,
+            allocator=self.setup.allocator,
+            reserved_peak_bytes=self.reserved_peak_bytes,
             cuda_context_bytes=self.cuda_context_bytes,
             device_bytes=self.device_bytes(),
             phases={name: p.to_dict() for name, p in self.phases.items()},
@@ -211,7 +301,8 @@ class _Timeline:
     """Live allocations by component; records the peak, its place and its breakdown."""
 
     def __init__(self) -> None:
-        self._live: dict[int, tuple[str, int, int]] = {}  # handle -> (component, bytes, rounded)
+        # handle -> (component, bytes, rounded bytes, allocated during the step)
+        self._live: dict[int, tuple[str, int, int, bool]] = {}
         self._next = 0
         self.exact: dict[str, int] = defaultdict(int)
         self.rounding = 0
@@ -225,13 +316,23 @@ class _Timeline:
         self.peak_components: dict[str, int] = {}
         self.peak_slack = 0
         self.stage_peaks: dict[str, int] = {}
+        # Rounded sizes of the live blocks allocated during the step (not the model state),
+        # size -> count: the largest one alive at the peak sizes the native allocator's
+        # fragmentation allowance (see allocator_slack_bytes).
+        self._transient: dict[int, int] = defaultdict(int)
+        self._transient_component: dict[int, str] = {}
+        self.peak_transient = 0
+        self.peak_transient_component = ""
 
     def alloc(self, component: str, nbytes: int | float) -> int:
         nbytes = int(nbytes)
         rounded = _round(nbytes)
         handle = self._next
         self._next += 1
-        self._live[handle] = (component, nbytes, rounded)
+        self._live[handle] = (component, nbytes, rounded, self.stage != "setup")
+        if self.stage != "setup" and rounded:
+            self._transient[rounded] += 1
+            self._transient_component[rounded] = component
         self.exact[component] += nbytes
         self.rounding += rounded - nbytes
         if rounded > LARGE_BLOCK:
@@ -245,7 +346,11 @@ class _Timeline:
         for handle in handles:
             if handle is None:
                 continue
-            component, nbytes, rounded = self._live.pop(handle)
+            component, nbytes, rounded, transient = self._live.pop(handle)
+            if transient and rounded:
+                self._transient[rounded] -= 1
+                if not self._transient[rounded]:
+                    del self._transient[rounded]
             self.exact[component] -= nbytes
             self.rounding -= rounded - nbytes
             if rounded > LARGE_BLOCK:
@@ -276,6 +381,8 @@ class _Timeline:
             self.peak_components = {c: v for c, v in self.exact.items() if v}
             self.peak_components["allocator_rounding"] = self.rounding
             self.peak_slack = self.slack
+            self.peak_transient = max(self._transient, default=0)
+            self.peak_transient_component = self._transient_component.get(self.peak_transient, "")
 
     def result(self, phase: str) -> PhaseEstimate:
         self._snapshot()
@@ -283,7 +390,14 @@ class _Timeline:
         peak_at = f"{stage}: {where}" if where else stage
         components = {c: self.peak_components.get(c, 0) for c in COMPONENTS}
         return PhaseEstimate(
-            phase, self.peak, peak_at, components, dict(self.stage_peaks), self.peak_slack
+            phase,
+            self.peak,
+            peak_at,
+            components,
+            dict(self.stage_peaks),
+            self.peak_slack,
+            largest_transient_bytes=self.peak_transient,
+            largest_transient_component=self.peak_transient_component,
         )
 
 
@@ -984,6 +1098,7 @@ def estimate(spec: ModelSpec, setup: TrainSetup) -> Estimate:
         else:  # Warmup and Full (and Correct outside the trainer) hold the same tensors
             train_phase = train_phase or _Step(spec, setup, phase).run()
             phases[phase] = replace(train_phase, phase=phase)
+    phases = {name: replace(p, allocator=setup.allocator) for name, p in phases.items()}
     notes = []
     if spec.family == "llama":
         notes.append(

@@ -10,13 +10,18 @@ The search (for one model, GPU and sequence length):
      transfers become the bottleneck of the step);
    - tier 3: pure bf16 (bf16 parameters and gradients, no master copy: updates smaller than
      bf16's resolution are lost); tier 4: the same with the moments offloaded.
+   Each candidate is tried under PyTorch's default ("native") caching allocator and, unless
+   ``allocator`` names one, with expandable segments
+   (``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``: no throughput cost, it only avoids
+   the native allocator's fragmentation around the vocabulary-sized buffers).
 2. For each candidate the largest micro-batch (powers of two up to ``max_micro_batch``) whose
-   device need (allocated peak over the phases + the allocator's segment slack + the CUDA
+   device need (reserved peak over the phases: allocated + the allocator's slack, + the CUDA
    context) stays within the usable memory, ``capacity * (1 - margin)``.
 3. The throughput proxy of a candidate is tokens per micro-batch times
    ``RECOMPUTE_FACTOR`` when checkpointing (backward is about twice the forward's FLOPs, so a
    recomputed forward turns 3 units of work into 4). Highest proxy wins; ties go to the setup
-   with fewer memory options turned on.
+   with fewer memory options turned on (expandable segments count as the cheapest option,
+   so the native allocator wins a tie: it is what plain PyTorch runs).
 4. Each option that is on gets a reason: what the peak would be without it, or which
    micro-batch it buys. When nothing fits, the result says by how much and what would.
 """
@@ -26,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hybrid_triton.planner.estimate import Estimate, GiB, MiB, estimate
-from hybrid_triton.planner.setup import TrainSetup
+from hybrid_triton.planner.setup import ALLOCATORS, TrainSetup
 from hybrid_triton.planner.specs import ModelSpec, PlannerError, unknown_name_error
 
 RECOMPUTE_FACTOR = 3 / 4  # forward + backward = 3 forward-units; recompute adds one
@@ -152,6 +157,7 @@ def _features(setup: TrainSetup) -> tuple[int, ...]:
         int(setup.checkpointing),
         int(setup.state_bits < 32) + int(setup.state_bits < 8),
         int(setup.param_dtype != "fp32"),
+        int(setup.allocator != "native"),
     )
 
 
@@ -163,9 +169,13 @@ def fit(
     max_micro_batch: int = 64,
     accum_steps: int = 1,
     phases: tuple[str, ...] = ("warmup", "full", "predict", "correct"),
+    allocator: str | None = None,
 ) -> FitResult:
     """Find the setup with the best throughput proxy that fits ``gpu`` (a preset name from
-    ``GPUS`` or a size in GiB) with ``margin`` (a fraction of the capacity kept free)."""
+    ``GPUS`` or a size in GiB) with ``margin`` (a fraction of the capacity kept free).
+    ``allocator``: None searches PyTorch's native allocator and expandable segments (the
+    answer says why when expandable segments change it); "native" or "expandable": only
+    that one (``TrainSetup.allocator``)."""
     if not isinstance(spec, ModelSpec):
         raise PlannerError(f"fit expects a ModelSpec, got {type(spec).__name__}")
     label, capacity = gpu_capacity_bytes(gpu)
@@ -177,6 +187,9 @@ def fit(
         or (max_micro_batch < 1)
     ):
         raise PlannerError(f"max_micro_batch must be a positive integer, got {max_micro_batch!r}")
+    if allocator is not None and allocator not in ALLOCATORS:
+        raise unknown_name_error("allocator", allocator, ALLOCATORS)
+    allocators = ALLOCATORS if allocator is None else (allocator,)
     seq = seq_len if seq_len is not None else min(1024, spec.max_seq_len)
     usable = int(capacity * (1 - margin))
     base = dict(seq_len=seq, accum_steps=accum_steps, phases=phases)
@@ -184,7 +197,11 @@ def fit(
 
     def evaluate(setup: TrainSetup, tier: int) -> Candidate:
         if setup not in cache:
-            est = estimate(spec, setup)
+            if setup.allocator == "native":
+                est = estimate(spec, setup)
+            else:  # the replay is the native one's: only the reserved figures differ
+                est = evaluate(setup.replace(allocator="native"), tier).estimate
+                est = est.with_allocator(setup.allocator)
             proxy = setup.tokens_per_micro_batch * (
                 RECOMPUTE_FACTOR if setup.checkpointing else 1.0
             )
@@ -207,22 +224,29 @@ def fit(
         for precision, offload in options:
             for bits in (32, 8, 4):
                 for ckpt in (False, True):
-                    setup = TrainSetup(
-                        **_PRECISIONS[precision],
-                        **base,
-                        state_bits=bits,
-                        checkpointing=ckpt,
-                        offload=offload,
-                    )
-                    cand = largest(setup, tier)
-                    if cand is not None:
-                        fitting.append(cand)
+                    for alloc in allocators:
+                        setup = TrainSetup(
+                            **_PRECISIONS[precision],
+                            **base,
+                            state_bits=bits,
+                            checkpointing=ckpt,
+                            offload=offload,
+                            allocator=alloc,
+                        )
+                        cand = largest(setup, tier)
+                        if cand is not None:
+                            fitting.append(cand)
         if fitting:
             break
     if not fitting:
         leanest = evaluate(
             TrainSetup(
-                **_PRECISIONS["pure"], **base, state_bits=4, checkpointing=True, offload="cpu"
+                **_PRECISIONS["pure"],
+                **base,
+                state_bits=4,
+                checkpointing=True,
+                offload="cpu",
+                allocator=allocators[-1],
             ),
             len(_TIERS),
         )
@@ -238,11 +262,19 @@ def fit(
         )
     fitting.sort(key=lambda c: (-c.proxy, _features(c.setup), c.device_bytes))
     best = fitting[0]
-    reasons = _explain(best, usable, evaluate, largest)
+    native_best = next((c for c in fitting if c.setup.allocator == "native"), None)
+    reasons = _explain(best, usable, evaluate, largest, allocators, native_best)
     return FitResult(spec, label, capacity, usable, margin, True, best, reasons, fitting[1:6])
 
 
-def _explain(best: Candidate, usable: int, evaluate, largest) -> list[str]:
+def _explain(
+    best: Candidate,
+    usable: int,
+    evaluate,
+    largest,
+    allocators: tuple[str, ...],
+    native_best: Candidate | None,
+) -> list[str]:
     s = best.setup
     reasons = [
         f"Best throughput proxy that fits: micro-batch {s.micro_batch} x {s.seq_len} tokens "
@@ -289,7 +321,34 @@ def _explain(best: Candidate, usable: int, evaluate, largest) -> list[str]:
         without("activation checkpointing (one extra forward per step)", checkpointing=False)
     if s.offload != "none":
         without("optimizer state offloaded to CPU (the step waits on the host)", offload="none")
+    if s.allocator == "expandable" and "native" in allocators:
+        native = evaluate(s.replace(allocator="native"), best.tier)
+        reasons.append(_expandable_reason(best, native, usable, native_best))
     return reasons
+
+
+def _expandable_reason(
+    best: Candidate, native: Candidate, usable: int, native_best: Candidate | None
+) -> str:
+    """Why expandable segments are on: what the native allocator would leave unusable, and
+    the best it allows instead."""
+    est = native.estimate
+    phase = est.phases[est.reserved_peak_phase]
+    unusable = phase.allocator_slack_bytes - phase.segment_slack_bytes
+    what = phase.largest_transient_component.replace("_", " ") or "largest transient"
+    reason = (
+        "expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True): on, because "
+        f"with PyTorch's default allocator this batch needs {_gib(native.device_bytes)} "
+        f"(> {_gib(usable)} usable): it would leave up to {_gib(unusable)} unusable around "
+        f"the {_gib(phase.largest_transient_bytes)} {what} buffers; expandable segments avoid "
+        f"it (no throughput cost; {_gib(best.device_bytes)} needed with them)."
+    )
+    if native_best is None:
+        return reason + " With the default allocator nothing in this tier fits."
+    return reason + (
+        f" With the default allocator the best is {native_best.setup.describe()} "
+        f"(throughput proxy {native_best.proxy:g} tokens against {best.proxy:g})."
+    )
 
 
 def _nothing_fits(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 
-from hybrid_triton.planner.estimate import COMPONENTS, Estimate, GiB
+from hybrid_triton.planner.estimate import COMPONENTS, NATIVE_FRAGMENTATION, Estimate, GiB
 from hybrid_triton.planner.fit import FitResult
 
 COMPONENT_LABELS = {  # row labels of the per-component table
@@ -32,8 +32,30 @@ COMPONENT_LABELS = {  # row labels of the per-component table
 }
 
 
+ALLOCATOR_LABELS = {
+    "native": "native (PyTorch's default caching allocator)",
+    "expandable": "expandable (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True)",
+}
+
+
 def _g(nbytes: float) -> str:
     return f"{nbytes / GiB:.3f}"
+
+
+def allocator_line(est: Estimate) -> str:
+    """One line on what the allocator reserves beyond the allocated peak, and why."""
+    phase = est.phases[est.reserved_peak_phase]
+    if est.setup.allocator == "expandable":
+        return (
+            "reserved = allocated rounded up to 20 MiB pages + one page (expandable segments "
+            "unmap free pages under pressure)"
+        )
+    return (
+        f"reserved = allocated + 2 MiB segment rounding + {NATIVE_FRAGMENTATION:g} x the "
+        f"largest transient block at the peak ({_g(phase.largest_transient_bytes)} GiB): "
+        "the native allocator's fragmentation; --allocator expandable models "
+        "expandable segments"
+    )
 
 
 def format_estimate(est: Estimate) -> str:
@@ -44,6 +66,7 @@ def format_estimate(est: Estimate) -> str:
     lines = [
         f"model: {est.spec.summary()}",
         f"setup: {est.setup.describe()}",
+        f"allocator: {ALLOCATOR_LABELS[est.setup.allocator]}",
         "",
         "GiB at each phase's allocated peak".ljust(width) + "".join(p.rjust(col) for p in phases),
     ]
@@ -58,19 +81,33 @@ def format_estimate(est: Estimate) -> str:
         "peak allocated".ljust(width)
         + "".join(_g(est.phases[p].peak_bytes).rjust(col) for p in phases)
     )
-    lines.append(
-        "+ segment slack (reserved)".ljust(width)
-        + "".join(_g(est.phases[p].segment_slack_bytes).rjust(col) for p in phases)
-    )
+    slack_rows = []
+    if est.setup.allocator == "native":
+        slack_rows.append(("+ segment rounding", lambda ph: ph.segment_slack_bytes))
+        slack_rows.append(
+            (
+                "+ fragmentation allowance",
+                lambda ph: ph.allocator_slack_bytes - ph.segment_slack_bytes,
+            )
+        )
+    else:
+        slack_rows.append(("+ 20 MiB page slack", lambda ph: ph.allocator_slack_bytes))
+    slack_rows.append(("= reserved peak", lambda ph: ph.reserved_bytes))
+    for label, value in slack_rows:
+        lines.append(
+            label.ljust(width) + "".join(_g(value(est.phases[p])).rjust(col) for p in phases)
+        )
     lines.append("")
     for p in phases:
         ph = est.phases[p]
         stages = ", ".join(f"{k} {_g(v)}" for k, v in ph.stage_peaks.items())
         lines.append(f"{p}: peak at {ph.peak_at} ({stages} GiB)")
     lines.append(
-        f"run peak: {_g(est.peak_bytes)} GiB allocated ({est.peak_phase}); CUDA context "
+        f"run peak: {_g(est.peak_bytes)} GiB allocated ({est.peak_phase}), "
+        f"{_g(est.reserved_peak_bytes)} GiB reserved ({est.reserved_peak_phase}); CUDA context "
         f"{_g(est.cuda_context_bytes)} GiB apart; device need {_g(est.device_bytes())} GiB"
     )
+    lines.append(allocator_line(est))
     lines += [f"note: {n}" for n in est.notes]
     return "\n".join(lines)
 

@@ -34,6 +34,9 @@ OFFLOAD = ("none", "cpu")
 PREDICT_MOMENTS = ("keep", "offload", "compress", "drop")
 ATTENTION = ("flash", "math")
 LOGITS_LIFETIME = ("loss_only", "step", "next_forward")
+# PyTorch's CUDA caching allocator: "native" (the default) or "expandable"
+# (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True). See estimate.py, "Allocator".
+ALLOCATORS = ("native", "expandable")
 
 
 def _dtype(value: str | None, what: str, allow_none: bool = False) -> str | None:
@@ -98,6 +101,13 @@ class TrainSetup:
       moments prefetched back before Predict ends, the direction kept through Correct and
       Correct's copy of the master weights during its optimizer step. Default: on exactly
       when gradients are hook-folded (the trainer's way).
+    - ``allocator``: the CUDA caching allocator the run uses, which decides how much memory
+      it reserves beyond the allocated peak (what a memory cap or the card limits): "native"
+      (PyTorch's default: one segment per large allocation; freed segments reused by smaller
+      tensors leave pieces too small for the next vocabulary-sized buffer) or "expandable"
+      (``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``: one segment per stream that grows
+      by mapping 20 MiB pages; free pages are unmapped under pressure). Default "native":
+      what plain PyTorch runs. It changes no allocated figure, only the reserved one.
     """
 
     param_dtype: str = "fp32"
@@ -119,6 +129,7 @@ class TrainSetup:
     loss_chunk_tokens: int = 1024
     checkpoint_blocks: int | None = None
     fused_loss: bool = False
+    allocator: str = "native"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalize in place once
@@ -133,6 +144,7 @@ class TrainSetup:
         _choice(self.predict_moments, PREDICT_MOMENTS, "Predict moments policy")
         _choice(self.attention, ATTENTION, "attention implementation")
         _choice(self.logits_lifetime, LOGITS_LIFETIME, "logits lifetime")
+        _choice(self.allocator, ALLOCATORS, "allocator")
         _count(self.micro_batch, "micro_batch")
         _count(self.seq_len, "seq_len")
         _count(self.accum_steps, "accum_steps")
@@ -204,6 +216,8 @@ class TrainSetup:
         parts.append(f"batch {self.micro_batch}x{self.seq_len}")
         if self.accum_steps > 1:
             parts.append(f"accum {self.accum_steps}")
+        if self.allocator == "expandable":
+            parts.append("expandable segments")
         return ", ".join(parts)
 
 
