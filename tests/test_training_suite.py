@@ -257,3 +257,29 @@ def test_trainer_presets_and_tradeoff(training, machine, monkeypatch):
 def test_trainer_bad_options(training, machine, options, match):
     with pytest.raises(ValueError, match=match):
         _run(training, machine, options, pattern="hybrid_trainer")
+
+
+def test_profile_training_runs_on_cpu(tmp_path, monkeypatch):
+    # benchmarks/profile_training.py on a tiny model, torch references: every configuration
+    # and every trainer phase gets its rows, the files are written.
+    import csv
+
+    from benchmarks.profile_training import main
+
+    monkeypatch.setenv("HYBRID_TRITON_IMPL", "torch")
+    out = tmp_path / "profile"
+    args = ["--model", "gpt2-tiny", "--batch", "2", "--seq", "32", "--steps", "1"]
+    assert main([*args, "--warmup", "1", "--out", str(out), "--device", "cpu"]) == 0
+    steps = list(csv.DictReader((out / "steps.csv").read_text().splitlines()))
+    phases = {(r["config"], r["phase"]) for r in steps}
+    assert {("baseline_bf16", "full"), ("toolkit_memory", "full")} <= phases
+    trainer = {p for c, p in phases if c == "trainer balanced"}
+    assert {"warmup", "full", "predict:first", "correct:first"} <= trainer, trainer
+    assert all(float(r["wall_ms_median"]) > 0 for r in steps)
+    ops = list(csv.DictReader((out / "ops.csv").read_text().splitlines()))
+    for config, phase in phases:
+        mine = [r for r in ops if (r["config"], r["phase"]) == (config, phase)]
+        assert 0 < len(mine) <= 25
+        times = [float(r["self_us_per_step"]) for r in mine]
+        assert times == sorted(times, reverse=True)
+    assert "wall ms" in (out / "summary.md").read_text()
