@@ -179,6 +179,11 @@ def process_allocator(conf: str | None = None) -> str:
     return "expandable" if expandable else "native"
 
 
+def row_config(cfg: MemoryConfig) -> dict:
+    """A row's config: the configuration and the allocator this process runs under."""
+    return {**cfg.as_config(), "allocator": process_allocator(), "alloc_conf": alloc_conf()}
+
+
 def planner_setup(cfg: MemoryConfig, device: torch.device, allocator: str | None = None):
     """The planner's setup for ``cfg``; ``allocator``: None = this process's
     (:func:`process_allocator`)."""
@@ -412,7 +417,7 @@ def run_config(ctx: SuiteContext, cfg: MemoryConfig) -> tuple[float | None, floa
     """Measure one configuration, then check it under each memory cap; returns (measured
     peak, estimated peak) in GiB."""
     rec = ctx.recorder
-    config = {**cfg.as_config(), "allocator": process_allocator(), "alloc_conf": alloc_conf()}
+    config = row_config(cfg)
     est_peak = None
     est = None
     try:
@@ -574,7 +579,7 @@ def record_savings(ctx: SuiteContext, peaks: dict[MemoryConfig, tuple]) -> None:
     for cfg, (measured, estimated) in peaks.items():
         for name, (b_measured, b_estimated) in base.get(cfg.baseline_key, {}).items():
             case = f"{cfg.label} [peak]"
-            config = {**cfg.as_config(), "baseline": name}
+            config = {**row_config(cfg), "baseline": name}
             for provider, value, ref in (
                 ("measured", measured, b_measured),
                 ("planner", estimated, b_estimated),

@@ -84,15 +84,20 @@ for stage in "${stages[@]}"; do
         # (MEMORY_CONFIG_TIMEOUT) and the rows so far are written after each one, so a time
         # limit costs only the configuration it interrupts. MEMORY_SUBSET: a glob after the
         # model name ("* 8x1024"); MEMORY_CAPS: "8,16,24" checks each configuration under
-        # each cap; MEMORY_OPTIONS: more suite options ("steps=2 cap_runs=all").
+        # each cap; MEMORY_OPTIONS: more suite options ("steps=2 cap_runs=all");
+        # MEMORY_ALLOC_CONF: exported as PYTORCH_CUDA_ALLOC_CONF for this stage only
+        # ("expandable_segments:True" checks the planner's expandable-segments model; the rows
+        # record it, and the planner plans with the allocator the process runs under).
         parts=$(mktemp -d)
+        alloc_env=()
+        [ -n "${MEMORY_ALLOC_CONF:-}" ] && alloc_env=(env "PYTORCH_CUDA_ALLOC_CONF=$MEMORY_ALLOC_CONF")
         for model in ${MEMORY_MODELS:-gpt2-small gpt2-medium}; do
             limit_var="MEMORY_TIMEOUT_${model//-/_}"
             opts=(--option "config_timeout=${MEMORY_CONFIG_TIMEOUT:-150}")
             for o in ${MEMORY_OPTIONS:-}; do opts+=(--option "$o"); done
             [ -n "${MEMORY_CAPS:-}" ] && opts+=(--memory-cap "$MEMORY_CAPS")
             HYBRID_TRITON_PARTIAL_CSV="$parts/$model.csv" run "memory_$model" \
-                "${!limit_var:-${MEMORY_TIMEOUT:-240}}" hybrid-triton bench memory --no-progress \
+                "${!limit_var:-${MEMORY_TIMEOUT:-240}}" "${alloc_env[@]}" hybrid-triton bench memory --no-progress \
                 --cases "$model ${MEMORY_SUBSET:-*}" --out "$parts/$model" "${opts[@]}" ${QUICK:+--quick}
             # The whole report's rows (savings, agreement) replace the partial ones.
             find "$parts/$model" -name results.csv -exec cp {} "$parts/$model.csv" \; 2>/dev/null
