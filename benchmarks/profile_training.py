@@ -63,6 +63,9 @@ class PhaseProfile:
             lambda: defaultdict(lambda: [0.0, 0.0])
         )
         self.wall_ms: dict[tuple[str, str], list[float]] = defaultdict(list)
+        # Calls of rows with self time: on a GPU, kernel launches (what launch-bound work
+        # such as the dynamics model's small ops costs).
+        self.calls: dict[tuple[str, str], float] = defaultdict(float)
 
     def _sync(self) -> None:
         if self.on_gpu:
@@ -92,6 +95,7 @@ class PhaseProfile:
             row = self.ops[key][event.key]
             row[0] += t
             row[1] += event.count
+            self.calls[key] += event.count
         return phase
 
     def tables(self, top: int = TOP) -> tuple[list[dict], list[dict]]:
@@ -106,6 +110,7 @@ class PhaseProfile:
                     "steps": n,
                     "wall_ms_median": statistics.median(walls),
                     "wall_ms_mean": statistics.fmean(walls),
+                    "timed_calls_per_step": self.calls[key] / n,
                 }
             )
             ops = self.ops[key]
@@ -128,12 +133,13 @@ class PhaseProfile:
 
 def format_tables(op_rows: list[dict], step_rows: list[dict], on_gpu: bool) -> str:
     what = "self CUDA time" if on_gpu else "self CPU time"
-    lines = ["| configuration | phase | steps | wall ms (median) | wall ms (mean) |",
-             "| --- | --- | ---: | ---: | ---: |"]  # fmt: skip
+    calls = "kernels / step" if on_gpu else "timed ops / step"
+    lines = [f"| configuration | phase | steps | wall ms (median) | wall ms (mean) | {calls} |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for r in step_rows:
         lines.append(
             f"| {r['config']} | {r['phase']} | {r['steps']} | {r['wall_ms_median']:.2f} | "
-            f"{r['wall_ms_mean']:.2f} |"
+            f"{r['wall_ms_mean']:.2f} | {r['timed_calls_per_step']:.0f} |"
         )
     by_key: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in op_rows:

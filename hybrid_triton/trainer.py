@@ -716,18 +716,20 @@ class HybridTrainer:
                 flag = torch.maximum(flag, guard.to(torch.float32).reshape(1))
         # Correct steps measure the real update against the predicted one (one fp32
         # temporary of the master's size, freed after the step).
+        # Full steps that feed the dynamics model measure the update too (its per-group norms).
         record = plan.phase is Phase.CORRECT and self._direction is not None
-        before = self.master.clone() if record else None
+        observe = self._observes_on_device(plan)
+        before = self.master.clone() if record or observe else None
         self._decay(flag)
         self.optimizer.step(grad=acc.accumulator, found_inf=flag, grad_sumsq=acc.total_sumsq)
-        if before is not None:
+        if record:
             self._record_residual(before, flag)
-        if self._observes_on_device(plan):
+        if observe:
             self.dynamics.observe_device(
                 {
                     "loss": loss_sum,
                     "grad_norm": acc.grad_norm().reshape(()),
-                    "update_norms": self._update_norms(),
+                    "update_norms": self._update_norms(before),
                     "lr": self.optimizer._lr.reshape(()),
                     "step": self.controller.step,
                     "phase": plan.phase.value,
@@ -900,11 +902,16 @@ class HybridTrainer:
         vals = dequantize_moments_ref(codes, scale, hi - lo, bits, which, q)
         return vals[start - lo : end - lo]
 
-    def _update_norms(self) -> torch.Tensor:
-        """float32 [G]: per-group norms of the AdamW update just taken, ``lr * ||direction_g||``
-        (the dynamics model's features)."""
-        norms = [torch.linalg.vector_norm(d) for d in self._direction_groups()]
-        return torch.stack(norms) * self.optimizer._lr
+    def _update_norms(self, before: torch.Tensor) -> torch.Tensor:
+        """float32 [G]: per-group norms of the update just taken, ``||master - before||`` (the
+        dynamics model's features; ``before`` is overwritten with the update). That is
+        ``lr * ||m_hat / (sqrt(v_hat) + eps) + wd * w||`` of the step (the AdamW direction the
+        earlier code rebuilt from the moments every Full step: 8-bit moments decoded by the
+        torch reference, some 20 elementwise passes over the arena), read off the master in
+        three passes; a step skipped on the device moved nothing: 0."""
+        update = torch.sub(self.master, before, out=before)
+        norms = [torch.linalg.vector_norm(update[start:end]) for start, end, _ in self.groups]
+        return torch.stack(norms)
 
     def _enter_predict(self, plan: PhasePlan) -> None:
         from hybrid_triton.kernels import quantize_blockwise

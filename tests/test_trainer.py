@@ -430,3 +430,28 @@ def test_decay_filter_matches_torch_adamw_param_groups(corpus):
         HybridTrainer(CharModel(), lm_loss, optimizer=tr.optimizer, decay_filter=lambda n, p: True)
     tr.close()
     plain.close()
+
+
+def test_full_step_update_norms_are_the_adamw_direction_norms(corpus, monkeypatch):
+    # The dynamics model's update-norm features come from the master's change over the step;
+    # they must equal lr * ||AdamW direction|| per group, rebuilt from the moments right after
+    # the step (the formula Predict uses for its direction).
+    monkeypatch.setenv("HYBRID_TRITON_IMPL", "torch")
+    cfg = {**CYCLE, "dynamics_model": "rssm", "dynamics": RSSM_SMALL, "warmup_steps": 2}
+    tr = make_trainer(cfg, lr=3e-2, optimizer_kwargs={"weight_decay": 0.0})
+    seen = []
+    observe = tr.dynamics.observe_device
+
+    def spy(stats):
+        expected = torch.stack([torch.linalg.vector_norm(d) for d in tr._direction_groups()])
+        seen.append((stats["update_norms"].clone(), expected * tr.optimizer._lr))
+        observe(stats)
+
+    monkeypatch.setattr(tr.dynamics, "observe_device", spy)
+    for batch in batches(corpus, 6):
+        tr.step(batch)
+    tr.close()
+    assert len(seen) == 4  # the Full steps after two Warmup steps
+    for i, (got, expected) in enumerate(seen):
+        assert got.shape == (tr.num_groups,) and bool((got > 0).all())
+        assert_close(f"update_norms[{i}]", got, expected, rtol=1e-4, atol=1e-9)
