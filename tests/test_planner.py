@@ -518,3 +518,83 @@ def test_direction_groups_match_the_trainer(max_groups):
     table = FlatArena.from_module(module).group.table
     real = [sum(table[i].numel for i in ids) for _, _, ids in segment_groups(table, max_groups)]
     assert direction_groups(spec_from_module(module), max_groups) == real
+
+
+# ------------------------------------------------------------------------------ allocator
+
+EXPANDABLE_PAGE_BYTES = 20 * 2**20  # PyTorch's kLargeBuffer: the large pool's page
+
+
+def test_allocator_is_validated_and_described():
+    with pytest.raises(PlannerError, match=r"unknown allocator 'cuda-malloc'.*expandable, native"):
+        TrainSetup(allocator="cuda-malloc")
+    assert TrainSetup().allocator == "native"
+    assert "expandable segments" in TrainSetup(allocator="expandable").describe()
+    assert "expandable" not in TrainSetup().describe()
+
+
+@pytest.mark.parametrize(
+    "preset_name, vocab_bytes",
+    [("bf16-autocast", 4), ("bf16-master", 2), ("fp32", 4)],
+    ids=["autocast-fp32-nll", "bf16-logits", "fp32-logits"],
+)
+def test_allocators_change_the_reserved_peak_only(preset_name, vocab_bytes):
+    from hybrid_triton.planner.estimate import NATIVE_FRAGMENTATION
+
+    B, T = 4, 512
+    native = estimate(SMALL, setup_preset(preset_name, micro_batch=B, seq_len=T))
+    expandable = estimate(
+        SMALL, setup_preset(preset_name, micro_batch=B, seq_len=T, allocator="expandable")
+    )
+    assert native.phase_peak_bytes == expandable.phase_peak_bytes
+    full_n, full_e = native.phases["full"], expandable.phases["full"]
+    # The largest transient block at the peak (cross-entropy backward) is one [N, V] buffer:
+    # fp32 under autocast (nll_loss's input and gradient), else the compute dtype.
+    logits = B * T * SMALL.vocab_size * vocab_bytes
+    assert full_n.largest_transient_bytes == -(-logits // ALLOC_ROUND) * ALLOC_ROUND
+    assert full_n.largest_transient_component == "logits_and_loss"
+    assert full_n.reserved_bytes == (
+        full_n.peak_bytes
+        + full_n.segment_slack_bytes
+        + int(NATIVE_FRAGMENTATION * full_n.largest_transient_bytes)
+    )
+    pages = math.ceil(full_e.peak_bytes / EXPANDABLE_PAGE_BYTES) + 1
+    assert full_e.reserved_bytes == pages * EXPANDABLE_PAGE_BYTES
+    assert (
+        full_e.peak_bytes < full_e.reserved_bytes <= full_e.peak_bytes + 2 * EXPANDABLE_PAGE_BYTES
+    )
+    assert full_e.reserved_bytes < full_n.reserved_bytes
+    for est in (native, expandable):
+        assert est.reserved_peak_bytes == max(p.reserved_bytes for p in est.phases.values())
+        assert est.device_bytes() == est.reserved_peak_bytes + est.cuda_context_bytes
+
+
+def test_with_allocator_is_a_fresh_estimate_under_that_allocator():
+    setup = setup_preset("hybrid", micro_batch=2, seq_len=256)
+    native = estimate(SMALL, setup)
+    swapped = native.with_allocator("expandable")
+    fresh = estimate(SMALL, setup.replace(allocator="expandable"))
+    assert swapped.to_dict() == fresh.to_dict()
+    assert native.setup.allocator == "native"  # the original is untouched
+
+
+@pytest.mark.parametrize("allocator", ["native", "expandable"])
+def test_per_rank_estimate_uses_the_same_allocator_slack(allocator):
+    from hybrid_triton.planner import estimate_per_rank
+    from hybrid_triton.planner.estimate import CUDA_CONTEXT
+
+    setup = setup_preset("bf16-master", micro_batch=2, seq_len=256, allocator=allocator)
+    single = estimate(SMALL, setup)
+    one = estimate_per_rank(SMALL, setup, 1, "ddp")  # one replicated rank: the single GPU
+    assert one.reserved_peak_bytes == single.reserved_peak_bytes
+    assert one.device_bytes() == single.device_bytes()
+    sharded = estimate_per_rank(SMALL, setup, 4, "fsdp")
+    assert sharded.device_bytes() == sharded.reserved_peak_bytes + CUDA_CONTEXT
+    data = json.loads(json.dumps(sharded.to_dict()))
+    assert data["allocator"] == allocator
+    assert data["reserved_peak_bytes"] == sharded.reserved_peak_bytes
+    for phase in sharded.phases.values():
+        single_phase = single.phases[phase.phase]
+        assert phase.allocator == allocator
+        assert phase.largest_transient_bytes >= single_phase.largest_transient_bytes
+        assert phase.reserved_bytes == phase.peak_bytes + phase.allocator_slack_bytes

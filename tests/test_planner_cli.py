@@ -142,3 +142,42 @@ def test_loss_chunk_tokens_flag_reaches_the_predict_estimate(capsys):
     assert full > chunked  # the full [N, V] logits instead of one chunk's
     assert main(["gpt2-small", "--loss-chunk-tokens", "-1"]) == 2
     assert "loss_chunk_tokens" in capsys.readouterr().err
+
+
+def test_allocator_flag_reaches_the_table_and_json(capsys):
+    argv = ["gpt2-small", "--setup", "bf16-autocast", "--batch", "2", "--seq-len", "256"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "allocator: native (PyTorch's default caching allocator)" in table
+    assert "+ fragmentation allowance" in table and "= reserved peak" in table
+    assert main([*argv, "--allocator", "expandable"]) == 0
+    table = capsys.readouterr().out
+    assert "allocator: expandable (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True)" in table
+    assert "+ 20 MiB page slack" in table and "fragmentation" not in table
+    data = {}
+    for allocator in ("native", "expandable"):
+        assert main([*argv, "--allocator", allocator, "--json"]) == 0
+        data[allocator] = json.loads(capsys.readouterr().out)
+        assert data[allocator]["allocator"] == data[allocator]["setup"]["allocator"] == allocator
+    assert data["native"]["peak_bytes"] == data["expandable"]["peak_bytes"]
+    assert data["native"]["reserved_peak_bytes"] > data["expandable"]["reserved_peak_bytes"]
+
+
+def test_unknown_allocator_lists_the_choices(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["gpt2-small", "--allocator", "foo"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--allocator: invalid choice: 'foo'" in err
+    assert "native" in err and "expandable" in err
+
+
+def test_fit_allocator_flag(capsys):
+    assert main(["gpt2-small", "--fit", "--gpu", "rtx-4060"]) == 0
+    out = capsys.readouterr().out
+    assert "- expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True): on" in out
+    assert main(["gpt2-small", "--fit", "--gpu", "rtx-4060", "--allocator", "native"]) == 0
+    out = capsys.readouterr().out
+    assert "- expandable segments" not in out and "allocator: native" in out
+    assert main(["gpt2-small", "--fit", "--gpu", "rtx-4060", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["setup"]["allocator"] == "expandable"

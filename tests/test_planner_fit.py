@@ -83,3 +83,36 @@ def test_fit_rejects_bad_arguments():
         fit("gpt2-small", 16)
     with pytest.raises(PlannerError, match="exceeds"):
         fit(spec, 16, seq_len=4096)
+
+
+def test_fit_turns_expandable_segments_on_and_says_why():
+    # GPT-2 small on an 8 GiB card: with the native allocator's fragmentation allowance the
+    # best setup needs more than the usable memory; expandable segments avoid it.
+    result = fit(preset("gpt2-small"), "rtx-4060")
+    assert result.fits and result.best.setup.allocator == "expandable"
+    native = estimate(result.spec, result.best.setup.replace(allocator="native"))
+    assert native.device_bytes() > result.usable_bytes >= result.best.device_bytes
+    (reason,) = [r for r in result.reasons if r.startswith("expandable segments")]
+    assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in reason
+    assert "unusable around the 1.54 GiB logits and loss buffers" in reason  # 8x1024 fp32 [N,V]
+    assert f"this batch needs {native.device_bytes() / GiB:.2f} GiB" in reason
+    assert "With the default allocator the best is" in reason
+    assert result.to_dict()["setup"]["allocator"] == "expandable"
+
+
+def test_fit_with_one_allocator_searches_only_that_one():
+    native = fit(preset("gpt2-small"), "rtx-4060", allocator="native")
+    assert native.best.setup.allocator == "native"
+    assert all(c.setup.allocator == "native" for c in native.alternatives)
+    assert not any("expandable" in r for r in native.reasons)
+    both = fit(preset("gpt2-small"), "rtx-4060")
+    assert both.best.proxy >= native.best.proxy
+    with pytest.raises(PlannerError, match="unknown allocator 'malloc'"):
+        fit(preset("gpt2-small"), "rtx-4060", allocator="malloc")
+
+
+def test_native_allocator_wins_a_tie():
+    # Room for the largest micro-batch either way: the default allocator, nothing to explain.
+    result = fit(preset("gpt2-small"), "a100-40gb")
+    assert result.best.setup.allocator == "native"
+    assert not any("expandable" in r for r in result.reasons)
