@@ -172,6 +172,18 @@ class FusedAdamW(torch.optim.Optimizer):
             p.grad = view
         return self._flat_grad
 
+    def detach_flat_grads(self) -> None:
+        """Undo :meth:`attach_flat_grads`: the parameters' ``.grad`` views are dropped and the
+        flat buffer is released (the next backward writes ordinary gradients)."""
+        if self._flat_grad is None:
+            return
+        base, size = self._flat_grad.data_ptr(), self._flat_grad.element_size()
+        g = self.arena_group
+        for p, seg in zip(g.params, g.table):
+            if p.grad is not None and p.grad.data_ptr() == base + seg.offset * size:
+                p.grad = None
+        self._flat_grad = None
+
     @property
     def flat_grad(self) -> torch.Tensor | None:
         return self._flat_grad

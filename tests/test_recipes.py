@@ -185,7 +185,7 @@ def test_toolkit_memory_parts(torch_kernels):
         "memory_budget_gib": 4.0,
         "fused_loss": True,
         "loss_chunk_tokens": 1024,
-        "grad_dtype": "fp32",
+        "grad_dtype": "auto",
     }
     assert recipe_option_defaults("toolkit_memory") == defaults
     assert recipe_option_defaults("baseline_fp32") == {}
@@ -233,6 +233,7 @@ def test_toolkit_memory_step_folds_micro_batches(torch_kernels):
         optim=OptimConfig(grad_clip=1e-3),
         fused_loss=False,
         checkpointing=False,
+        grad_dtype="fp32",  # the hook-folded accumulator, also for a one-micro-batch window
     )
     torch.manual_seed(1)
     ref = GPT2(TINY).to(torch.bfloat16)
@@ -360,16 +361,21 @@ def test_plan_checkpoint_blocks_is_the_fewest_that_fit():
     """GPT-2 small at 8 x 1024 under 4 GiB: the chosen K fits with the margin, K - 1 does not;
     the estimates fall as K grows, and a budget nothing meets gives every block."""
     cfg = GPT2Config.from_name("gpt2-small")
-    k, peaks = plan_checkpoint_blocks(cfg, 8, 1024, memory_budget_gib=4.0)
+    k, peaks = plan_checkpoint_blocks(cfg, 8, 1024, memory_budget_gib=4.0, grad_dtype="fp32")
     limit = 4.0 * (1 - PLANNER_MARGIN) * 2**30
     assert 0 < k < cfg.n_layer, (k, peaks)
     assert peaks[k] <= limit < peaks[k - 1]
     assert list(peaks) == list(range(k + 1))
     assert all(a > b for a, b in zip(list(peaks.values()), list(peaks.values())[1:]))
-    none_fit, all_peaks = plan_checkpoint_blocks(cfg, 8, 1024, memory_budget_gib=0.5)
+    none_fit, all_peaks = plan_checkpoint_blocks(cfg, 8, 1024, memory_budget_gib=0.5,
+                                                 grad_dtype="fp32")  # fmt: skip
     assert none_fit == cfg.n_layer and len(all_peaks) == cfg.n_layer + 1
     # Without the fused loss the logits alone break the budget with every block checkpointed.
-    plain_k, plain_peaks = plan_checkpoint_blocks(cfg, 8, 1024, fused_loss=False)
+    plain_k, plain_peaks = plan_checkpoint_blocks(cfg, 8, 1024, fused_loss=False,
+                                                  grad_dtype="fp32")  # fmt: skip
+    # One micro-batch per step ("auto": the flat bf16 gradient buffer, 2 bytes per parameter
+    # less than the fp32 accumulator) needs no checkpointed block at all.
+    assert plan_checkpoint_blocks(cfg, 8, 1024, memory_budget_gib=4.0)[0] == 0
     assert plain_k == cfg.n_layer and min(plain_peaks.values()) > limit
 
 

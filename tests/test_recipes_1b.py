@@ -156,7 +156,41 @@ def test_bf16_grads_reject_several_micro_batches_and_stale_views(torch_kernels):
         parts.step([(x, x)], 1e-3)
     with pytest.raises(ValueError, match="grad_dtype"):
         build_recipe("toolkit_memory", TINY, grad_dtype="fp16")
-    assert recipe_option_defaults("toolkit_memory")["grad_dtype"] == "fp32"
+    assert recipe_option_defaults("toolkit_memory")["grad_dtype"] == "auto"
+
+
+def test_auto_grad_dtype_picks_the_path_per_step_and_switches(torch_kernels):
+    # "auto": one micro-batch -> the flat bf16 buffer (no hooks), several -> the hook-folded
+    # fp32 accumulator; a step with another count switches, releasing the old path's buffers,
+    # and each path gives the numbers of the explicit option from the same state.
+    x = torch.randint(0, 320, (2, 17))
+    y = torch.randint(0, 320, (2, 17))
+    runs = {}
+    for grad_dtype in ("auto", "bf16", "fp32"):
+        torch.manual_seed(1)
+        parts = build_recipe("toolkit_memory", TINY, grad_dtype=grad_dtype, checkpointing=False)
+        runs[grad_dtype] = parts
+        loss1 = parts.step([(x, y)], 1e-3)
+        if grad_dtype != "fp32":
+            assert parts.options["grad_path"] == "bf16"
+            assert all(opt.flat_grad is not None for opt in parts.optimizers)
+        runs[grad_dtype] = (parts, loss1)
+    auto, loss_auto = runs["auto"]
+    bf16, loss_bf16 = runs["bf16"]
+    assert torch.equal(loss_auto, loss_bf16)
+    for a, b in zip(auto.optimizers, bf16.optimizers):
+        assert torch.equal(a.master, b.master)
+    # Two micro-batches: auto switches to the fp32 hooks (bf16 would refuse).
+    loss2 = auto.step([(x, y), (y, x)], 1e-3)
+    assert auto.options["grad_path"] == "fp32"
+    assert all(opt.flat_grad is None for opt in auto.optimizers)
+    assert torch.isfinite(loss2)
+    with pytest.raises(ValueError, match="exactly one micro-batch"):
+        bf16.step([(x, y), (y, x)], 1e-3)
+    # And back to one micro-batch: the flat buffers again, the hooks gone.
+    auto.step([(x, y)], 1e-3)
+    assert auto.options["grad_path"] == "bf16"
+    assert all(p.grad is not None for opt in auto.optimizers for p in opt.arena_group.params)
 
 
 def test_bf16_grads_run_training_learns_like_fp32(corpus, torch_kernels):
@@ -290,7 +324,15 @@ def test_toolkit_peak_bf16_is_the_fp32_estimate_less_two_bytes_per_parameter():
     for blocks in (0, 12, 24):
         spec, setup = toolkit_setup(GPT2_1B, 8, 1024, checkpoint_blocks=blocks)
         fp32 = estimate(spec, setup).peak_bytes
-        assert toolkit_peak_bytes(GPT2_1B, 8, 1024, checkpoint_blocks=blocks) == fp32
+        assert toolkit_peak_bytes(GPT2_1B, 8, 1024, checkpoint_blocks=blocks,
+                                  grad_dtype="fp32") == fp32  # fmt: skip
+        # "auto" is the bf16 buffer for one micro-batch per step, the fp32 fold for several.
+        assert toolkit_peak_bytes(GPT2_1B, 8, 1024, checkpoint_blocks=blocks) == (
+            fp32 - 2 * GPT2_1B.num_params()
+        )
+        assert toolkit_peak_bytes(GPT2_1B, 4, 1024, 2, checkpoint_blocks=blocks) == (
+            toolkit_peak_bytes(GPT2_1B, 4, 1024, 2, checkpoint_blocks=blocks, grad_dtype="fp32")
+        )
         bf16 = toolkit_peak_bytes(GPT2_1B, 8, 1024, checkpoint_blocks=blocks, grad_dtype="bf16")
         assert bf16 == fp32 - 2 * GPT2_1B.num_params()
     with pytest.raises(ValueError, match="grad_dtype"):
@@ -311,7 +353,8 @@ def test_the_1b_configuration_fits_16_gib_only_with_bf16_grads():
     # The fp32 accumulator does not fit the 16 GiB cap with the planner's 5% margin at any
     # micro-batch, even with every block checkpointed.
     for micro_batch in (1, 8):
-        fp32 = toolkit_peak_bytes(GPT2_1B, micro_batch, 1024, checkpoint_blocks=GPT2_1B.n_layer)
+        fp32 = toolkit_peak_bytes(GPT2_1B, micro_batch, 1024, checkpoint_blocks=GPT2_1B.n_layer,
+                                  grad_dtype="fp32")  # fmt: skip
         assert fp32 > 16 * (1 - PLANNER_MARGIN) * GIB
     # The baselines do not fit 16 GiB at all (recorded as out of memory on the GPU).
     for recipe in ("baseline_fp32", "baseline_bf16"):
