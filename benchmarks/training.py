@@ -471,6 +471,7 @@ def trainer_checkpoint_blocks(ctx: SuiteContext, size: TrainingSize, model_cfg, 
             state_bits=state_bits,
             fused_loss=True,
             loss_chunk_tokens=opts["loss_chunk_tokens"],
+            grad_dtype="fp32",  # the trainer folds gradients into fp32 from hooks
         )
         return blocks
     if text == "all":
