@@ -700,20 +700,22 @@ VARIANTS: dict[str, RolloutVariant] = {
     "fused_acquire": RolloutVariant(True, "acquire", 4),
     "fused_volatile": RolloutVariant(True, "volatile", 4),
     "fused_volatile_w8": RolloutVariant(True, "volatile", 8),
-    # rollout_folded.py: one level of reductions per step (not yet in the H100 sweep).
+    # rollout_folded.py: one level of reductions per step (in the 2026-11-25 H100 sweep).
     "folded": RolloutVariant(True, "volatile", 4, folded=True),
     "folded_w8": RolloutVariant(True, "volatile", 8, folded=True),
     "folded_row": RolloutVariant(True, "volatile", 4, folded=True, full_row=True),
     "folded_row_w8": RolloutVariant(True, "volatile", 8, folded=True, full_row=True),
 }
-# Hidden sizes the H100 sweep measured each default at (reports/rssm/2026-11-24_sweep_h100/,
-# graph replay, K=5 or 16, B=1, T=1..200): fused_volatile was the fastest (or within 0.5%, at
-# T=1) of the remaining variants at H=64 and H=256 and 2.4x slower than legacy at H=1024,
-# where fused_volatile_w8 was the fastest (1638 us; legacy 2301). H=512 was not measured with
-# the fused kernels, so sizes between 256 and 1024 keep the legacy kernel. Above 1024 and
-# below 64 the nearest measured size decides (not measured).
+# Hidden sizes the H100 sweeps measured each default at (reports/rssm/2026-11-24_sweep_h100/
+# and 2026-11-25_sweep_h100/, graph replay, K=5 or 16, B=1, T=1..200): fused_volatile is the
+# fastest of the variants at H=64 and H=256 (T=50; at T=1 within 1% of legacy), and
+# fused_volatile_w8 at H=512 (540 us; legacy 621, fused_volatile 645) and H=1024 (1633 us;
+# legacy 2298, fused_volatile 5614). The choice is by H only: at T=200 the folded variants
+# were 6% faster (folded_row_w8 825 us vs 881) and at K=16 fused_volatile_w8 5% faster (332
+# vs 351), single points each, not a rule. Above 1024 and below 64 the nearest measured size
+# decides (not measured).
 FUSED_VOLATILE_MAX_H = 256
-FUSED_VOLATILE_W8_MIN_H = 1024
+FUSED_VOLATILE_W8_MIN_H = 512
 
 
 def default_variant(H: int) -> str:
