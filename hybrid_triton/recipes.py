@@ -20,7 +20,8 @@
   "fp32" (the hook-folded fp32 accumulator) or "bf16" (one micro-batch per step: autograd
   writes straight into a flat bf16 gradient buffer, 2 bytes per parameter less, and no
   per-parameter hook runs; for one micro-batch its numbers are those of the fp32 fold, which
-  holds a single bf16 gradient exactly; the GPT-2 1B run under 16 GiB uses it). The hooks
+  holds a single bf16 gradient exactly, except the tied embedding, whose two gradient terms
+  autograd sums in bf16; the GPT-2 1B run under 16 GiB uses it). The hooks
   cost host time: on the H100, GPT-2 small 8x1024, 148 hook launches per step made the fp32
   path host-bound (about 42 ms per step against 27 ms for the bf16 buffer).
   The resolved choice lands in ``RecipeParts.options`` (``checkpoint_blocks``,
