@@ -15,6 +15,8 @@ default for bf16-shadow models), and the Predict entry measured apart from the p
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from helpers import assert_close, bf16_ulp
@@ -103,6 +105,9 @@ def test_predict_holds_no_master_and_less_memory(corpus):
         moments = trainer.optimizer.state_tensors().values()
         assert all(t.untyped_storage().nbytes() == 0 for t in moments)
         trainer.step(data[i])
+        # Unreachable tensors left by earlier tests in this process (reference cycles not yet
+        # collected) would count too; collect them so the two modes are compared alone.
+        gc.collect()
         held[mode] = live_tensor_bytes("cpu")
         # Predict over: the master is back (the first Correct step waited for it).
         while trainer.phase is Phase.PREDICT:
