@@ -56,6 +56,7 @@ import triton.language as tl
 from .._alloc import empty
 from .._checks import KernelInputError, check_tensor
 from .._dispatch import impl_for_device, use_triton
+from ._sync import _arrive_and_wait, _reduce_members
 
 OP = "rssm_rollout"
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
@@ -90,19 +91,6 @@ class RolloutResult(NamedTuple):
     traj: torch.Tensor  # [K, T, B, O] fp32
     mean: torch.Tensor  # [T, B, O]
     var: torch.Tensor  # [T, B, O] population variance over members
-
-
-@triton.jit
-def _group_barrier(counter_ptr, target, SPLIT: tl.constexpr):
-    # Every thread of this program has issued its stores before thread 0 arrives.
-    tl.debug_barrier()
-    if SPLIT > 1:
-        # release: our h slice is visible before the count; acquire: theirs before our reads.
-        tl.atomic_add(counter_ptr, 1, sem="release")
-        seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
-        while seen < target:
-            seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
-        tl.debug_barrier()
 
 
 @triton.jit
@@ -212,7 +200,7 @@ def _rssm_rollout_kernel(
         m_r = rows < H
         h_init = tl.load(h0_ptr + kb * H + rows, mask=m_r, other=0.0)
         tl.store(h_buf + rows, h_init, mask=m_r)
-    _group_barrier(counter, SPLIT, SPLIT)
+    _arrive_and_wait(counter, SPLIT, SPLIT, 0)  # SYNC 0: acquire polls
 
     for s in range(T_C if STATIC_BOUNDS else T):
         h_cur = h_buf + (s % 2) * H
@@ -275,7 +263,7 @@ def _rssm_rollout_kernel(
             h_old = tl.load(h_cur + rows, mask=m_r, other=0.0, volatile=True)
             h_new = (1.0 - update) * cand + update * h_old
             tl.store(h_nxt + rows, h_new, mask=m_r)
-        _group_barrier(counter, (s + 2) * SPLIT, SPLIT)
+        _arrive_and_wait(counter, (s + 2) * SPLIT, SPLIT, 0)
 
         # Latent prior mean and heads from the full h_s (redundant per program: small).
         z_acc = tl.zeros([S_PAD], dtype=tl.float32)
@@ -309,31 +297,8 @@ def _rssm_rollout_kernel(
         x_next = tl.sum(mix * x[None, :], axis=1) + tl.sum(feed_t * y[:, None], axis=0)
         x = x_next + drift
 
-    # The last program to finish reduces over the members and resets the counters.
-    tl.debug_barrier()
-    done = tl.atomic_add(sync_ptr + K * B, 1, sem="acq_rel")
-    if done == K * B * SPLIT - 1:
-        offs = tl.arange(0, BLOCK_R)
-        for g0 in range(0, K_C * B_C if STATIC_BOUNDS else K * B, BLOCK_R):
-            tl.store(
-                sync_ptr + g0 + offs, tl.zeros([BLOCK_R], dtype=tl.int32), mask=g0 + offs < K * B
-            )
-        tl.store(sync_ptr + K * B, 0)
-        n = T * B * O
-        for e0 in range(0, T_C * B_C * O_C if STATIC_BOUNDS else T * B * O, BLOCK_R):
-            idx = e0 + offs
-            m = idx < n
-            acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-            for kk in range(K_C if STATIC_BOUNDS else K):
-                acc += tl.load(traj_ptr + kk * n + idx, mask=m, other=0.0, volatile=True)
-            mean = acc / K
-            # Two passes (mean, then squared deviations): no cancellation when members agree.
-            acc2 = tl.zeros([BLOCK_R], dtype=tl.float32)
-            for kk in range(K_C if STATIC_BOUNDS else K):
-                d = tl.load(traj_ptr + kk * n + idx, mask=m, other=0.0, volatile=True) - mean
-                acc2 += d * d
-            tl.store(mean_ptr + idx, mean, mask=m)
-            tl.store(var_ptr + idx, acc2 / K, mask=m)
+    _reduce_members(sync_ptr, traj_ptr, mean_ptr, var_ptr, K, B, T, O, SPLIT, BLOCK_R,
+                    STATIC_BOUNDS, K_C, B_C, T_C, O_C)  # fmt: skip
 
 
 # ------------------------------------------------------------------ fused kernel (issue 4 variants)
@@ -343,26 +308,6 @@ SYNC_ACQUIRE = 0  # counter; arrive with a release atomic, poll with acquire loa
 SYNC_VOLATILE = 1  # counter; poll with volatile loads (no L1 invalidation); h is read volatile
 # (The sweep of 2026-11-24 also had step-tagged h words without a counter, "flag": they failed
 # the reference check at some measured point in every configuration and were removed.)
-
-
-@triton.jit
-def _arrive_and_wait(counter_ptr, target, SPLIT: tl.constexpr, SYNC: tl.constexpr):
-    # Every thread of this program has issued its stores before thread 0 arrives.
-    tl.debug_barrier()
-    if SPLIT > 1:
-        # release: our h slice reaches L2 before the count does.
-        tl.atomic_add(counter_ptr, 1, sem="release")
-        if SYNC == 0:
-            seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
-            while seen < target:
-                seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
-        else:
-            # Volatile polls read L2 and leave L1 (the weight slice) alone; the h reads that
-            # follow are volatile too and are issued only once the loop has exited.
-            seen = tl.load(counter_ptr, volatile=True)
-            while seen < target:
-                seen = tl.load(counter_ptr, volatile=True)
-        tl.debug_barrier()
 
 
 @triton.jit
@@ -576,31 +521,8 @@ def _rssm_rollout_fused_kernel(
         if s < T:
             _arrive_and_wait(counter, (s + 2) * SPLIT, SPLIT, SYNC)
 
-    # The last program to finish reduces over the members and resets the counters.
-    tl.debug_barrier()
-    done = tl.atomic_add(sync_ptr + K * B, 1, sem="acq_rel")
-    if done == K * B * SPLIT - 1:
-        offs = tl.arange(0, BLOCK_R)
-        for g0 in range(0, K_C * B_C if STATIC_BOUNDS else K * B, BLOCK_R):
-            tl.store(
-                sync_ptr + g0 + offs, tl.zeros([BLOCK_R], dtype=tl.int32), mask=g0 + offs < K * B
-            )
-        tl.store(sync_ptr + K * B, 0)
-        n = T * B * O
-        for e0 in range(0, T_C * B_C * O_C if STATIC_BOUNDS else T * B * O, BLOCK_R):
-            idx = e0 + offs
-            m = idx < n
-            acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-            for kk in range(K_C if STATIC_BOUNDS else K):
-                acc += tl.load(traj_ptr + kk * n + idx, mask=m, other=0.0, volatile=True)
-            mean = acc / K
-            # Two passes (mean, then squared deviations): no cancellation when members agree.
-            acc2 = tl.zeros([BLOCK_R], dtype=tl.float32)
-            for kk in range(K_C if STATIC_BOUNDS else K):
-                d = tl.load(traj_ptr + kk * n + idx, mask=m, other=0.0, volatile=True) - mean
-                acc2 += d * d
-            tl.store(mean_ptr + idx, mean, mask=m)
-            tl.store(var_ptr + idx, acc2 / K, mask=m)
+    _reduce_members(sync_ptr, traj_ptr, mean_ptr, var_ptr, K, B, T, O, SPLIT, BLOCK_R,
+                    STATIC_BOUNDS, K_C, B_C, T_C, O_C)  # fmt: skip
 
 
 def _check_inputs(

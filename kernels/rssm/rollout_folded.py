@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import empty
+from ._sync import _arrive_and_wait, _reduce_members
 
 FOLDED_BLOCK_R = 256  # elements per chunk of the final member reduction
 
@@ -135,25 +136,6 @@ def folded_tiling(
         fit = max(1, FOLDED_CHUNK_ELEMS_PER_WARP * num_warps // per_col)
         block_c = min(h_pad, max(16, 1 << (fit.bit_length() - 1)))
     return FoldedTiling(programs, block_h, block_x, block_c, resident)
-
-
-@triton.jit
-def _folded_arrive_and_wait(counter_ptr, target, SPLIT: tl.constexpr, SYNC: tl.constexpr):
-    # As rollout._arrive_and_wait (kept here so this file reads on its own).
-    tl.debug_barrier()
-    if SPLIT > 1:
-        # release: our h and x rows reach L2 before the count does.
-        tl.atomic_add(counter_ptr, 1, sem="release")
-        if SYNC == 0:
-            seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
-            while seen < target:
-                seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
-        else:
-            # Volatile polls read L2 and leave L1 (the weight slice) alone.
-            seen = tl.load(counter_ptr, volatile=True)
-            while seen < target:
-                seen = tl.load(counter_ptr, volatile=True)
-        tl.debug_barrier()
 
 
 @triton.jit
@@ -379,33 +361,10 @@ def _rssm_rollout_folded_kernel(
         h_own = (1.0 - update) * cand + update * h_own
         tl.store(h_buf + ((s + 1) % 2) * H + rows, h_own, mask=m_r & (s < T))
         if s < T:
-            _folded_arrive_and_wait(counter, (s + 1) * SPLIT, SPLIT, SYNC)
+            _arrive_and_wait(counter, (s + 1) * SPLIT, SPLIT, SYNC)
 
-    # The last program to finish reduces over the members and resets the counters.
-    tl.debug_barrier()
-    done = tl.atomic_add(sync_ptr + K * B, 1, sem="acq_rel")
-    if done == K * B * SPLIT - 1:
-        offs = tl.arange(0, BLOCK_R)
-        for g0 in range(0, K_C * B_C if STATIC_BOUNDS else K * B, BLOCK_R):
-            tl.store(
-                sync_ptr + g0 + offs, tl.zeros([BLOCK_R], dtype=tl.int32), mask=g0 + offs < K * B
-            )
-        tl.store(sync_ptr + K * B, 0)
-        total = T * B * O
-        for e0 in range(0, T_C * B_C * O_C if STATIC_BOUNDS else T * B * O, BLOCK_R):
-            idx = e0 + offs
-            m = idx < total
-            acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-            for kk in range(K_C if STATIC_BOUNDS else K):
-                acc += tl.load(traj_ptr + kk * total + idx, mask=m, other=0.0, volatile=True)
-            mean = acc / K
-            # Two passes (mean, then squared deviations): no cancellation when members agree.
-            acc2 = tl.zeros([BLOCK_R], dtype=tl.float32)
-            for kk in range(K_C if STATIC_BOUNDS else K):
-                dev = tl.load(traj_ptr + kk * total + idx, mask=m, other=0.0, volatile=True) - mean
-                acc2 += dev * dev
-            tl.store(mean_ptr + idx, mean, mask=m)
-            tl.store(var_ptr + idx, acc2 / K, mask=m)
+    _reduce_members(sync_ptr, traj_ptr, mean_ptr, var_ptr, K, B, T, O, SPLIT, BLOCK_R,
+                    STATIC_BOUNDS, K_C, B_C, T_C, O_C)  # fmt: skip
 
 
 def launch_folded(
