@@ -153,6 +153,20 @@ class ArenaGroup:
         raise KeyError(f"no parameter named {name!r} in this arena")
 
 
+def trainable_parameters(module: nn.Module) -> list[tuple[nn.Parameter, list[str]]]:
+    """The module's trainable parameters in registration order, each once with all its names
+    (a tied parameter's other names are aliases)."""
+    by_param: dict[int, tuple[nn.Parameter, list[str]]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if not p.requires_grad:
+            continue
+        if id(p) in by_param:
+            by_param[id(p)][1].append(name)
+        else:
+            by_param[id(p)] = (p, [name])
+    return list(by_param.values())
+
+
 class FlatArena:
     """All trainable parameters of a module, grouped by (dtype, device) into flat buffers."""
 
@@ -161,18 +175,11 @@ class FlatArena:
         # A weak reference, not id(): a module built after this one was garbage collected can
         # get the same id.
         self.module_ref = weakref.ref(module)
-        by_param: dict[int, tuple[nn.Parameter, list[str]]] = {}
-        for name, p in module.named_parameters(remove_duplicate=False):
-            if not p.requires_grad:
-                continue
-            if id(p) in by_param:
-                by_param[id(p)][1].append(name)
-            else:
-                by_param[id(p)] = (p, [name])
-        if not by_param:
+        entries = trainable_parameters(module)
+        if not entries:
             raise ArenaError(f"{type(module).__name__} has no trainable parameters to pack")
         grouped: dict[tuple[torch.dtype, torch.device], list[tuple[nn.Parameter, list[str]]]] = {}
-        for p, names in by_param.values():
+        for p, names in entries:
             if not p.is_floating_point():
                 raise ArenaError(f"parameter {names[0]} has non-float dtype {p.dtype}")
             grouped.setdefault((p.dtype, p.device), []).append((p, names))

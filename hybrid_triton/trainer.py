@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from hybrid_triton.accumulation import GradAccumulator
-from hybrid_triton.arena import ArenaGroup, FlatArena
+from hybrid_triton.arena import ArenaGroup, FlatArena, trainable_parameters
 from hybrid_triton.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from hybrid_triton.divergence import DivergenceMonitor, Level
 from hybrid_triton.metrics import MetricsCollector
@@ -354,20 +354,12 @@ def _decay_first_group(
 ) -> tuple[ArenaGroup, int]:
     """One arena group of the model's trainable parameters with those that ``decay_filter``
     accepts first (tied parameters once, their other names as aliases), and their count."""
-    by_param: dict[int, tuple[nn.Parameter, list[str]]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if not p.requires_grad:
-            continue
-        if id(p) in by_param:
-            by_param[id(p)][1].append(name)
-        else:
-            by_param[id(p)] = (p, [name])
-    if not by_param:
+    entries = trainable_parameters(model)
+    if not entries:
         raise ValueError(f"HybridTrainer: {type(model).__name__} has no trainable parameters")
-    entries = list(by_param.values())
-    decayed = [e for e in entries if decay_filter(e[1][0], e[0])]
-    plain = [e for e in entries if not decay_filter(e[1][0], e[0])]
-    ordered = decayed + plain
+    decays = [bool(decay_filter(names[0], p)) for p, names in entries]
+    decayed = [e for e, d in zip(entries, decays) if d]
+    ordered = decayed + [e for e, d in zip(entries, decays) if not d]
     group = ArenaGroup.from_params([p for p, _ in ordered], [names for _, names in ordered])
     return group, len(decayed)
 
