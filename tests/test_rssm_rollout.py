@@ -17,6 +17,7 @@ from hybrid_triton.kernels.rssm import (
     make_workspace,
 )
 from hybrid_triton.kernels.rssm import rollout as rollout_module
+from hybrid_triton.kernels.rssm import rollout_folded as rollout_folded_module
 from hybrid_triton.kernels.rssm.rollout import VARIANTS, workspace_parts
 from hybrid_triton.kernels.rssm.rollout_folded import fold_weights, folded_tiling
 
@@ -115,30 +116,71 @@ def test_variants_match_reference(shape, variant, device):
 
 # The folded kernel (rollout_folded.py) folds latent, heads and feedback into the gate
 # inputs; the fold changes the summation order, so every adversarial shape runs through it
-# too: K=1, odd and prime H, T=1, S=1, O=1, B=3, a longer rollout, and bf16 weights.
-FOLDED_SHAPES = [*CPU_SHAPES, (2, 1, 16, 6, 3, 2, 24)]
-FOLDED_IDS = [*CPU_IDS, "T24"]
+# too: K=1, odd and prime H, T=1, S=1, O=1, B=3, a longer rollout, and bf16 weights. The
+# in-kernel fold (folded_inkernel*) runs the same shapes: under the interpreter (one program
+# per group, so BLOCK_H = next_pow2(H)) its tiles are resident, and folded in the kernel, up to
+# H=32 with 4 warps and H=64 with 8 and 16; above that it falls back to fold_weights.
+FOLDED_SHAPES = [*CPU_SHAPES, (2, 1, 16, 6, 3, 2, 24), (2, 2, 61, 9, 7, 5, 5)]
+FOLDED_IDS = [*CPU_IDS, "T24", "H61-O5-B2"]
+FOLDED_VARIANTS = ["folded", "folded_inkernel", "folded_inkernel_w8", "folded_inkernel_w16"]
+IN_KERNEL_VARIANTS = [name for name, v in VARIANTS.items() if v.in_kernel]
 
 
+@pytest.mark.parametrize("variant", FOLDED_VARIANTS)
 @pytest.mark.parametrize("shape", FOLDED_SHAPES, ids=FOLDED_IDS)
-def test_folded_matches_reference(shape, device):
+def test_folded_matches_reference(shape, variant, device):
     K, B, H, I, S, O, T = shape
     problem = make_problem(K, B, H, I, S, O, device)
-    result = rssm_rollout(*problem, T, variant="folded")
+    result = rssm_rollout(*problem, T, variant=variant)
     assert result.traj.shape == (K, T, B, O) and result.mean.shape == (T, B, O)
     check_all(result, problem, T, torch.float32)
     if K == 1:
         assert torch.all(result.var == 0), "one member has no disagreement"
 
 
+@pytest.mark.parametrize("variant", FOLDED_VARIANTS)
 @pytest.mark.parametrize(
     "shape", [(3, 2, 19, 6, 4, 2, 3), (1, 1, 7, 3, 1, 1, 1)], ids=["H19", "T1"]
 )
-def test_folded_bf16_weights(shape, device):
+def test_folded_bf16_weights(shape, variant, device):
     K, B, H, I, S, O, T = shape
     problem = make_problem(K, B, H, I, S, O, device, weight_dtype=torch.bfloat16)
     # Folded in fp32 from the same upcast bf16 values the reference uses.
-    check_all(rssm_rollout(*problem, T, variant="folded"), problem, T, torch.bfloat16)
+    check_all(rssm_rollout(*problem, T, variant=variant), problem, T, torch.bfloat16)
+
+
+def test_in_kernel_variants_are_registered():
+    assert set(IN_KERNEL_VARIANTS) == set(FOLDED_VARIANTS[1:])
+    for name in IN_KERNEL_VARIANTS:
+        assert VARIANTS[name].folded and not VARIANTS[name].full_row, name
+
+
+@pytest.mark.parametrize("variant", ["folded_inkernel", "folded_inkernel_w8"])
+@pytest.mark.parametrize(
+    "shape, in_kernel",
+    [((2, 2, 13, 5, 3, 2, 3), True), ((1, 1, 130, 5, 3, 2, 2), False)],
+    ids=["resident", "streamed"],
+)
+def test_in_kernel_fold_calls_no_torch_fold(shape, in_kernel, variant, device, monkeypatch):
+    """Where the tiles are resident the in-kernel variants launch the kernel alone (no
+    fold_weights, so no torch ops before it); where they are not, they fall back to it."""
+    K, B, H, I, S, O, T = shape
+    num_warps = VARIANTS[variant].num_warps
+    split = default_split(K, B, H, torch.device(device))
+    assert folded_tiling(H, I, S, O, split, num_warps, False).resident == in_kernel
+    calls = []
+
+    def counting_fold(weights, feedback):
+        calls.append(1)
+        return fold_weights(weights, feedback)
+
+    monkeypatch.setattr(rollout_folded_module, "fold_weights", counting_fold)
+    problem = make_problem(K, B, H, I, S, O, device)
+    check_all(rssm_rollout(*problem, T, variant=variant), problem, T, torch.float32)
+    assert len(calls) == (0 if in_kernel else 1)
+    # The torch-fold variant of the same tiling does fold, on every call.
+    check_all(rssm_rollout(*problem, T, variant="folded"), problem, T, torch.float32)
+    assert len(calls) == (1 if in_kernel else 2)
 
 
 def test_fold_makes_new_fp32_tensors_and_keeps_tf32_setting():
@@ -183,7 +225,7 @@ def test_folded_tiling_owns_every_row_once(H, split, num_warps, full_row):
             assert t.block_c >= H, "one chunk covers the row"
 
 
-@pytest.mark.parametrize("variant", ["legacy", "fused_volatile", "folded"])
+@pytest.mark.parametrize("variant", ["legacy", "fused_volatile", "folded", "folded_inkernel_w8"])
 def test_workspace_is_reusable(variant, device):
     K, B, H, I, S, O, T = 2, 1, 20, 5, 3, 2, 2
     problem = make_problem(K, B, H, I, S, O, device)
@@ -204,7 +246,10 @@ def test_workspace_is_reusable(variant, device):
 def test_workspace_shared_by_variants(device):
     K, B, H, I, S, O, T = 2, 1, 24, 4, 3, 2, 3
     workspace = make_workspace(K, B, H, device)
-    for variant in ("fused_volatile", "folded", "legacy", "fused_volatile_w8", "folded_w8"):
+    for variant in (
+        "fused_volatile", "folded", "legacy", "fused_volatile_w8", "folded_w8",
+        "folded_inkernel_w8", "folded_inkernel",
+    ):  # fmt: skip
         problem = make_problem(K, B, H, I, S, O, device)
         result = rssm_rollout(*problem, T, workspace=workspace, variant=variant)
         check_all(result, problem, T, torch.float32)
@@ -355,6 +400,58 @@ def test_gpu_paths_match_reference(shape, weight_dtype, variant):
         check_all(result, problem, T, weight_dtype)
 
 
+# The in-kernel fold at shapes whose tiles stay resident with the split of a 132-SM GPU
+# (H100, H200), so the fold really runs in the kernel: the target, odd I/S/O with B=2 and a
+# prime H, K=16, and two T=200 rollouts (GPU_SHAPES' other points fall back to fold_weights).
+# make_problem's feedback loop expands (the target reaches ~1e23 by T=50 at some seeds), so
+# the long rollouts get a contractive FEED (x0.1: |traj| < 10 up to T=200 over 20 seeds),
+# where a drift of the fold's rounding over many steps would show instead of overflowing.
+GPU_IN_KERNEL_SHAPES = [
+    (5, 1, 256, 64, 32, 5, 50),
+    (3, 2, 97, 30, 17, 3, 30),
+    (16, 1, 128, 64, 32, 9, 20),
+    (5, 1, 64, 64, 32, 5, 200),
+    (5, 1, 256, 64, 32, 5, 200),
+]
+GPU_IN_KERNEL_IDS = ["K5-H256-T50", "H97-odd-B2", "K16-H128", "H64-T200", "H256-T200"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", IN_KERNEL_VARIANTS)
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", GPU_IN_KERNEL_SHAPES, ids=GPU_IN_KERNEL_IDS)
+def test_gpu_in_kernel_fold_matches_reference(shape, weight_dtype, variant, monkeypatch):
+    K, B, H, I, S, O, T = shape
+    split = default_split(K, B, H, torch.device("cuda"))
+    tiling = folded_tiling(H, I, S, O, split, VARIANTS[variant].num_warps, False)
+    if not tiling.resident:
+        pytest.skip(f"{variant}: not resident at this shape with split={split} (falls back)")
+
+    def no_torch_fold(weights, feedback):
+        raise AssertionError("the in-kernel variant ran fold_weights at a resident shape")
+
+    monkeypatch.setattr(rollout_folded_module, "fold_weights", no_torch_fold)
+    x0, h0, z0, weights, feedback = make_problem(K, B, H, I, S, O, "cuda", weight_dtype)
+    if T > 50:
+        feedback = feedback._replace(feed=feedback.feed * 0.1)
+    problem = (x0, h0, z0, weights, feedback)
+    check_all(rssm_rollout(*problem, T, variant=variant), problem, T, weight_dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_in_kernel_shapes_are_resident_on_a_132_sm_gpu():
+    """The shapes above exercise the in-kernel fold (not its fallback) with 8 and 16 warps
+    on an H100 or H200; on another GPU the split, and so the tiling, may differ."""
+    from hybrid_triton.kernels.rssm.rollout import _sm_count
+
+    if _sm_count(torch.device("cuda")) != 132:
+        pytest.skip("the shapes were chosen for 132 SMs")
+    for K, B, H, I, S, O, _ in GPU_IN_KERNEL_SHAPES:
+        split = default_split(K, B, H, torch.device("cuda"))
+        for warps in (8, 16):
+            assert folded_tiling(H, I, S, O, split, warps, False).resident, (K, B, H, warps)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_gpu_barrier_repeats_cleanly(variant):
@@ -370,7 +467,9 @@ def test_gpu_barrier_repeats_cleanly(variant):
         assert torch.equal(a, b), "a persistent rollout must be deterministic run to run"
 
 
-@pytest.mark.parametrize("variant", [None, "folded"], ids=["default", "folded"])
+@pytest.mark.parametrize(
+    "variant", [None, "folded", "folded_inkernel_w8"], ids=["default", "folded", "inkernel"]
+)
 def test_rollout_graph_follows_new_inputs_and_parameter_updates(variant, device):
     from hybrid_triton.kernels.rssm import RolloutGraph
 
@@ -380,7 +479,8 @@ def test_rollout_graph_follows_new_inputs_and_parameter_updates(variant, device)
     graph = RolloutGraph(x0, h0, z0, weights, feedback, T, variant=variant)
     check_all(graph(x0, h0, z0), problem, T, torch.float32)
     # New inputs and in-place updates are all seen by the next call, including those of the
-    # tensors the folded variant derives its matrices from (prior, heads, feedback maps).
+    # tensors the folded variants derive their matrices from (prior, heads, feedback maps),
+    # whether the fold runs before the kernel (captured with it) or inside it.
     fresh = make_problem(K, B, H, I, S, O, device)
     with torch.no_grad():
         weights.w_hh.mul_(0.5)

@@ -606,7 +606,9 @@ class RolloutVariant(NamedTuple):
     ``num_warps``: more warps give the fused kernel more registers for resident weights.
     ``folded``: the folded kernel of rollout_folded.py (the linear chain folded into the gate
     inputs; ``fused`` is ignored). ``full_row``: the folded kernel reads the whole row of h
-    in one chunk per step when its weights are not resident.
+    in one chunk per step when its weights are not resident. ``in_kernel``: the folded kernel
+    folds the weights in its prologue (no ``fold_weights`` before the launch) where its tiles
+    are resident, and falls back to ``fold_weights`` where they are not.
     """
 
     fused: bool
@@ -614,6 +616,7 @@ class RolloutVariant(NamedTuple):
     num_warps: int
     folded: bool = False
     full_row: bool = False
+    in_kernel: bool = False
 
 
 _SYNC_CODES = {"acquire": SYNC_ACQUIRE, "volatile": SYNC_VOLATILE}
@@ -627,6 +630,11 @@ VARIANTS: dict[str, RolloutVariant] = {
     "folded_w8": RolloutVariant(True, "volatile", 8, folded=True),
     "folded_row": RolloutVariant(True, "volatile", 4, folded=True, full_row=True),
     "folded_row_w8": RolloutVariant(True, "volatile", 8, folded=True, full_row=True),
+    # The fold inside the launch where the tiles are resident (rollout_folded.py,
+    # FOLD_IN_KERNEL; fold_weights elsewhere): not yet measured on the GPU.
+    "folded_inkernel": RolloutVariant(True, "volatile", 4, folded=True, in_kernel=True),
+    "folded_inkernel_w8": RolloutVariant(True, "volatile", 8, folded=True, in_kernel=True),
+    "folded_inkernel_w16": RolloutVariant(True, "volatile", 16, folded=True, in_kernel=True),
 }
 # Hidden sizes the H100 sweeps measured each default at (reports/rssm/2026-11-24_sweep_h100/
 # and 2026-11-25_sweep_h100/, graph replay, K=5 or 16, B=1, T=1..200): fused_volatile is the
@@ -777,6 +785,7 @@ def rssm_rollout(
         launch_folded(
             x0, h0, z0, weights, feedback, steps, tiling, h_buf, sync, traj, mean, var,
             sync_code=_SYNC_CODES[chosen.sync], num_warps=chosen.num_warps, static=static,
+            in_kernel=chosen.in_kernel,
         )  # fmt: skip
         return RolloutResult(traj, mean, var)
     pads = dict(

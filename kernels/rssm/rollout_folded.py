@@ -138,6 +138,165 @@ def folded_tiling(
     return FoldedTiling(programs, block_h, block_x, block_c, resident)
 
 
+# Columns of W_ih (rows of MIX and W_prior) per round of the in-kernel fold's loops over I and
+# S: the loads of a round are issued back to back. 2, not more: an offline sm_90 compile of the
+# target point (8 warps) spilled in those loops at 4 and 8 (each column is a [BLOCK_H] vector
+# per gate held whole by every thread), and not at 2.
+FOLD_UNROLL = 2
+
+
+@triton.jit
+def _fold_member_tiles(
+    w_ih,
+    w_head,
+    w_prior,
+    b_ih,
+    b_prior,
+    b_head,
+    mix_ptr,
+    feed_ptr,
+    skip_ptr,
+    drift_ptr,
+    rows,
+    small,
+    H,
+    I,
+    S,
+    O,
+    BLOCK_H: tl.constexpr,
+    BLOCK_X: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    I_PAD: tl.constexpr,
+    O_PAD: tl.constexpr,
+    UNROLL: tl.constexpr,
+    STATIC_BOUNDS: tl.constexpr,
+    I_C: tl.constexpr,
+    S_C: tl.constexpr,
+    O_C: tl.constexpr,
+):
+    # fold_weights for one program's rows, into registers (member pointers already offset).
+    # Regrouped so that every product is a short run of rank-1 updates (no [3H, I] or
+    # [3H, H] intermediate); with G = Wx FEED ([BLOCK_H, O] per gate):
+    #     Wy = Wh + Wq P,  by = b_head + Wq bp     (the whole [O, H], redundantly per program)
+    #     A  = Wx N + Wz P            = Wz P + G Wy
+    #     C  = Wx M                   = Wx MIX + G SKIP
+    #     d  = Wx e + Wz bp + b_ih    = b_ih + Wx DRIFT + Wz bp + G by
+    # and for the small rows, with R = FEED[row] for an x row and the one-hot of o for a y
+    # row ([BLOCK_X, O]): [N; Wy] = R Wy, [M; SKIP] = [MIX; 0] + R SKIP, [e; by] = [DRIFT;
+    # 0] + R by. About BLOCK_H * (3 (H (S + O) + I I)) + (O + BLOCK_X) H (S + O) fp32 FMAs
+    # per program (no TF32), in the order of the terms above.
+    IS = I + S
+    HS = H + S
+    offs_i = tl.arange(0, I_PAD)
+    offs_o = tl.arange(0, O_PAD)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_i = offs_i < I
+    mask_o = offs_o < O
+    m_c = offs_c < H
+    m_r = rows < H
+    is_x = small < I
+    row_y = tl.where((small >= I) & (small < I + O), small - I, -1)  # -1: not a y row
+
+    # Rank-S part: Wz P into the gate tiles, Wq P into Wy, Wz bp into d.
+    wa_r = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+    wa_u = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+    wa_n = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+    wy = tl.zeros([O_PAD, BLOCK_C], dtype=tl.float32)
+    d_r = tl.load(b_ih + rows, mask=m_r, other=0.0).to(tl.float32)
+    d_u = tl.load(b_ih + H + rows, mask=m_r, other=0.0).to(tl.float32)
+    d_n = tl.load(b_ih + 2 * H + rows, mask=m_r, other=0.0).to(tl.float32)
+    by = tl.load(b_head + offs_o, mask=mask_o, other=0.0).to(tl.float32)
+    for j0 in range(0, S_C if STATIC_BOUNDS else S, UNROLL):
+        for dj in tl.static_range(UNROLL):
+            j = j0 + dj
+            ok = j < S
+            p_row = tl.load(w_prior + j * H + offs_c, mask=m_c & ok, other=0.0).to(tl.float32)
+            bias_p = tl.load(b_prior + j, mask=ok, other=0.0).to(tl.float32)
+            wq_col = tl.load(w_head + offs_o * HS + H + j, mask=mask_o & ok, other=0.0).to(
+                tl.float32
+            )
+            p_z = w_ih + rows * IS + I + j
+            wz_r = tl.load(p_z, mask=m_r & ok, other=0.0).to(tl.float32)
+            wz_u = tl.load(p_z + H * IS, mask=m_r & ok, other=0.0).to(tl.float32)
+            wz_n = tl.load(p_z + 2 * H * IS, mask=m_r & ok, other=0.0).to(tl.float32)
+            wa_r += wz_r[:, None] * p_row[None, :]
+            wa_u += wz_u[:, None] * p_row[None, :]
+            wa_n += wz_n[:, None] * p_row[None, :]
+            wy += wq_col[:, None] * p_row[None, :]
+            d_r += wz_r * bias_p
+            d_u += wz_u * bias_p
+            d_n += wz_n * bias_p
+            by += wq_col * bias_p
+    wy += tl.load(
+        w_head + offs_o[:, None] * HS + offs_c[None, :],
+        mask=mask_o[:, None] & m_c[None, :],
+        other=0.0,
+    ).to(tl.float32)
+
+    # Rank-I part: Wx MIX into C (column i of Wx re-read from L1, row i of MIX).
+    c_r = tl.zeros([BLOCK_H, I_PAD], dtype=tl.float32)
+    c_u = tl.zeros([BLOCK_H, I_PAD], dtype=tl.float32)
+    c_n = tl.zeros([BLOCK_H, I_PAD], dtype=tl.float32)
+    for i0 in range(0, I_C if STATIC_BOUNDS else I, UNROLL):
+        for di in tl.static_range(UNROLL):
+            ok = i0 + di < I
+            mix_row = tl.load(mix_ptr + (i0 + di) * I + offs_i, mask=mask_i & ok, other=0.0)
+            p_col = w_ih + rows * IS + i0 + di
+            c_r += (
+                tl.load(p_col, mask=m_r & ok, other=0.0).to(tl.float32)[:, None] * mix_row[None, :]
+            )
+            c_u += (
+                tl.load(p_col + H * IS, mask=m_r & ok, other=0.0).to(tl.float32)[:, None]
+                * mix_row[None, :]
+            )
+            c_n += (
+                tl.load(p_col + 2 * H * IS, mask=m_r & ok, other=0.0).to(tl.float32)[:, None]
+                * mix_row[None, :]
+            )
+
+    # Rank-O part: column o of G = Wx FEED[:, o] times row o of Wy, SKIP and by; the small
+    # rows' R[:, o] the same way. The Wx tile and DRIFT give Wx DRIFT on the way.
+    m_x = m_r[:, None] & mask_i[None, :]
+    p_x = w_ih + rows[:, None] * IS + offs_i[None, :]
+    wx_r = tl.load(p_x, mask=m_x, other=0.0).to(tl.float32)
+    wx_u = tl.load(p_x + H * IS, mask=m_x, other=0.0).to(tl.float32)
+    wx_n = tl.load(p_x + 2 * H * IS, mask=m_x, other=0.0).to(tl.float32)
+    drift = tl.load(drift_ptr + offs_i, mask=mask_i, other=0.0)
+    d_r += tl.sum(wx_r * drift[None, :], axis=1)
+    d_u += tl.sum(wx_u * drift[None, :], axis=1)
+    d_n += tl.sum(wx_n * drift[None, :], axis=1)
+    w_small = tl.zeros([BLOCK_X, BLOCK_C], dtype=tl.float32)
+    f_small = tl.load(
+        mix_ptr + small[:, None] * I + offs_i[None, :],
+        mask=is_x[:, None] & mask_i[None, :],
+        other=0.0,
+    )
+    g_small = tl.load(drift_ptr + small, mask=is_x, other=0.0)
+    for o in range(O_C if STATIC_BOUNDS else O):
+        wy_row = tl.sum(tl.where(offs_o[:, None] == o, wy, 0.0), axis=0)
+        by_o = tl.sum(tl.where(offs_o == o, by, 0.0), axis=0)
+        feed_col = tl.load(feed_ptr + offs_i * O + o, mask=mask_i, other=0.0)
+        skip_row = tl.load(skip_ptr + o * I + offs_i, mask=mask_i, other=0.0)
+        g_r = tl.sum(wx_r * feed_col[None, :], axis=1)
+        g_u = tl.sum(wx_u * feed_col[None, :], axis=1)
+        g_n = tl.sum(wx_n * feed_col[None, :], axis=1)
+        wa_r += g_r[:, None] * wy_row[None, :]
+        wa_u += g_u[:, None] * wy_row[None, :]
+        wa_n += g_n[:, None] * wy_row[None, :]
+        c_r += g_r[:, None] * skip_row[None, :]
+        c_u += g_u[:, None] * skip_row[None, :]
+        c_n += g_n[:, None] * skip_row[None, :]
+        d_r += g_r * by_o
+        d_u += g_u * by_o
+        d_n += g_n * by_o
+        r_col = tl.load(feed_ptr + small * O + o, mask=is_x, other=0.0)
+        r_col += tl.where(row_y == o, 1.0, 0.0)
+        w_small += r_col[:, None] * wy_row[None, :]
+        f_small += r_col[:, None] * skip_row[None, :]
+        g_small += r_col * by_o
+    return wa_r, wa_u, wa_n, w_small, c_r, c_u, c_n, d_r, d_u, d_n, f_small, g_small
+
+
 @triton.jit
 def _rssm_rollout_folded_kernel(
     x0_ptr,
@@ -156,6 +315,13 @@ def _rssm_rollout_folded_kernel(
     wy_ptr,
     by_ptr,
     skip_ptr,
+    w_prior_ptr,
+    b_prior_ptr,
+    w_head_ptr,
+    b_head_ptr,
+    mix_ptr,
+    feed_ptr,
+    drift_ptr,
     traj_ptr,
     mean_ptr,
     var_ptr,
@@ -177,6 +343,7 @@ def _rssm_rollout_folded_kernel(
     SYNC: tl.constexpr,
     I_PAD: tl.constexpr,
     S_PAD: tl.constexpr,
+    O_PAD: tl.constexpr,
     BLOCK_R: tl.constexpr,
     STATIC_BOUNDS: tl.constexpr,
     K_C: tl.constexpr,
@@ -184,6 +351,10 @@ def _rssm_rollout_folded_kernel(
     T_C: tl.constexpr,
     H_C: tl.constexpr,
     O_C: tl.constexpr,
+    FOLD_IN_KERNEL: tl.constexpr,
+    UNROLL: tl.constexpr,
+    I_C: tl.constexpr,
+    S_C: tl.constexpr,
 ):
     # Iteration s (0..T) reads the state (h_{s-1}, x_{s-1}) once and computes, all from it:
     # this program's rows of h_s (gates from A, C, d and W_hh) and its small rows of
@@ -247,45 +418,65 @@ def _rssm_rollout_folded_kernel(
     bh_r = tl.load(b_hh + rows, mask=m_r, other=0.0).to(tl.float32)
     bh_u = tl.load(b_hh + H + rows, mask=m_r, other=0.0).to(tl.float32)
     bh_n = tl.load(b_hh + 2 * H + rows, mask=m_r, other=0.0).to(tl.float32)
-    d = d_ptr + k64 * 3 * H
-    d_r = tl.load(d + rows, mask=m_r, other=0.0)
-    d_u = tl.load(d + H + rows, mask=m_r, other=0.0)
-    d_n = tl.load(d + 2 * H + rows, mask=m_r, other=0.0)
-    p_c = c_ptr + k64 * 3 * H * I + rows[:, None] * I + offs_i[None, :]
-    c_r = tl.load(p_c, mask=m_x, other=0.0)
-    c_u = tl.load(p_c + H * I, mask=m_x, other=0.0)
-    c_n = tl.load(p_c + 2 * H * I, mask=m_x, other=0.0)
-    # [M; SKIP] rows of this program, and their bias [e; by].
-    f_small = tl.load(
-        m_ptr + small[:, None] * I + offs_i[None, :],
-        mask=is_x[:, None] & mask_i[None, :],
-        other=0.0,
-    ) + tl.load(
-        skip_ptr + row_y[:, None] * I + offs_i[None, :],
-        mask=is_y[:, None] & mask_i[None, :],
-        other=0.0,
-    )
-    g_small = tl.load(e_ptr + k64 * I + small, mask=is_x, other=0.0) + tl.load(
-        by_ptr + k64 * O + row_y, mask=is_y, other=0.0
-    )
+    if FOLD_IN_KERNEL:
+        # Folded here, from the member weights and the feedback maps, straight into the
+        # registers the steps use: no fold_weights launches, nothing written to memory.
+        tl.static_assert(RESIDENT, "the in-kernel fold keeps its tiles resident")
+        (wa_r, wa_u, wa_n, w_small, c_r, c_u, c_n, d_r, d_u, d_n, f_small, g_small) = (
+            _fold_member_tiles(
+                w_ih, w_head_ptr + k64 * O * (H + S), w_prior_ptr + k64 * S * H, b_ih,
+                b_prior_ptr + k64 * S, b_head_ptr + k64 * O, mix_ptr, feed_ptr, skip_ptr,
+                drift_ptr, rows, small, H, I, S, O,
+                BLOCK_H, BLOCK_X, BLOCK_C, I_PAD, O_PAD, UNROLL, STATIC_BOUNDS, I_C, S_C,
+                O_C,
+            )
+        )  # fmt: skip
+    else:
+        d = d_ptr + k64 * 3 * H
+        d_r = tl.load(d + rows, mask=m_r, other=0.0)
+        d_u = tl.load(d + H + rows, mask=m_r, other=0.0)
+        d_n = tl.load(d + 2 * H + rows, mask=m_r, other=0.0)
+        p_c = c_ptr + k64 * 3 * H * I + rows[:, None] * I + offs_i[None, :]
+        c_r = tl.load(p_c, mask=m_x, other=0.0)
+        c_u = tl.load(p_c + H * I, mask=m_x, other=0.0)
+        c_n = tl.load(p_c + 2 * H * I, mask=m_x, other=0.0)
+        # [M; SKIP] rows of this program, and their bias [e; by].
+        f_small = tl.load(
+            m_ptr + small[:, None] * I + offs_i[None, :],
+            mask=is_x[:, None] & mask_i[None, :],
+            other=0.0,
+        ) + tl.load(
+            skip_ptr + row_y[:, None] * I + offs_i[None, :],
+            mask=is_y[:, None] & mask_i[None, :],
+            other=0.0,
+        )
+        g_small = tl.load(e_ptr + k64 * I + small, mask=is_x, other=0.0) + tl.load(
+            by_ptr + k64 * O + row_y, mask=is_y, other=0.0
+        )
     if RESIDENT:
         # The whole row of h fits one chunk: the tile's h-side weights stay in registers, so
         # a step reads nothing but the state from memory.
         m_c = offs_c < H
         m_h = m_r[:, None] & m_c[None, :]
-        p_a = a + rows[:, None] * H + offs_c[None, :]
-        wa_r = tl.load(p_a, mask=m_h, other=0.0)
-        wa_u = tl.load(p_a + H * H, mask=m_h, other=0.0)
-        wa_n = tl.load(p_a + 2 * H * H, mask=m_h, other=0.0)
+        if not FOLD_IN_KERNEL:
+            p_a = a + rows[:, None] * H + offs_c[None, :]
+            wa_r = tl.load(p_a, mask=m_h, other=0.0)
+            wa_u = tl.load(p_a + H * H, mask=m_h, other=0.0)
+            wa_n = tl.load(p_a + 2 * H * H, mask=m_h, other=0.0)
         p_h = w_hh + rows[:, None] * H + offs_c[None, :]
         wh_r = tl.load(p_h, mask=m_h, other=0.0).to(tl.float32)
         wh_u = tl.load(p_h + H * H, mask=m_h, other=0.0).to(tl.float32)
         wh_n = tl.load(p_h + 2 * H * H, mask=m_h, other=0.0).to(tl.float32)
-        w_small = tl.load(
-            n + small[:, None] * H + offs_c[None, :], mask=is_x[:, None] & m_c[None, :], other=0.0
-        ) + tl.load(
-            wy + row_y[:, None] * H + offs_c[None, :], mask=is_y[:, None] & m_c[None, :], other=0.0
-        )
+        if not FOLD_IN_KERNEL:
+            w_small = tl.load(
+                n + small[:, None] * H + offs_c[None, :],
+                mask=is_x[:, None] & m_c[None, :],
+                other=0.0,
+            ) + tl.load(
+                wy + row_y[:, None] * H + offs_c[None, :],
+                mask=is_y[:, None] & m_c[None, :],
+                other=0.0,
+            )
 
     h_own = tl.load(h0_ptr + kb * H + rows, mask=m_r, other=0.0)
     for s in range(T_C + 1 if STATIC_BOUNDS else T + 1):
@@ -384,17 +575,29 @@ def launch_folded(
     sync_code: int,
     num_warps: int,
     static: bool,
+    in_kernel: bool = False,
 ) -> None:
     """Fold the weights and launch the folded kernel (inputs already checked by
-    ``rollout.rssm_rollout``, outputs and workspace views allocated there)."""
+    ``rollout.rssm_rollout``, outputs and workspace views allocated there).
+
+    ``in_kernel``: each program folds its own tiles in the kernel's prologue (no torch ops
+    before the launch) when the tiling keeps them resident; otherwise, and without it, the
+    fold is :func:`fold_weights` before the launch."""
     K, B, H = h0.shape
     I, S, O = x0.shape[1], z0.shape[2], weights.w_head.shape[1]
-    folded = fold_weights(weights, feedback)
+    fold_in_kernel = in_kernel and tiling.resident
+    if fold_in_kernel:
+        # The kernel never reads the folded operands: any fp32 tensor stands in for them.
+        folded = FoldedWeights(*([h0] * len(FoldedWeights._fields)))
+    else:
+        folded = fold_weights(weights, feedback)
     # x_{s} double buffers; no zeroing needed: iteration 0 writes the slot iteration 1 reads.
     x_buf = empty(K * B * 2 * I, dtype=torch.float32, device=h0.device)
     _rssm_rollout_folded_kernel[(K * B * tiling.programs,)](
         x0, h0, z0, weights.w_ih, weights.w_hh, weights.b_ih, weights.b_hh,
         *folded[:6], folded.wy, folded.by, feedback.skip,
+        weights.w_prior, weights.b_prior, weights.w_head, weights.b_head,
+        feedback.mix, feedback.feed, feedback.drift,
         traj, mean, var, h_buf, x_buf, sync,
         K, B, steps, H, I, S, O,
         SPLIT=tiling.programs,
@@ -405,6 +608,7 @@ def launch_folded(
         SYNC=sync_code,
         I_PAD=triton.next_power_of_2(I),
         S_PAD=triton.next_power_of_2(S),
+        O_PAD=triton.next_power_of_2(O),
         BLOCK_R=FOLDED_BLOCK_R,
         STATIC_BOUNDS=static,
         K_C=K if static else 0,
@@ -412,5 +616,9 @@ def launch_folded(
         T_C=steps if static else 0,
         H_C=H if static else 0,
         O_C=O if static else 0,
+        FOLD_IN_KERNEL=fold_in_kernel,
+        UNROLL=FOLD_UNROLL,
+        I_C=I if static else 0,
+        S_C=S if static else 0,
         num_warps=num_warps,
     )  # fmt: skip
