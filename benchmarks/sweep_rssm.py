@@ -16,10 +16,16 @@ runs at that point, ``default_variant(H)``) headed by the machine line, and opti
 long-format CSV. GPU only (tests/test_rssm_sweep.py runs the check path on CPU through the
 interpreter, at a tiny point). The run of 2026-11-24 on the H100 is in
 reports/rssm/2026-11-24_sweep_h100/; the ``folded*`` variants (rollout_folded.py) came after
-it. Usage::
+it, and the ``folded_inkernel*`` ones (the fold inside the launch) after the second run
+(reports/rssm/2026-11-25_sweep_h100/).
+
+Instead of the named points, ``--K``, ``--H`` and ``--T`` (comma lists; one left out takes the
+target's value) sweep their grid, points named ``K5-H256-T50``. Usage::
 
     python benchmarks/sweep_rssm.py [--csv sweep.csv] [--variants a,b] [--points target,T1]
     python benchmarks/sweep_rssm.py --variants fused_volatile,folded,folded_w8 --csv f.csv
+    python benchmarks/sweep_rssm.py --variants fused_volatile,folded_inkernel_w8 \
+        --K 5 --H 256,512 --T 1,10,50,200 --csv grid.csv
 """
 
 from __future__ import annotations
@@ -86,12 +92,50 @@ def _mismatch(result, expected) -> str | None:
     return None
 
 
-def _compile_and_check(variant: str, point_names: list[str]) -> dict[str, str]:
-    """Worker: run ``variant`` once per point (compiling it), check it; point -> 'ok' or why."""
+def grid_points(Ks: list[int], Hs: list[int], Ts: list[int]) -> list[tuple[str, int, int, int]]:
+    """Every (K, H, T) of the grid as a point ``(name, K, H, T)``, named ``K5-H256-T50``."""
+    return [(f"K{K}-H{H}-T{T}", K, H, T) for K in Ks for H in Hs for T in Ts]
+
+
+def select_points(
+    names: str | None,
+    Ks: list[int] | None = None,
+    Hs: list[int] | None = None,
+    Ts: list[int] | None = None,
+) -> list[tuple[str, int, int, int]]:
+    """The points to sweep: the grid of ``Ks x Hs x Ts`` when any is given (one left out takes
+    the target's value), else the named ``POINTS`` in ``names`` (comma list; None: all)."""
+    if Ks or Hs or Ts:
+        if names is not None:
+            sys.exit("give either --points or a grid (--K/--H/--T), not both")
+        _, K0, H0, T0 = POINTS[0]  # the target
+        return grid_points(Ks or [K0], Hs or [H0], Ts or [T0])
+    wanted = [p for p in (names or ",".join(p[0] for p in POINTS)).split(",") if p]
+    missing = sorted(set(wanted) - {p[0] for p in POINTS})
+    if missing:
+        sys.exit(f"unknown points {missing}; known: {[p[0] for p in POINTS]}")
+    return [p for p in POINTS if p[0] in wanted]
+
+
+def _int_list(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,10,50; got {text!r}")
+    return values
+
+
+def _compile_and_check(
+    variant: str,
+    point_names: list[str],
+    points: list[tuple[str, int, int, int]] | None = None,
+) -> dict[str, str]:
+    """Worker: run ``variant`` once per point (compiling it), check it; point -> 'ok' or why.
+    ``points``: the sweep's points (default ``POINTS``; passed explicitly because a spawned
+    worker sees only the module's defaults)."""
     from hybrid_triton.kernels.rssm.rollout import make_workspace, rssm_rollout
 
     verdicts = {}
-    for name, K, H, T in POINTS:
+    for name, K, H, T in POINTS if points is None else points:
         if name not in point_names:
             continue
         problem = _problem(K, H)
@@ -147,7 +191,11 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description="RSSM rollout variant sweep (GPU)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--points", default=",".join(p[0] for p in POINTS))
+    parser.add_argument("--points", default=None, help="named points (default: all of POINTS)")
+    grid_help = "comma list; with --H/--K/--T the sweep runs their grid instead of --points"
+    parser.add_argument("--K", type=_int_list, default=None, help=f"members: {grid_help}")
+    parser.add_argument("--H", type=_int_list, default=None, help=f"hidden sizes: {grid_help}")
+    parser.add_argument("--T", type=_int_list, default=None, help=f"steps: {grid_help}")
     parser.add_argument("--csv", default=None)
     parser.add_argument("--rep-ms", type=int, default=40, help="do_bench rep (ms)")
     parser.add_argument("--hang-s", type=float, default=60.0, help="compile+check time limit")
@@ -155,10 +203,11 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("sweep_rssm.py needs a CUDA GPU")
     variants = [v for v in args.variants.split(",") if v]
-    point_names = [p for p in args.points.split(",") if p]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         sys.exit(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+    points = select_points(args.points, args.K, args.H, args.T)
+    point_names = [p[0] for p in points]
     start = time.perf_counter()
     print(_machine_line(), flush=True)
 
@@ -167,7 +216,7 @@ def main() -> None:
     pool = futures.ProcessPoolExecutor(
         max_workers=len(variants), mp_context=multiprocessing.get_context("spawn")
     )
-    jobs = {pool.submit(_compile_and_check, v, point_names): v for v in variants}
+    jobs = {pool.submit(_compile_and_check, v, point_names, points): v for v in variants}
     done, pending = futures.wait(jobs, timeout=args.hang_s)
     for job in done:
         try:
@@ -188,9 +237,7 @@ def main() -> None:
 
     # 2. Time what passed, point by point, in this process.
     rows = []  # (point, provider, mode, median_us)
-    for name, K, H, T in POINTS:
-        if name not in point_names:
-            continue
+    for name, K, H, T in points:
         problem = _problem(K, H)
         expected = _reference(problem, T)
         baseline = _torch_graph(problem, T)
@@ -223,8 +270,8 @@ def main() -> None:
 
     # 3. Table: one row per provider, one column per point, "graph / direct" in µs.
     cell = {(p, prov, mode): us for p, prov, mode, us in rows}
-    cols = [p for p, *_ in POINTS if p in point_names]
-    default_at = {p: default_variant(H) for p, _, H, _ in POINTS}
+    cols = point_names
+    default_at = {p: default_variant(H) for p, _, H, _ in points}
     head = f"{'variant (graph / direct, us)':30s}" + "".join(f"{c:>19s}" for c in cols)
     print()
     print(head)
@@ -254,10 +301,11 @@ def main() -> None:
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["point", "provider", "mode", "median_us", "machine"])
+            writer.writerow(["point", "provider", "mode", "median_us", "machine", "K", "H", "T"])
             machine = torch.cuda.get_device_name()
+            shape = {name: (K, H, T) for name, K, H, T in points}
             for p, prov, mode, us in rows:
-                writer.writerow([p, prov, mode, f"{us:.2f}", machine])
+                writer.writerow([p, prov, mode, f"{us:.2f}", machine, *shape[p]])
     print(f"total {time.perf_counter() - start:.1f} s")
 
 

@@ -28,13 +28,42 @@ def sweep(monkeypatch, device):
 def test_sweep_times_the_folded_variants(sweep):
     from hybrid_triton.kernels.rssm.rollout import VARIANTS
 
-    assert {"folded", "fused_volatile"} <= set(VARIANTS)
+    assert {"folded", "fused_volatile", "folded_inkernel_w8"} <= set(VARIANTS)
     assert [p[0] for p in sweep.POINTS] == ["tiny"]
 
 
-@pytest.mark.parametrize("variant", ["fused_volatile", "folded"])
+@pytest.mark.parametrize("variant", ["fused_volatile", "folded", "folded_inkernel_w8"])
 def test_sweep_check_passes_a_right_variant(sweep, variant):
     assert sweep._compile_and_check(variant, ["tiny"]) == {"tiny": "ok"}
+
+
+def test_sweep_grid_points(sweep):
+    assert sweep.grid_points([5], [256, 512], [1, 50]) == [
+        ("K5-H256-T1", 5, 256, 1),
+        ("K5-H256-T50", 5, 256, 50),
+        ("K5-H512-T1", 5, 512, 1),
+        ("K5-H512-T50", 5, 512, 50),
+    ]
+    # A dimension left out takes the target's value (the first point; "tiny" here).
+    assert sweep.select_points(None, Hs=[8], Ts=[2, 3]) == [
+        ("K2-H8-T2", 2, 8, 2),
+        ("K2-H8-T3", 2, 8, 3),
+    ]
+    assert sweep.select_points(None) == sweep.POINTS
+    assert sweep.select_points("tiny") == sweep.POINTS
+    with pytest.raises(SystemExit, match="unknown points"):
+        sweep.select_points("tiny,target")
+    with pytest.raises(SystemExit, match="not both"):
+        sweep.select_points("tiny", Ks=[5])
+    with pytest.raises(Exception, match="positive integers"):
+        sweep._int_list("0,5")
+
+
+def test_sweep_check_runs_the_points_it_is_given(sweep):
+    # A spawned worker sees only the module's POINTS: the grid's points travel with the job.
+    grid = sweep.grid_points([1], [12], [2])
+    verdict = sweep._compile_and_check("folded_inkernel_w8", ["K1-H12-T2"], grid)
+    assert verdict == {"K1-H12-T2": "ok"}
 
 
 def test_sweep_check_fails_a_wrong_variant(sweep, monkeypatch):

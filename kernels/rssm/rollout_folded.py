@@ -32,7 +32,16 @@ The derived matrices (A, C, d, N, e, M, Wy, by) are new fp32 tensors, computed p
 few batched torch matmuls in :func:`fold_weights` (fp32 even for bf16 member weights;
 TF32 is switched off for them). W_hh, b_hh, W_ih and b_ih are read in place. Under
 ``RolloutGraph`` the fold is captured with the kernel, so in-place updates of the member
-weights or the feedback maps are seen by the next replay. Kernel layout otherwise as the
+weights or the feedback maps are seen by the next replay.
+
+In-kernel fold (``FOLD_IN_KERNEL``, the ``folded_inkernel*`` variants). Where the tiling
+keeps a program's h-side tiles resident in registers, each program folds its own rows in the
+kernel's prologue instead (:func:`_fold_member_tiles`): it builds Wy and by for its member
+redundantly (O x H, small), then its tiles of A, C and d and its small rows of [N; Wy],
+[M; SKIP] and [e; by] by rank-1 updates straight into the registers the steps use, in fp32
+FMAs; nothing derived is written to memory and no torch op runs before the launch. Cost per
+program: about BLOCK_H x 3 (H (S + O) + I^2) + (BLOCK_X + O) x H x (S + O) FMAs. Where the
+tiles are not resident (large H, or few warps), the launcher falls back to fold_weights. Kernel layout otherwise as the
 fused kernel: ``SPLIT`` programs per (member, batch row), one tile of hidden rows each,
 volatile-polled counter barrier, double buffers, last-program member reduction, and the
 SPLIT=1 path for the Triton interpreter. Iteration 0 reads h0 straight from its input (no
