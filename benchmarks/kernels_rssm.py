@@ -14,6 +14,9 @@ Providers (same inputs, same run):
 - ``torch_cuda_graph``: that batched form captured once and replayed as a CUDA graph.
 - ``torch_compile``: ``torch.compile`` of the batched form (GPU only; the loop over T is
   unrolled, so compile time grows with T).
+- ``hybrid_triton_<variant>`` and ``hybrid_triton_graph_<variant>`` (target point only): the
+  kernel variants of ``ALSO_AT_TARGET`` beside the default, direct call and graph replay
+  (the in-kernel fold of issue 4, until GPU figures decide the default).
 
 Curves are separate cases: over K (1-16), H (64-1024) and T (1-200) around the target point
 K=5, H=256, I=64, T=50, batch 1. ``metric="latency"``: no bandwidth is claimed.
@@ -43,6 +46,9 @@ from hybrid_triton.bench.kernel_case import CaseRun, KernelCase
 
 TARGET = dict(K=5, H=256, T=50)
 INPUTS, LATENT, OUTPUTS, BATCH = 64, 32, 5, 1
+# Variants (rollout.VARIANTS) also timed at the target point, beside the default: one more
+# compile each, so only at the one point (the rssm family has its own time limit on the GPU).
+ALSO_AT_TARGET = ("folded_inkernel_w8",)
 
 
 def _device() -> str:
@@ -112,6 +118,7 @@ def _case(
     with_compile: bool,
     split: int | None = None,
     variant: str | None = None,
+    also: tuple[str, ...] = (),
 ) -> KernelCase:
     def setup() -> CaseRun:
         device = _device()
@@ -127,10 +134,17 @@ def _case(
             "torch_eager": lambda: _eager_loop(*problem, T),
             "torch_batched": lambda: rssm_rollout_ref(*problem, T),
         }
+        for other in also:
+            providers[f"hybrid_triton_{other}"] = lambda v=other: rssm_rollout(
+                *problem, T, split=split, workspace=workspace, variant=v
+            )
         if device == "cuda":
             providers["torch_cuda_graph"] = torch_graph_replay(problem, T)
             rollout_graph = RolloutGraph(*problem, T, split=split, variant=variant)
             providers["hybrid_triton_graph"] = rollout_graph.replay
+            for other in also:
+                graph = RolloutGraph(*problem, T, split=split, variant=other)
+                providers[f"hybrid_triton_graph_{other}"] = graph.replay
             if with_compile:
                 compiled = torch.compile(rssm_rollout_ref)
                 providers["torch_compile"] = lambda: compiled(*problem, T)
@@ -143,6 +157,10 @@ def _case(
             ours += [("single", providers["hybrid_triton_single"])]
             if "hybrid_triton_graph" in providers:
                 ours += [("graph", providers["hybrid_triton_graph"])]
+            for other in also:
+                ours += [(other, providers[f"hybrid_triton_{other}"])]
+                if f"hybrid_triton_graph_{other}" in providers:
+                    ours += [(f"graph {other}", providers[f"hybrid_triton_graph_{other}"])]
             for name, fn in ours:
                 got = fn()
                 for field in ("traj", "mean", "var"):
@@ -190,7 +208,8 @@ def cases(
         with_compile = not quick and (
             compile_points == "all" or (compile_points == "target" and curve == "target")
         )
-        out.append(_case(K, H, T, curve, with_compile, split, variant))
+        also = tuple(v for v in ALSO_AT_TARGET if v != variant) if curve == "target" else ()
+        out.append(_case(K, H, T, curve, with_compile, split, variant, also))
     return out
 
 

@@ -77,3 +77,28 @@ def test_sweep_check_fails_a_wrong_variant(sweep, monkeypatch):
     monkeypatch.setattr("hybrid_triton.kernels.rssm.rssm_rollout_ref", off_by_a_little)
     verdict = sweep._compile_and_check("folded", ["tiny"])["tiny"]
     assert verdict.startswith("traj: max abs err"), verdict
+
+
+KERNELS_RSSM = SWEEP.parent / "kernels_rssm.py"
+
+
+def test_kernels_suite_times_the_in_kernel_fold_at_the_target(device):
+    spec = importlib.util.spec_from_file_location("_test_kernels_rssm", KERNELS_RSSM)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.ALSO_AT_TARGET == ("folded_inkernel_w8",)
+    target, other = module.cases(quick=True)
+    assert other.setup().providers.keys().isdisjoint({"hybrid_triton_folded_inkernel_w8"})
+    run = target.setup()
+    assert "hybrid_triton_folded_inkernel_w8" in run.providers
+    run.check()
+    # The check covers the extra provider: a wrong result from it fails the case.
+    right = run.providers["hybrid_triton_folded_inkernel_w8"]
+
+    def wrong():
+        result = right()
+        return result._replace(mean=result.mean + 1e-2)
+
+    run.providers["hybrid_triton_folded_inkernel_w8"] = wrong
+    with pytest.raises(AssertionError, match=r"folded_inkernel_w8\.mean"):
+        run.check()
