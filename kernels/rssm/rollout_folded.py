@@ -32,7 +32,11 @@ The derived matrices (A, C, d, N, e, M, Wy, by) are new fp32 tensors, computed p
 few batched torch matmuls in :func:`fold_weights` (fp32 even for bf16 member weights;
 TF32 is switched off for them). W_hh, b_hh, W_ih and b_ih are read in place. Under
 ``RolloutGraph`` the fold is captured with the kernel, so in-place updates of the member
-weights or the feedback maps are seen by the next replay.
+weights or the feedback maps are seen by the next replay. Kernel layout otherwise as the
+fused kernel: ``SPLIT`` programs per (member, batch row), one tile of hidden rows each,
+volatile-polled counter barrier, double buffers, last-program member reduction, and the
+SPLIT=1 path for the Triton interpreter. Iteration 0 reads h0 straight from its input (no
+prologue barrier); iteration T computes only y_{T-1}.
 
 In-kernel fold (``FOLD_IN_KERNEL``, the ``folded_inkernel*`` variants). Where the tiling
 keeps a program's h-side tiles resident in registers, each program folds its own rows in the
@@ -40,12 +44,9 @@ kernel's prologue instead (:func:`_fold_member_tiles`): it builds Wy and by for 
 redundantly (O x H, small), then its tiles of A, C and d and its small rows of [N; Wy],
 [M; SKIP] and [e; by] by rank-1 updates straight into the registers the steps use, in fp32
 FMAs; nothing derived is written to memory and no torch op runs before the launch. Cost per
-program: about BLOCK_H x 3 (H (S + O) + I^2) + (BLOCK_X + O) x H x (S + O) FMAs. Where the
-tiles are not resident (large H, or few warps), the launcher falls back to fold_weights. Kernel layout otherwise as the
-fused kernel: ``SPLIT`` programs per (member, batch row), one tile of hidden rows each,
-volatile-polled counter barrier, double buffers, last-program member reduction, and the
-SPLIT=1 path for the Triton interpreter. Iteration 0 reads h0 straight from its input (no
-prologue barrier); iteration T computes only y_{T-1}.
+program: about 3 BLOCK_H (H (S + O) + I (I + 2 O)) + H O (S + BLOCK_X) FMAs. Where the tiles
+are not resident (large H, or few warps), the launcher falls back to fold_weights; the
+steps are the same either way.
 """
 
 from __future__ import annotations
@@ -184,16 +185,17 @@ def _fold_member_tiles(
     O_C: tl.constexpr,
 ):
     # fold_weights for one program's rows, into registers (member pointers already offset).
-    # Regrouped so that every product is a short run of rank-1 updates (no [3H, I] or
-    # [3H, H] intermediate); with G = Wx FEED ([BLOCK_H, O] per gate):
+    # Regrouped so that every product is a short run of rank-1 updates into the program's
+    # own tiles (no other intermediate of H or I rows); with G = Wx FEED ([BLOCK_H, O] per
+    # gate):
     #     Wy = Wh + Wq P,  by = b_head + Wq bp     (the whole [O, H], redundantly per program)
     #     A  = Wx N + Wz P            = Wz P + G Wy
     #     C  = Wx M                   = Wx MIX + G SKIP
     #     d  = Wx e + Wz bp + b_ih    = b_ih + Wx DRIFT + Wz bp + G by
     # and for the small rows, with R = FEED[row] for an x row and the one-hot of o for a y
     # row ([BLOCK_X, O]): [N; Wy] = R Wy, [M; SKIP] = [MIX; 0] + R SKIP, [e; by] = [DRIFT;
-    # 0] + R by. About BLOCK_H * (3 (H (S + O) + I I)) + (O + BLOCK_X) H (S + O) fp32 FMAs
-    # per program (no TF32), in the order of the terms above.
+    # 0] + R by. About 3 BLOCK_H (H (S + O) + I (I + 2 O)) + H O (S + BLOCK_X) fp32 FMAs per
+    # program (no TF32), in the order of the terms above.
     IS = I + S
     HS = H + S
     offs_i = tl.arange(0, I_PAD)
