@@ -735,6 +735,13 @@ class DistributedHybridTrainer(HybridTrainer):
         self.process_group = process_group
         self.sharded = is_sharded(model)
         config = HybridTrainer._resolve_config(config)
+        # The gradient sync and the sharded fold work on the fp32 accumulator's hooks.
+        if config.grad_path == "flat":
+            raise DistributedError(
+                "DistributedHybridTrainer: grad_path='flat' is single-process only (the "
+                "gradient sync reads the fp32 accumulator); use 'hooks' or 'auto'"
+            )
+        config = dataclasses.replace(config, grad_path="hooks")
         if rank(process_group) != 0 and (config.metrics_path is not None or config.progress):
             # One metrics file and one progress bar per run: rank 0's (the values are global).
             config = dataclasses.replace(config, metrics_path=None, progress=False)

@@ -63,6 +63,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 OFFLOAD_STRATEGIES = ("keep", "cpu", "pinned", "compress", "drop")
 QUANT_FORMATS = ("int8", "int8_dynamic", "int4", "ternary")
 PREDICT_MASTER = ("host", "device")
+GRAD_PATHS = ("auto", "hooks", "flat")
 
 
 @dataclass
@@ -84,7 +85,7 @@ class TrainerConfig:
     horizon_penalty: float = 0.1
     # False: no Predict phase ever (Warmup, then Full phases only), and the dynamics model
     # neither observes nor trains; the trainer is then plain training with its own setup
-    # (arena, 8-bit state, hook-folded gradients), which separates the loss gap that Predict
+    # (arena, 8-bit state, its gradient path), which separates the loss gap that Predict
     # causes from the rest.
     predict: bool = True
     # Precision: the default for every phase, overridden per phase ({"predict": "bf16"}).
@@ -93,6 +94,12 @@ class TrainerConfig:
     # Gradient accumulation: micro-batches per optimizer step, overridable per phase.
     micro_batches: int = 1
     phase_micro_batches: dict[str, int] = field(default_factory=dict)
+    # Where backward's gradients go: "hooks" (post-accumulate-grad hooks fold each one into
+    # an fp32 accumulator: exact sums over micro-batches, loss-scale unscaling), "flat" (a
+    # flat buffer in the parameters' dtype that autograd writes into: no per-parameter
+    # launches, half the bytes for bf16 parameters; one micro-batch per step and no fp16),
+    # or "auto": "flat" when every phase takes one micro-batch and none runs in fp16.
+    grad_path: str = "auto"
     # Predict-aware memory. ``offload``: where the optimizer moments go during Predict.
     # ``predict_master``: where the fp32 master weights are during Predict when the model's
     # parameters are bf16 shadows: "host" (the rollback snapshot in host memory; the bf16
@@ -191,6 +198,7 @@ class TrainerConfig:
         choice("precision", PRECISIONS)
         choice("offload", OFFLOAD_STRATEGIES)
         choice("predict_master", PREDICT_MASTER)
+        choice("grad_path", GRAD_PATHS)
         choice("direction_format", QUANT_FORMATS)
         choice("residual_format", QUANT_FORMATS)
         choice("dynamics_model", ("rssm", "trend"))
@@ -219,6 +227,15 @@ class TrainerConfig:
                 )
         if not isinstance(self.dynamics, dict):
             raise ConfigError("TrainerConfig.dynamics must be a table of keyword arguments")
+        if self.grad_path == "flat" and not self._flat_grads_apply():
+            raise ConfigError(
+                "TrainerConfig.grad_path='flat' takes one micro-batch per step in every phase "
+                "and no fp16 phase (a flat buffer in the parameters' dtype would round every "
+                "sum over micro-batches and has no unscale pass); got micro_batches="
+                f"{self.micro_batches}, phase_micro_batches={self.phase_micro_batches}, "
+                f"precision={self.precision!r}, phase_precision={self.phase_precision}; use "
+                "'hooks' or 'auto'"
+            )
         if self.metrics_path is not None and not isinstance(self.metrics_path, str):
             raise ConfigError(
                 f"TrainerConfig.metrics_path must be a path string, got {self.metrics_path!r}"
@@ -312,6 +329,17 @@ class TrainerConfig:
 
     def micro_batches_for(self, phase: Phase) -> int:
         return self.phase_micro_batches.get(Phase(phase).value, self.micro_batches)
+
+    def _flat_grads_apply(self) -> bool:
+        return all(
+            self.micro_batches_for(p) == 1 and self.precision_for(p) != "fp16" for p in Phase
+        )
+
+    def resolved_grad_path(self) -> str:
+        """``grad_path`` with "auto" decided: "flat" or "hooks"."""
+        if self.grad_path != "auto":
+            return self.grad_path
+        return "flat" if self._flat_grads_apply() else "hooks"
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -9,9 +9,13 @@ dim 0; each piece's backward folds its gradients into the fp32 accumulator from
 post-accumulate-grad hooks (:class:`~hybrid_triton.accumulation.GradAccumulator`, kernel
 ``accumulate_grads``) with weight ``n_i / B``, so the accumulator holds the gradient of the whole
 batch's mean loss whatever the split (no full-size low-precision gradient ever exists). The
-optimizer then takes one step from it. Learning rate: ``optimizer.param_groups[0]["lr"]`` is the
-rate per optimizer step (per effective batch); it is not divided by the micro-batch count,
-because the accumulated gradient is already a mean. LR schedulers that set that value work.
+optimizer then takes one step from it. With one micro-batch per step in every phase and no fp16
+(``TrainerConfig.grad_path`` "auto", the default, or "flat") there is nothing to accumulate:
+autograd writes into one flat buffer in the parameters' dtype instead
+(:class:`~hybrid_triton.accumulation.FlatGradBuffer`), with no per-parameter hook launches.
+Learning rate: ``optimizer.param_groups[0]["lr"]`` is the rate per optimizer step (per
+effective batch); it is not divided by the micro-batch count, because the accumulated gradient
+is already a mean. LR schedulers that set that value work.
 
 Precision per phase: ``fp32`` (no autocast), ``bf16`` or ``fp16`` (``torch.autocast``); in fp16
 backward phases the loss is scaled by a device-side :class:`~hybrid_triton.precision.
@@ -59,7 +63,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hybrid_triton.accumulation import GradAccumulator
+from hybrid_triton.accumulation import FlatGradBuffer, GradAccumulator
 from hybrid_triton.arena import ArenaGroup, FlatArena, trainable_parameters
 from hybrid_triton.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from hybrid_triton.divergence import DivergenceMonitor, Level
@@ -525,7 +529,15 @@ class HybridTrainer:
             from hybrid_triton.precision import DynamicLossScaler
 
             self.scaler = DynamicLossScaler(device=self.device)
-        self.accum = GradAccumulator(self.group, cfg.micro_batches, found_inf=self.found_inf)
+        # The gradient path: "flat" (autograd writes into one flat buffer; one micro-batch,
+        # no fp16) or "hooks" (the fp32 accumulator); TrainerConfig.grad_path "auto" picks.
+        self.grad_path = cfg.resolved_grad_path()
+        if self.grad_path == "flat":
+            self.accum: GradAccumulator | FlatGradBuffer = FlatGradBuffer(
+                optimizer, found_inf=self.found_inf
+            )
+        else:
+            self.accum = GradAccumulator(self.group, cfg.micro_batches, found_inf=self.found_inf)
         self.offloader = StateOffloader(
             cfg.offload, async_restore=cfg.async_restore, quant_block=cfg.quant_block
         )
@@ -697,6 +709,8 @@ class HybridTrainer:
                 to_backward = self.scaler.scale_loss(loss)
             to_backward.backward()
             loss_sum = loss_sum + loss.detach().float() * weight
+        if self.grad_path == "flat":
+            acc.finish()  # the gradient's sum of squares and non-finite flag, on the device
         # The optimizer state and the master weights may be coming back from a Predict phase:
         # the forward and backward above ran meanwhile; wait on the device (no host sync).
         self.offloader.wait()
@@ -1159,9 +1173,10 @@ class HybridTrainer:
 
     def close(self) -> None:
         """Flush the metrics and let go of the model: the optimizer state comes back if a
-        Predict phase had moved it, the accumulation hooks are removed (parameters get
-        ordinary ``.grad`` again) and the Predict buffers (direction, snapshot) are dropped,
-        so nothing the trainer made stays reachable from the model's parameters."""
+        Predict phase had moved it, the accumulation hooks or the flat gradient buffer are
+        removed (parameters get ordinary ``.grad`` again) and the Predict buffers (direction,
+        snapshot) are dropped, so nothing the trainer made stays reachable from the model's
+        parameters."""
         self.flush()
         self.metrics.close()
         if self.offloader.offloaded:
