@@ -228,11 +228,12 @@ def toolkit_setup(
     checkpoint_blocks: int | None = None,
     fused_loss: bool = True,
     loss_chunk_tokens: int = 1024,
+    grad_mode: str = "hook",
 ):
     """The planner's ``(ModelSpec, TrainSetup)`` for the toolkit_memory recipe: bf16
-    parameters without autocast, fp32 master, hook-folded fp32 gradients, fused AdamW with
-    ``state_bits`` moments, one phase (Full), ``checkpoint_blocks`` first blocks
-    checkpointed (None: every block, 0: none)."""
+    parameters without autocast, fp32 master, hook-folded fp32 gradients (``grad_mode``
+    "hook"; "flat": the flat bf16 buffer), fused AdamW with ``state_bits`` moments, one phase
+    (Full), ``checkpoint_blocks`` first blocks checkpointed (None: every block, 0: none)."""
     from hybrid_triton.planner.setup import setup_preset
     from hybrid_triton.planner.specs import gpt2_spec
 
@@ -249,6 +250,7 @@ def toolkit_setup(
         checkpoint_blocks=checkpoint_blocks,
         fused_loss=fused_loss,
         loss_chunk_tokens=loss_chunk_tokens,
+        grad_mode=grad_mode,
         trainer=False,
         phases=("full",),
     )
@@ -278,23 +280,16 @@ def toolkit_peak_bytes(
     grad_dtype: str = "auto",
     **setup_options,
 ) -> int:
-    """The planner's estimated peak (bytes allocated) of one toolkit_memory step.
-
-    ``grad_dtype="bf16"``: the planner has no bf16 gradient buffer, so this is its estimate
-    of the fp32 hook-folded accumulator (:func:`toolkit_setup`) less 2 bytes per element of
-    the flat buffer. Exact, not an approximation: both buffers live through the whole step
-    (allocated at build time), and in both at most one parameter's fresh gradient exists
-    beside them (the hook folds it, or autograd adds it in place), so the two step profiles
-    differ by that constant at every point, the peak's included.
+    """The planner's estimated peak (bytes allocated) of one toolkit_memory step:
+    ``grad_dtype`` "bf16" is the planner's gradient mode "flat" (the flat bf16 buffer), "fp32"
+    its "hook" (the hook-folded fp32 accumulator).
     ``setup_options``: :func:`toolkit_setup`'s keyword options."""
     from hybrid_triton.planner.estimate import estimate
 
     grad_dtype = resolve_grad_dtype(grad_dtype, accum)
-    spec, setup = toolkit_setup(cfg, micro_batch, seq_len, accum, **setup_options)
-    peak = estimate(spec, setup).peak_bytes
-    if grad_dtype == "bf16":
-        peak -= 2 * spec.num_params  # fp32 (4 B) -> bf16 (2 B) per element
-    return peak
+    mode = "flat" if grad_dtype == "bf16" else "hook"
+    spec, setup = toolkit_setup(cfg, micro_batch, seq_len, accum, grad_mode=mode, **setup_options)
+    return estimate(spec, setup).peak_bytes
 
 
 def plan_checkpoint_blocks(

@@ -186,7 +186,13 @@ def test_setup_presets_and_aliases():
     assert setup_preset("fp32").compute_dtype == "fp32"
     assert setup_preset("bf16-autocast").compute_dtype == "bf16"
     hybrid = setup_preset("hybrid", micro_batch=3)
-    assert hybrid.grad_mode == "hook" and hybrid.state_bits == 8 and hybrid.micro_batch == 3
+    assert hybrid.grad_mode == "flat" and hybrid.state_bits == 8 and hybrid.micro_batch == 3
+    assert hybrid.trainer  # HybridTrainer's own tensors counted
+    # The trainer's grad_path "auto": hooks for several micro-batches, unless told.
+    assert setup_preset("hybrid", accum_steps=4).grad_mode == "hook"
+    assert setup_preset("bf16-master", grad_mode="hook").grad_mode == "hook"
+    with pytest.raises(PlannerError, match="one micro-batch per step"):
+        setup_preset("hybrid", accum_steps=4, grad_mode="flat")
     assert TrainSetup(param_dtype="bfloat16").param_dtype == "bf16"
     with pytest.raises(PlannerError, match="bf16-master"):
         setup_preset("bf16-mastr")
@@ -330,13 +336,16 @@ def test_checkpointing_keeps_block_inputs_only():
     assert _full(checkpointing=True).peak_bytes < _full().peak_bytes
 
 
-def test_hybrid_model_state_by_hand():
-    full = estimate(SMALL, setup_preset("hybrid", micro_batch=B, seq_len=T)).phases["full"]
+@pytest.mark.parametrize("grad_mode, grad_bytes", [("hook", 4), ("flat", 2)])
+def test_hybrid_model_state_by_hand(grad_mode, grad_bytes):
+    setup = setup_preset("hybrid", micro_batch=B, seq_len=T, grad_mode=grad_mode)
+    full = estimate(SMALL, setup).phases["full"]
     c = full.components
     scales = 4 * math.ceil(P / 256)
     assert c["weights"] == 2 * P
     assert c["master_weights"] == 4 * P
-    assert c["gradients"] == 4 * P  # the fp32 accumulator; no .grad kept
+    # hook: the fp32 accumulator; flat: the bf16 buffer the .grad views share
+    assert c["gradients"] == grad_bytes * P
     assert c["optimizer_state"] == 2 * (P + scales)  # two int8 moments + fp32 scales
     assert c["autocast_cache"] == 0
 

@@ -60,7 +60,8 @@ def test_estimate_json_via_cli(capsys):
         TrainSetup(
             param_dtype="bf16",
             master_weights=True,
-            grad_mode="hook",
+            grad_mode="flat",  # the trainer's path for one micro-batch per step
+            trainer=True,
             state_bits=8,
             checkpointing=True,
             micro_batch=2,

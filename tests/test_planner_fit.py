@@ -94,7 +94,8 @@ def test_fit_turns_expandable_segments_on_and_says_why():
     assert native.device_bytes() > result.usable_bytes >= result.best.device_bytes
     (reason,) = [r for r in result.reasons if r.startswith("expandable segments")]
     assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in reason
-    assert "unusable around the 1.54 GiB logits and loss buffers" in reason  # 8x1024 fp32 [N,V]
+    # 8x1024 bf16 [N, V] logits of the bf16-parameter setup
+    assert "unusable around the 0.77 GiB logits and loss buffers" in reason
     assert f"this batch needs {native.device_bytes() / GiB:.2f} GiB" in reason
     assert "With the default allocator the best is" in reason
     assert result.to_dict()["setup"]["allocator"] == "expandable"

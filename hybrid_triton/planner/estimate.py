@@ -36,8 +36,9 @@ What is modelled (per token of a micro-batch, ``N = micro_batch * seq_len``, wid
   gradient then waits in the tied weight's input buffer until the embedding's joins it.
 - Gradients: "full" mode allocates each ``.grad`` as backward produces it (``AccumulateGrad``
   steals the first gradient, adds later ones in place); "hook" mode keeps one flat fp32
-  accumulator and at most one parameter's gradient at a time. Under autocast a weight's bf16
-  gradient exists briefly beside its fp32 copy.
+  accumulator and at most one parameter's gradient at a time; "flat" mode the same with a flat
+  buffer in the parameter dtype (each ``.grad`` a view of it, autograd adds in place). Under
+  autocast a weight's bf16 gradient exists briefly beside its fp32 copy.
 - Optimizer state: AdamW 2 moments, SGD 1; 32-bit fp32, 16-bit bf16, 8-bit 1 B + one fp32
   scale per 256, 4-bit 0.5 B + one scale per 128 (``STATE_BLOCK``); the step is fused (no
   temporaries). Offloaded state is not on the GPU.
@@ -455,7 +456,7 @@ class _Step:
         self.autocast = setup.autocast is not None
         self.N = setup.tokens_per_micro_batch
         self.train = phase != "predict"
-        self.arena = setup.grad_mode == "hook" or setup.master_weights  # flat buffers
+        self.arena = setup.grad_mode != "full" or setup.master_weights  # flat buffers
         self.trainer = setup.trainer
         self.grads: dict[str, int] = {}  # param name -> handle of its .grad (full mode)
         self.cache: dict[str, int] = {}  # param name -> handle of its autocast copy
@@ -502,8 +503,11 @@ class _Step:
         if self.train and self.trainer and self.phase == "correct":
             self.direction = self.alloc_direction()  # kept through Correct for the residuals
         self.accumulator = None
-        if s.grad_mode == "hook" and (self.train or self.trainer):
-            self.accumulator = tl.alloc("gradients", 4 * P)  # the fp32 accumulator
+        if s.grad_mode != "full" and (self.train or self.trainer):
+            # The fp32 accumulator (hook) or the flat buffer in the parameter dtype (flat):
+            # both allocated once and alive through every backward step.
+            width = 4 if s.grad_mode == "hook" else self.r
+            self.accumulator = tl.alloc("gradients", width * P)
         tl.alloc("workspace", CUBLAS_WORKSPACE)
         tl.alloc("inputs", 8 * self.N)  # idx
         tl.alloc("inputs", 8 * self.N)  # targets: the Predict forward still computes the loss
@@ -593,8 +597,10 @@ class _Step:
             low = tl.alloc("temporaries", self.c * p.numel)  # the matmul's bf16 gradient
         incoming = tl.alloc("temporaries", r * p.numel)  # cast back to the parameter dtype
         tl.free(low)
-        if self.setup.grad_mode == "hook":
-            tl.free(incoming)  # folded into the fp32 accumulator by the hook, then dropped
+        if self.setup.grad_mode != "full":
+            # hook: folded into the fp32 accumulator by the hook, then dropped; flat: added
+            # in place into the parameter's .grad view of the flat buffer, then dropped
+            tl.free(incoming)
         elif p.name in self.grads:
             tl.free(incoming)  # added in place to the existing .grad
         else:
@@ -982,7 +988,7 @@ class _Step:
         g_norm = self.act(d, r, "temporaries")
         self.held_head_grad = tl.alloc("gradients", r * V * d)
         tl.free(kept_hidden, kept_weight)
-        if self.setup.grad_mode != "hook":
+        if self.setup.grad_mode == "full":
             # AccumulateGrad steals the summed buffer at the embeddings: it becomes the .grad
             self.grads[self.lm_head.name] = self.held_head_grad
             self.held_head_grad = None

@@ -5,7 +5,8 @@ The search (for one model, GPU and sequence length):
 1. Candidate setups, in tiers tried in order; a later tier is searched only when nothing in
    the earlier ones fits even at micro-batch 1:
    - tier 1: bf16 autocast over fp32 parameters, or bf16 parameters with fp32 master weights
-     and hook-folded fp32 gradients; AdamW state 32, 8 or 4 bits; checkpointing off or on;
+     and HybridTrainer's gradients (a flat bf16 buffer for one micro-batch per step,
+     hook-folded into fp32 for several); AdamW state 32, 8 or 4 bits; checkpointing off or on;
    - tier 2: the same with the optimizer moments offloaded to CPU memory (the CPU or the
      transfers become the bottleneck of the step);
    - tier 3: pure bf16 (bf16 parameters and gradients, no master copy: updates smaller than
@@ -134,7 +135,8 @@ class FitResult:
 
 _PRECISIONS = {
     "autocast": dict(param_dtype="fp32", autocast="bf16"),
-    "master": dict(param_dtype="bf16", master_weights=True, grad_mode="hook"),
+    # grad_mode "trainer": HybridTrainer's grad_path "auto" (see _precision)
+    "master": dict(param_dtype="bf16", master_weights=True, grad_mode="trainer"),
     "pure": dict(param_dtype="bf16"),
 }
 _TIERS = (
@@ -143,6 +145,13 @@ _TIERS = (
     [("pure", "none")],
     [("pure", "cpu")],
 )
+
+
+def _precision(name: str, accum_steps: int) -> dict:
+    fields = dict(_PRECISIONS[name])
+    if fields.get("grad_mode") == "trainer":
+        fields.update(grad_mode="flat" if accum_steps == 1 else "hook", trainer=True)
+    return fields
 
 
 def _gib(nbytes: float) -> str:
@@ -226,7 +235,7 @@ def fit(
                 for ckpt in (False, True):
                     for alloc in allocators:
                         setup = TrainSetup(
-                            **_PRECISIONS[precision],
+                            **_precision(precision, accum_steps),
                             **base,
                             state_bits=bits,
                             checkpointing=ckpt,
@@ -296,8 +305,9 @@ def _explain(
         )
 
     if s.param_dtype == "bf16" and s.master_weights:
+        grads = "flat bf16" if s.grad_mode == "flat" else "hook-folded fp32"
         without(
-            "bf16 parameters + fp32 master weights + hook-folded fp32 gradients",
+            f"bf16 parameters + fp32 master weights + {grads} gradients",
             param_dtype="fp32",
             autocast="bf16",
             master_weights=False,

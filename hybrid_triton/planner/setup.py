@@ -27,7 +27,7 @@ _DTYPE_ALIASES = {
     "half": "fp16",
 }
 PHASES = ("warmup", "full", "predict", "correct")
-GRAD_MODES = ("full", "hook")
+GRAD_MODES = ("full", "hook", "flat")
 OPTIMIZERS = ("adamw", "sgd", "none")
 STATE_BITS = (32, 16, 8, 4)
 OFFLOAD = ("none", "cpu")
@@ -67,8 +67,11 @@ class TrainSetup:
     - ``param_dtype``: dtype of the model's parameters ("fp32", "bf16", "fp16").
     - ``autocast``: None, or the autocast dtype ("bf16"/"fp16") the forward runs under.
     - ``master_weights``: an fp32 master copy kept by the optimizer (for low-precision params).
-    - ``grad_mode``: "full" (a ``.grad`` per parameter, in the parameter dtype) or "hook"
-      (post-accumulate-grad hooks fold each gradient into one fp32 accumulator and drop it).
+    - ``grad_mode``: "full" (a ``.grad`` per parameter, in the parameter dtype), "hook"
+      (post-accumulate-grad hooks fold each gradient into one fp32 accumulator and drop it) or
+      "flat" (every ``.grad`` a view of one flat buffer in the parameter dtype, allocated once:
+      ``FusedAdamW.attach_flat_grads``, HybridTrainer's ``grad_path="flat"`` and the
+      toolkit_memory recipe's bf16 gradients; one micro-batch per step).
     - ``optimizer``: "adamw" (2 moments), "sgd" (1 momentum buffer) or "none"; ``state_bits``
       32 / 16 / 8 / 4 (8 and 4: blockwise with an fp32 scale per 256 / 128 elements).
     - ``micro_batch``, ``seq_len``, ``accum_steps``: sequences per micro-batch, tokens per
@@ -100,7 +103,8 @@ class TrainSetup:
       temporaries that build the update direction (the moments are still on the GPU), the
       moments prefetched back before Predict ends, the direction kept through Correct and
       Correct's copy of the master weights during its optimizer step. Default: on exactly
-      when gradients are hook-folded (the trainer's way).
+      when gradients are hook-folded (the trainer's way with several micro-batches; pass
+      ``trainer=True`` with ``grad_mode="flat"`` for its one-micro-batch path).
     - ``allocator``: the CUDA caching allocator the run uses, which decides how much memory
       it reserves beyond the allocated peak (what a memory cap or the card limits): "native"
       (PyTorch's default: one segment per large allocation; freed segments reused by smaller
@@ -166,6 +170,12 @@ class TrainSetup:
         for phase in phases:
             _choice(phase, PHASES, "phase")
         set_(self, "phases", phases)
+        if self.grad_mode == "flat" and self.accum_steps != 1:
+            raise PlannerError(
+                "grad_mode 'flat' takes one micro-batch per step (a flat buffer in the "
+                f"parameter dtype would round every sum), got accum_steps={self.accum_steps}; "
+                "use 'hook'"
+            )
         if self.trainer is None:
             set_(self, "trainer", self.grad_mode == "hook")
         elif not isinstance(self.trainer, bool):
@@ -203,7 +213,11 @@ class TrainSetup:
             parts.append(f"{self.autocast} autocast")
         if self.master_weights:
             parts.append("fp32 master")
-        parts.append("hook-folded fp32 grads" if self.grad_mode == "hook" else "full grads")
+        parts.append(
+            {"hook": "hook-folded fp32 grads", "flat": f"flat {self.param_dtype} grads"}.get(
+                self.grad_mode, "full grads"
+            )
+        )
         if self.optimizer != "none":
             parts.append(f"{self.optimizer} {self.state_bits}-bit state")
         if self.offload != "none":
@@ -226,9 +240,16 @@ class TrainSetup:
 SETUP_PRESETS: dict[str, dict] = {
     "fp32": dict(param_dtype="fp32", logits_lifetime="step"),
     "bf16-autocast": dict(param_dtype="fp32", autocast="bf16", logits_lifetime="step"),
-    "bf16-master": dict(param_dtype="bf16", master_weights=True, grad_mode="hook"),
+    # HybridTrainer's setups: gradient mode "trainer" is its TrainerConfig.grad_path "auto":
+    # a flat bf16 buffer for one micro-batch per step, the hook-folded fp32 accumulator for
+    # several (setup_preset decides from accum_steps).
+    "bf16-master": dict(param_dtype="bf16", master_weights=True, grad_mode="trainer"),
     "hybrid": dict(
-        param_dtype="bf16", master_weights=True, grad_mode="hook", state_bits=8, checkpointing=True
+        param_dtype="bf16",
+        master_weights=True,
+        grad_mode="trainer",
+        state_bits=8,
+        checkpointing=True,
     ),
 }
 
@@ -237,4 +258,8 @@ def setup_preset(name: str, **overrides) -> TrainSetup:
     """A setup by preset name (``SETUP_PRESETS``) with fields overridden by keyword."""
     if name not in SETUP_PRESETS:
         raise unknown_name_error("setup preset", name, SETUP_PRESETS)
-    return TrainSetup(**{**SETUP_PRESETS[name], **overrides})
+    fields = {**SETUP_PRESETS[name], **overrides}
+    if fields.get("grad_mode") == "trainer":
+        fields["grad_mode"] = "flat" if fields.get("accum_steps", 1) == 1 else "hook"
+        fields.setdefault("trainer", True)
+    return TrainSetup(**fields)
