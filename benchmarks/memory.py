@@ -41,7 +41,8 @@ recomputes the planner's verdicts against a report's recorded outcomes offline.
 Options (``--option KEY=VALUE``): ``traced=auto|all|none`` (auto: the traced mode for the
 quick model and GPT-2 small, not medium), ``config_timeout=SECONDS`` (each configuration's
 real run and each capped run under its own limit; full default 150, 0 = none),
-``steps=N`` (measured steps per phase), ``cap_runs=needed|all``. With
+``steps=N`` (measured steps per phase), ``cap_runs=needed|all``, ``grad_path=flat|hooks``
+(the trainer setups' gradient path, ``TrainerConfig.grad_path``; default flat). With
 ``$HYBRID_TRITON_PARTIAL_CSV`` set, the rows so far are written there after each
 configuration, so an outer time limit loses only the configuration it interrupts.
 The CUDA step itself is not timed here (the training suite does that).
@@ -90,6 +91,9 @@ class MemoryConfig:
     checkpointing: bool
     micro_batch: int
     seq_len: int
+    # HybridTrainer's gradient path (trainer setups; TrainerConfig.grad_path): "flat", its
+    # default for one micro-batch, or "hooks". Reports made before this field ran "hooks".
+    grad_path: str = "flat"
 
     @property
     def label(self) -> str:
@@ -111,6 +115,7 @@ class MemoryConfig:
             "checkpointing": self.checkpointing,
             "micro_batch": self.micro_batch,
             "seq_len": self.seq_len,
+            "grad_path": self.grad_path,
         }
 
 
@@ -124,9 +129,12 @@ def _model_args(name: str, **overrides: int) -> tuple[tuple[str, int], ...]:
     return tuple(args.items())
 
 
-def configurations(quick: bool) -> list[MemoryConfig]:
+def configurations(quick: bool, grad_path: str = "flat") -> list[MemoryConfig]:
     """The matrix. Quick: a micro GPT-2 (small vocabulary, short context) on any machine.
-    Full (a GPU): GPT-2 small and medium at the sizes of the planner issue."""
+    Full (a GPU): GPT-2 small and medium at the sizes of the planner issue. ``grad_path``:
+    the trainer setups' gradient path ("flat" or "hooks")."""
+    if grad_path not in ("flat", "hooks"):
+        raise ValueError(f"--option grad_path={grad_path!r}: expected flat or hooks")
     if quick:
         models = [("gpt2-micro", _model_args("gpt2-tiny", vocab_size=512, block_size=64))]
         shapes = [(2, 64)]
@@ -149,7 +157,7 @@ def configurations(quick: bool) -> list[MemoryConfig]:
             ("hybrid", 4, True),
         ]
     return [
-        MemoryConfig(model, args, setup, bits, ckpt, b, t)
+        MemoryConfig(model, args, setup, bits, ckpt, b, t, grad_path)
         for model, args in models
         for b, t in shapes
         for setup, bits, ckpt in setups
@@ -190,8 +198,10 @@ def planner_setup(cfg: MemoryConfig, device: torch.device, allocator: str | None
     from hybrid_triton.planner.setup import setup_preset
 
     trainer = cfg.setup not in RECIPE_FOR_SETUP
+    extra = {"grad_mode": "flat" if cfg.grad_path == "flat" else "hook"} if trainer else {}
     return setup_preset(
         cfg.setup,
+        **extra,
         micro_batch=cfg.micro_batch,
         seq_len=cfg.seq_len,
         checkpointing=cfg.checkpointing,
@@ -294,6 +304,7 @@ def measure_trainer(
         offload="pinned" if device.type == "cuda" else "keep",
         lookahead=0,  # the presets' default: moments and master come back at Predict exit
         host_lag=1,
+        grad_path=cfg.grad_path,
     )
     trainer = HybridTrainer(
         model,
@@ -589,7 +600,8 @@ def record_savings(ctx: SuiteContext, peaks: dict[MemoryConfig, tuple]) -> None:
 
 
 def run(ctx: SuiteContext) -> None:
-    configs = [c for c in configurations(ctx.quick) if ctx.selected(c.label)]
+    grad_path = ctx.option("grad_path", "flat")
+    configs = [c for c in configurations(ctx.quick, grad_path) if ctx.selected(c.label)]
     peaks: dict[MemoryConfig, tuple] = {}
     for cfg in ctx.bar(configs, total=len(configs), desc="memory"):
         start = time.perf_counter()

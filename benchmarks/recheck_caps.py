@@ -64,6 +64,7 @@ def _config(row_config: str) -> tuple[MemoryConfig, dict]:
         c["checkpointing"],
         c["micro_batch"],
         c["seq_len"],
+        c.get("grad_path", "hooks"),  # reports before the field ran the trainer with hooks
     )
     return cfg, c
 

@@ -450,7 +450,9 @@ def parse_trainer_overrides(text: str) -> dict:
     return overrides
 
 
-def trainer_checkpoint_blocks(ctx: SuiteContext, size: TrainingSize, model_cfg, state_bits) -> int:
+def trainer_checkpoint_blocks(
+    ctx: SuiteContext, size: TrainingSize, model_cfg, state_bits, grad_dtype: str = "auto"
+) -> int:
     """Blocks the trainer case checkpoints (the first K): ``trainer_checkpointing`` is
     ``auto`` (GPU default: the toolkit_memory recipe's planned choice,
     :func:`hybrid_triton.recipes.plan_checkpoint_blocks` with its 4 GiB budget, so the trainer
@@ -471,7 +473,7 @@ def trainer_checkpoint_blocks(ctx: SuiteContext, size: TrainingSize, model_cfg, 
             state_bits=state_bits,
             fused_loss=True,
             loss_chunk_tokens=opts["loss_chunk_tokens"],
-            grad_dtype="fp32",  # the trainer folds gradients into fp32 from hooks
+            grad_dtype=grad_dtype,  # the trainer's gradient path, as the recipe's
         )
         return blocks
     if text == "all":
@@ -488,6 +490,44 @@ def trainer_checkpoint_blocks(ctx: SuiteContext, size: TrainingSize, model_cfg, 
             f"in [0, {n_layer}]"
         )
     return blocks
+
+
+# TrainerConfig.offload -> the planner's Predict moments policy.
+PREDICT_MOMENTS_FOR_OFFLOAD = {
+    "keep": "keep",
+    "cpu": "offload",
+    "pinned": "offload",
+    "compress": "compress",
+    "drop": "drop",
+}
+
+
+def trainer_planner_estimate(model_cfg, size: TrainingSize, tcfg, state_bits: int, blocks: int,
+                             grad_path: str):  # fmt: skip
+    """The planner's per-phase estimate of a trainer run of :func:`build_gpt2_trainer` (the
+    ``hybrid`` preset: bf16 parameters, fp32 master, ``state_bits`` moments, the fused chunked
+    loss, the first ``blocks`` blocks checkpointed, the trainer's gradient path and Predict
+    moments policy)."""
+    from hybrid_triton.planner.estimate import estimate
+    from hybrid_triton.planner.setup import setup_preset
+    from hybrid_triton.planner.specs import gpt2_spec
+
+    spec = gpt2_spec("gpt2", model_cfg.n_layer, model_cfg.n_embd, model_cfg.n_head,
+                     model_cfg.vocab_size, model_cfg.block_size, bias=model_cfg.bias)  # fmt: skip
+    setup = setup_preset(
+        "hybrid",
+        micro_batch=size.micro_batch,
+        seq_len=size.seq_len,
+        accum_steps=size.accum,
+        state_bits=state_bits,
+        checkpointing=blocks > 0,
+        checkpoint_blocks=blocks,
+        fused_loss=True,
+        loss_chunk_tokens=model_cfg.loss_chunk_tokens,
+        grad_mode="flat" if grad_path == "flat" else "hook",
+        predict_moments=PREDICT_MOMENTS_FOR_OFFLOAD[tcfg.offload],
+    )
+    return estimate(spec, setup)
 
 
 def _eval_times(result) -> list[tuple[int, float, float]]:
@@ -521,7 +561,9 @@ def run_trainer(ctx: SuiteContext, size: TrainingSize, corpus) -> None:
     ``trainer_preset`` (one), ``trainer_overrides``, ``trainer_warmup`` (the warm-up steps),
     ``trainer_state_bits`` (8), ``trainer_checkpointing`` (auto / all / none / K),
     ``trainer_decay`` (``matrices``: the recipes' weight decay, matrices and embeddings only,
-    default; ``all``: every parameter), ``trainer_baseline``.
+    default; ``all``: every parameter), ``trainer_baseline``, ``trainer_seeds`` (``0,1``:
+    each seed its own initialisation and data order, for every configuration and the
+    baseline, with its own trade-off case; default 0).
     """
     presets = parse_trainer_presets(
         ctx.options.get("trainer_presets", ctx.options.get("trainer_preset", "balanced"))
@@ -536,35 +578,51 @@ def run_trainer(ctx: SuiteContext, size: TrainingSize, corpus) -> None:
                 f"--option trainer_baseline={baseline!r}: expected none or one of {sorted(RECIPES)}"
             )
     state_bits = ctx.option("trainer_state_bits", 8)
-    blocks = trainer_checkpoint_blocks(ctx, size, model_config(size, ctx.quick), state_bits)
+    # The trainer's gradient path ("auto": flat bf16 for one micro-batch) in the recipe's terms.
+    path = str(overrides.get("grad_path", "auto"))
+    grad_dtype = {"flat": "bf16", "hooks": "fp32"}.get(path, "auto")
+    blocks = trainer_checkpoint_blocks(
+        ctx, size, model_config(size, ctx.quick), state_bits, grad_dtype
+    )
     decay = ctx.options.get("trainer_decay", "matrices")
     if decay not in ("matrices", "all"):
         raise ValueError(f"--option trainer_decay={decay!r}: expected matrices or all")
-    runs = {}
-    for preset in presets:
-        runs[preset] = run_trainer_config(
-            ctx, size, corpus, preset, overrides, state_bits, blocks, decay
-        )
-    if baseline == "none":
-        return
-    # Plain training on the same steps, data (train stream seed 0) and validation set.
-    results: dict = {}
-    run_recipe(ctx, baseline, size, corpus, results=results)
-    record_trainer_tradeoff(ctx, size, runs, baseline, results.get((baseline, 0)))
+    seeds = parse_seeds(str(ctx.options.get("trainer_seeds", "0")))
+    for seed in seeds:
+        runs = {}
+        for preset in presets:
+            runs[preset] = run_trainer_config(
+                ctx, size, corpus, preset, overrides, state_bits, blocks, decay, seed
+            )
+        if baseline == "none":
+            continue
+        # Plain training on the same steps, data (train stream of this seed), initialisation
+        # (this seed) and validation set.
+        results: dict = {}
+        run_recipe(ctx, baseline, size, corpus, seed=seed, results=results)
+        record_trainer_tradeoff(ctx, size, runs, baseline, results.get((baseline, seed)), seed)
 
 
 def record_trainer_tradeoff(
-    ctx: SuiteContext, size: TrainingSize, runs: dict, baseline: str, base: dict | None
+    ctx: SuiteContext,
+    size: TrainingSize,
+    runs: dict,
+    baseline: str,
+    base: dict | None,
+    seed: int = 0,
 ) -> None:
     """The trade-off case: per trainer configuration against the baseline recipe."""
     rec = ctx.recorder
     case = f"{size.model} hybrid_trainer trade-off {size.micro_batch}x{size.seq_len}x{size.accum}"
+    if seed:
+        case += f" seed{seed}"
     if base is None:
         rec.status(case, baseline, STATUS_ERROR, message=f"the baseline {baseline} did not finish")
         return
     target = base["val_loss"]
     base_time = next((t for _, v, t in base["curve"] if v <= target), base["train_time_s"])
-    config = {"baseline": baseline, "steps": size.steps, "eval_every": size.eval_every}
+    config = {"baseline": baseline, "steps": size.steps, "eval_every": size.eval_every,
+              "seed": seed}  # fmt: skip
     rec.add(case, baseline, "val_loss", "nats", target, config=config, note="final")
     rec.add(case, baseline, "tokens_per_s", "tok/s", base["tokens_per_s"], config=config)
     rec.add(case, baseline, "time_to_baseline_loss_s", "s", base_time, config=config,
@@ -629,9 +687,10 @@ def build_gpt2_trainer(
     state_bits: int = 8,
     checkpoint_blocks: int = 0,
     decay: str = "matrices",
+    seed: int = 0,
 ):
     """``(HybridTrainer, GPT2)``: configuration 3 of issue 8 under the trainer: bf16
-    parameters with fp32 master weights (from the fp32 initialisation, seed 0), ``FusedAdamW``
+    parameters with fp32 master weights (from the fp32 initialisation of ``seed``), ``FusedAdamW``
     with ``state_bits`` moments and the recipes' optimizer settings (``optim``: betas, weight
     decay on matrices and embeddings only unless ``decay="all"``, clipping), the fused chunked
     loss, the first ``checkpoint_blocks`` blocks checkpointed."""
@@ -640,7 +699,7 @@ def build_gpt2_trainer(
     from hybrid_triton.models.gpt2 import GPT2
     from hybrid_triton.trainer import HybridTrainer
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model_cfg = dc_replace(model_cfg, activation_checkpointing=checkpoint_blocks > 0,
                            checkpoint_blocks=checkpoint_blocks, fused_loss=True)  # fmt: skip
     model = GPT2(model_cfg).to(device)
@@ -674,6 +733,7 @@ def run_trainer_config(
     state_bits: int = 8,
     checkpoint_blocks: int = 0,
     decay: str = "matrices",
+    seed: int = 0,
 ) -> dict | None:
     """One ``HybridTrainer`` run (``preset``, or "off") on GPT-2 with bf16 parameters and
     fp32 master weights (``FusedAdamW``, ``trainer_state_bits`` moments, the fused chunked
@@ -696,11 +756,13 @@ def run_trainer_config(
     case = f"{size.model} hybrid_trainer {preset} {size.micro_batch}x{size.seq_len}x{size.accum}"
     if overrides:
         case += " " + ",".join(f"{k}={v}" for k, v in overrides.items())
+    if seed:
+        case += f" seed{seed}"
     config = {"runner": "HybridTrainer", "preset": preset, "model": size.model,
               "micro_batch": size.micro_batch, "seq_len": size.seq_len, "steps": size.steps,
               "state_bits": state_bits, "params": "bf16 + fp32 master", "fused_loss": True,
               "weight_decay_on": decay, "eval_every": size.eval_every,
-              "checkpoint_blocks": blocks}  # fmt: skip
+              "checkpoint_blocks": blocks, "seed": seed}  # fmt: skip
     if overrides:
         config["overrides"] = overrides
     try:
@@ -725,10 +787,24 @@ def run_trainer_config(
                                     if k not in ("metrics_path", "progress")}  # fmt: skip
         optim = OptimConfig() if size.lr is None else OptimConfig(lr=size.lr)
         trainer, model = build_gpt2_trainer(
-            base_cfg, tcfg, device, optim, size.steps, state_bits, blocks, decay
+            base_cfg, tcfg, device, optim, size.steps, state_bits, blocks, decay, seed
         )
+        config["grad_path"] = trainer.grad_path
+        try:
+            plan = trainer_planner_estimate(
+                base_cfg, size, tcfg, state_bits, blocks, trainer.grad_path
+            )
+            plan_note = "planner estimate of the phase's peak (allocated; entry work apart)"
+            if tcfg.lookahead > 0 and tcfg.offload in ("cpu", "pinned"):
+                plan_note += (
+                    f"; lookahead {tcfg.lookahead}: moments back during the last Predict "
+                    "steps, not modelled"
+                )
+        except ValueError as err:
+            plan = None
+            ctx.log(f"{case}: no planner estimate ({err})")
         train = TokenStream(
-            "train", size.micro_batch, size.seq_len, 0, corpus=corpus, device=device
+            "train", size.micro_batch, size.seq_len, seed, corpus=corpus, device=device
         )
         val = TokenStream("val", size.micro_batch, size.seq_len, corpus=corpus, shuffle=False,
                           device=device)  # fmt: skip
@@ -812,6 +888,13 @@ def run_trainer_config(
         c = {**config, "phase": phase, "phase_steps": counts.get(phase, 0)}
         rec.add(f"{case} [{phase}]", "measured", "peak_allocated", "GiB", peak / GIB, config=c,
                 note=note)  # fmt: skip
+        planned = plan.phases.get(phase) if plan is not None else None
+        if planned is not None and on_gpu:
+            rec.add(f"{case} [{phase}]", "planner", "peak_allocated", "GiB",
+                    planned.peak_bytes / GIB, config=c, note=plan_note)  # fmt: skip
+            rec.add(f"{case} [{phase}]", "measured", "estimate_vs_measured_pct", "%",
+                    100.0 * (planned.peak_bytes / peak - 1.0), config=c,
+                    note="planner estimate / measured phase peak - 1 (target: 5%)")  # fmt: skip
     if peaks.get("full") and peaks.get("predict"):
         rec.add(f"{case} [predict]", "measured", "predict_vs_full_peak_pct", "%",
                 100.0 * peaks["predict"] / peaks["full"], config=config,
