@@ -235,19 +235,32 @@ def main() -> None:
         if bad:
             print(f"  {v}: FAILED {bad}", flush=True)
 
-    # 2. Time what passed, point by point, in this process.
+    # 2. Time what passed, point by point, in this process. Each row goes to the CSV as soon
+    # as it is timed, so a sweep cut by a time limit still leaves the rows it got.
     rows = []  # (point, provider, mode, median_us)
+    machine = torch.cuda.get_device_name()
+    shape = {name: (K, H, T) for name, K, H, T in points}
+
+    def write_csv_row(fields: list, mode: str = "a") -> None:
+        if args.csv:
+            with open(args.csv, mode, newline="") as f:
+                csv.writer(f).writerow(fields)
+
+    write_csv_row(["point", "provider", "mode", "median_us", "machine", "K", "H", "T"], "w")
+
+    def record(point: str, provider: str, mode: str, us: float) -> None:
+        rows.append((point, provider, mode, us))
+        write_csv_row([point, provider, mode, f"{us:.2f}", machine, *shape[point]])
+
     for name, K, H, T in points:
         problem = _problem(K, H)
         expected = _reference(problem, T)
         baseline = _torch_graph(problem, T)
-        rows.append(
-            (
-                name,
-                "torch_cuda_graph",
-                "graph",
-                do_bench(baseline, warmup=10, rep=args.rep_ms, return_mode="median") * 1e3,
-            )
+        record(
+            name,
+            "torch_cuda_graph",
+            "graph",
+            do_bench(baseline, warmup=10, rep=args.rep_ms, return_mode="median") * 1e3,
         )
         for v in variants:
             if verdicts[v].get(name) != "ok":
@@ -265,7 +278,7 @@ def main() -> None:
                 continue
             for mode, fn in (("graph", replay.replay), ("direct", direct)):
                 us = do_bench(fn, warmup=10, rep=args.rep_ms, return_mode="median") * 1e3
-                rows.append((name, v, mode, us))
+                record(name, v, mode, us)
         print(f"timed {name} ({time.perf_counter() - start:.1f} s)", flush=True)
 
     # 3. Table: one row per provider, one column per point, "graph / direct" in µs.
@@ -298,14 +311,6 @@ def main() -> None:
             base = cell.get((c, "torch_cuda_graph", "graph"))
             ratio = f", {base / best_us:.1f}x the torch CUDA graph" if base else ""
             print(f"fastest at {c}: {best} {best_us:.1f} us (graph replay){ratio}")
-    if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["point", "provider", "mode", "median_us", "machine", "K", "H", "T"])
-            machine = torch.cuda.get_device_name()
-            shape = {name: (K, H, T) for name, K, H, T in points}
-            for p, prov, mode, us in rows:
-                writer.writerow([p, prov, mode, f"{us:.2f}", machine, *shape[p]])
     print(f"total {time.perf_counter() - start:.1f} s")
 
 
