@@ -397,7 +397,16 @@ def test_gpu_paths_match_reference(shape, weight_dtype, variant):
     single = variant in ("legacy", "fused_volatile", "folded") and weight_dtype == torch.float32
     for forced in sorted({1, split}) if single else [split]:
         result = rssm_rollout(*problem, T, split=forced, variant=variant)
-        check_all(result, problem, T, weight_dtype)
+        try:
+            check_all(result, problem, T, weight_dtype)
+        except AssertionError:
+            # make_problem's feedback expands, and at T=200 some seeds take the float64
+            # reference past fp32's range: the unfolded kernels then give the same +-inf,
+            # the folded matvec can sum an inf and a -inf into NaN (docs/dynamics.md).
+            beyond = reference64(*problem, T).traj.abs().max() > torch.finfo(torch.float32).max
+            if VARIANTS[variant].folded and bool(beyond):
+                pytest.xfail("the reference leaves fp32's range; the folded sums give NaN")
+            raise
 
 
 # The in-kernel fold at shapes whose tiles stay resident with the split of a 132-SM GPU
