@@ -280,13 +280,15 @@ def measure_trainer(
     (``HybridTrainer.prepare_step``) is measured apart as ``enter:<phase>``."""
     from hybrid_triton.models.gpt2 import GPT2
     from hybrid_triton.scheduler import TrainerConfig
-    from hybrid_triton.trainer import HybridTrainer, TrendDynamics
+    from hybrid_triton.trainer import HybridTrainer, RSSMDynamics
 
-    class _AlwaysConfident(TrendDynamics):
+    class _AlwaysConfident(RSSMDynamics):
         # Memory is what is measured here, not the quality of predictions: enter Predict as
-        # soon as Full ends, so that one short run visits every phase.
-        def confidence(self) -> float:
-            return 1.0
+        # soon as Full ends, so that one short run visits every phase. The trainer's default
+        # dynamics model (device-side RSSM), so Full steps do what they do by default (the
+        # update norms it observes need a copy of the master around the optimizer step).
+        def confidence(self) -> torch.Tensor:
+            return torch.ones((), device=self._loss_avg.device)
 
     probe.exclude_current_tensors()  # CPU: what earlier suites left alive is not this run's
     model_cfg = _gpt2_config(cfg)

@@ -526,6 +526,7 @@ def trainer_planner_estimate(model_cfg, size: TrainingSize, tcfg, state_bits: in
         loss_chunk_tokens=model_cfg.loss_chunk_tokens,
         grad_mode="flat" if grad_path == "flat" else "hook",
         predict_moments=PREDICT_MOMENTS_FOR_OFFLOAD[tcfg.offload],
+        phases=("warmup", "full", "predict", "correct") if tcfg.predict else ("warmup", "full"),
     )
     return estimate(spec, setup)
 
@@ -790,6 +791,7 @@ def run_trainer_config(
             base_cfg, tcfg, device, optim, size.steps, state_bits, blocks, decay, seed
         )
         config["grad_path"] = trainer.grad_path
+        trainer.restart_memory_peak()  # the build's fp32 initialisation copy is gone now
         try:
             plan = trainer_planner_estimate(
                 base_cfg, size, tcfg, state_bits, blocks, trainer.grad_path

@@ -591,6 +591,13 @@ class HybridTrainer:
         self._accum_freed = False
         self._last_flags: dict[str, Any] = {}
         self._bind_precision(self.controller.plan)
+        self.restart_memory_peak()
+
+    def restart_memory_peak(self) -> None:
+        """Count the current phase's peak memory (CUDA) from now: the first phase's peak then
+        holds the trainer's own state and steps, not what ran in the process before (or a
+        caller's setup tensors freed since the trainer was built, when called again)."""
+        self.metrics.phase_boundary(None)
 
     # ------------------------------------------------------------------ config
     @staticmethod

@@ -415,11 +415,23 @@ def test_trainer_predict_entry_and_correct_by_hand():
         for n in (g, 4 * math.ceil(g / DIRECTION_BLOCK))
     )
     assert correct.stage_peaks["backward"] - full.stage_peaks["backward"] == rounded
-    # ... plus one segment group of the predicted update dequantized to fp32 at a time
-    group = -(-4 * max(direction_groups(est.spec)) // ALLOC_ROUND) * ALLOC_ROUND
-    assert correct.stage_peaks["optimizer"] - full.stage_peaks["optimizer"] == (
-        rounded + 4 * Pm + group
-    )
+
+    def up(n: int) -> int:
+        return -(-n // ALLOC_ROUND) * ALLOC_ROUND
+
+    # Full steps of a run with Predict copy the master around the step (the dynamics model's
+    # update norms); Warmup steps do not.
+    warmup = est.phases["warmup"]
+    assert full.stage_peaks["optimizer"] - warmup.stage_peaks["optimizer"] == up(4 * Pm)
+    # Correct: the same copy, then one segment group of the predicted update dequantized to
+    # fp32 at a time, then the residual's fp32 error-feedback buffer and int8 codes (larger,
+    # so the stage's peak)
+    group = up(4 * max(direction_groups(est.spec)))
+    residual = up(4 * Pm) + up(Pm + 4 * math.ceil(Pm / DIRECTION_BLOCK))
+    assert residual > group
+    assert correct.stage_peaks["optimizer"] - full.stage_peaks["optimizer"] == rounded + residual
+    no_predict = estimate(preset("gpt2-medium"), setup.replace(phases=("warmup", "full")))
+    assert no_predict.phases["full"].stage_peaks["optimizer"] == warmup.stage_peaks["optimizer"]
     plain = estimate(preset("gpt2-medium"), setup.replace(trainer=False)).phases["predict"]
     # Entry apart, the trainer's Predict holds less than a plain loop's: no fp32 master.
     assert plain.peak_at.startswith("forward") and predict.peak_bytes < plain.peak_bytes

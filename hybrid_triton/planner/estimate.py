@@ -325,13 +325,16 @@ class _Timeline:
         self.peak_transient = 0
         self.peak_transient_component = ""
 
-    def alloc(self, component: str, nbytes: int | float) -> int:
+    def alloc(self, component: str, nbytes: int | float, fragments: bool = True) -> int:
+        """A block; ``fragments=False`` keeps a transient block out of the native allocator's
+        fragmentation allowance (see _Step.optimizer_step)."""
         nbytes = int(nbytes)
         rounded = _round(nbytes)
         handle = self._next
         self._next += 1
-        self._live[handle] = (component, nbytes, rounded, self.stage != "setup")
-        if self.stage != "setup" and rounded:
+        transient = self.stage != "setup" and fragments
+        self._live[handle] = (component, nbytes, rounded, transient)
+        if transient and rounded:
             self._transient[rounded] += 1
             self._transient_component[rounded] = component
         self.exact[component] += nbytes
@@ -1039,13 +1042,27 @@ class _Step:
         tl = self.tl
         tl.at("optimizer", "step")
         before = None
-        if self.trainer and self.phase == "correct":
-            # Correct keeps the master weights as they were before the step (the residual)
-            before = tl.alloc("temporaries", 4 * self.spec.num_params)
+        # Correct keeps the master weights as they were before the step (the residual); with
+        # a Predict phase in the run, Full steps do too (the update norms that feed the
+        # trainer's device-side dynamics model, HybridTrainer._update_norms).
+        observes = self.phase == "full" and "predict" in self.setup.phases
+        # The trainer's master-size fp32 blocks here are kept out of the fragmentation
+        # allowance: it was fitted on vocabulary-sized buffers (NATIVE_FRAGMENTATION), and no
+        # capped run has checked it on these.
+        if self.trainer and (self.phase == "correct" or observes):
+            before = tl.alloc("temporaries", 4 * self.spec.num_params, fragments=False)
         tl.alloc("temporaries", 0)  # a point on the timeline: the fused step has no temporaries
-        if before is not None:
+        if before is not None and self.phase == "correct":
             # then dequantizes the predicted update one segment group at a time (fp32)
             tl.free(tl.alloc("temporaries", 4 * max(direction_groups(self.spec))))
+            # and stores the residual (ResidualStore.add, the trainer's defaults: int8 with
+            # error feedback): the fp32 error buffer comes from host memory to the device and
+            # the residual is quantized there (int8 codes + an fp32 scale per block) before
+            # both go back to the host.
+            P = self.spec.num_params
+            error = tl.alloc("temporaries", 4 * P, fragments=False)
+            codes = tl.alloc("temporaries", P + 4 * math.ceil(P / DIRECTION_BLOCK), False)
+            tl.free(error, codes)
         tl.free(before)
         for h in self.grads.values():  # zero_grad(set_to_none=True)
             tl.free(h)
@@ -1098,8 +1115,14 @@ def estimate(spec: ModelSpec, setup: TrainSetup) -> Estimate:
         )
     phases: dict[str, PhaseEstimate] = {}
     train_phase: PhaseEstimate | None = None
+    # The trainer's Full steps differ from Warmup when the run has a Predict phase (they copy
+    # the master for the dynamics model's update norms: _Step.optimizer_step).
+    trainer_full = setup.trainer and "predict" in setup.phases
     for phase in dict.fromkeys(setup.phases):
-        if phase == "predict" or (phase == "correct" and setup.trainer):
+        own = phase == "predict" or (
+            setup.trainer and (phase == "correct" or (phase == "full" and trainer_full))
+        )
+        if own:
             phases[phase] = _Step(spec, setup, phase).run()
         else:  # Warmup and Full (and Correct outside the trainer) hold the same tensors
             train_phase = train_phase or _Step(spec, setup, phase).run()

@@ -259,7 +259,8 @@ def setup_preset(name: str, **overrides) -> TrainSetup:
     if name not in SETUP_PRESETS:
         raise unknown_name_error("setup preset", name, SETUP_PRESETS)
     fields = {**SETUP_PRESETS[name], **overrides}
-    if fields.get("grad_mode") == "trainer":
-        fields["grad_mode"] = "flat" if fields.get("accum_steps", 1) == 1 else "hook"
-        fields.setdefault("trainer", True)
+    if SETUP_PRESETS[name].get("grad_mode") == "trainer":
+        fields.setdefault("trainer", True)  # HybridTrainer's own tensors, whatever grad_mode
+        if fields["grad_mode"] == "trainer":
+            fields["grad_mode"] = "flat" if fields.get("accum_steps", 1) == 1 else "hook"
     return TrainSetup(**fields)
