@@ -376,7 +376,7 @@ def test_trainer_predict_entry_and_correct_by_hand():
     est = estimate(preset("gpt2-medium"), setup)
     Pm = est.spec.num_params
     predict = est.phases["predict"]
-    from hybrid_triton.planner.estimate import direction_groups
+    from hybrid_triton.planner.estimate import direction_groups, dynamics_model_params
 
     # Predict entry: the accumulator is freed first; the moments are still on the GPU; the
     # compact direction is built and quantized one segment group at a time, in arena order
@@ -391,7 +391,10 @@ def test_trainer_predict_entry_and_correct_by_hand():
     )
     moments = 2 * (Pm + 4 * math.ceil(Pm / 256))
     inputs = 2 * 8 * 2 * 128
-    entry = 2 * Pm + 4 * Pm + moments + building + CUBLAS_WORKSPACE + inputs
+    # the dynamics model: weights, gradients and two Adam moments, fp32 (a Predict phase)
+    dynamics = 16 * dynamics_model_params(len(groups))
+    assert predict.components["dynamics_model"] == dynamics
+    entry = 2 * Pm + 4 * Pm + moments + building + CUBLAS_WORKSPACE + inputs + dynamics
     assert 0 <= predict.stage_peaks["predict entry"] - entry < 16 * ALLOC_ROUND
     # The entry is a transition with its own peak (the trainer's "enter:predict"); the
     # phase's peak comes after it: bf16 weights and the compact direction, no accumulator, no
@@ -430,8 +433,13 @@ def test_trainer_predict_entry_and_correct_by_hand():
     residual = up(4 * Pm) + up(Pm + 4 * math.ceil(Pm / DIRECTION_BLOCK))
     assert residual > group
     assert correct.stage_peaks["optimizer"] - full.stage_peaks["optimizer"] == rounded + residual
+    # Without Predict: no copy, and the dynamics model holds only its weights (never trains)
     no_predict = estimate(preset("gpt2-medium"), setup.replace(phases=("warmup", "full")))
-    assert no_predict.phases["full"].stage_peaks["optimizer"] == warmup.stage_peaks["optimizer"]
+    dyn = dynamics_model_params(len(groups))
+    untrained = up(16 * dyn) - up(4 * dyn)
+    assert no_predict.phases["full"].stage_peaks["optimizer"] == (
+        warmup.stage_peaks["optimizer"] - untrained
+    )
     plain = estimate(preset("gpt2-medium"), setup.replace(trainer=False)).phases["predict"]
     # Entry apart, the trainer's Predict holds less than a plain loop's: no fp32 master.
     assert plain.peak_at.startswith("forward") and predict.peak_bytes < plain.peak_bytes

@@ -75,6 +75,7 @@ and ``CUDA_CONTEXT``. Everything else is counted from shapes.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -134,6 +135,7 @@ COMPONENTS = (
     "gradients",
     "optimizer_state",
     "update_direction",
+    "dynamics_model",
     "activations",
     "autocast_cache",
     "logits_and_loss",
@@ -405,6 +407,17 @@ class _Timeline:
         )
 
 
+@functools.lru_cache(maxsize=32)
+def dynamics_model_params(num_groups: int) -> int:
+    """Parameters of HybridTrainer's default dynamics model (the RSSM ensemble with
+    ``DynamicsConfig``'s defaults) for ``num_groups`` segment groups: built once on the CPU
+    and counted, so the figure follows the model's code."""
+    from hybrid_triton.dynamics import DynamicsConfig, DynamicsModel
+
+    model = DynamicsModel(num_groups, DynamicsConfig(device="cpu"))
+    return sum(p.numel() for p in model.parameters())
+
+
 def direction_groups(spec: ModelSpec, max_groups: int = 16) -> list[int]:
     """Element counts of HybridTrainer's segment groups (``trainer.segment_groups``): runs of
     parameters with the same module prefix up to the layer index, the two smallest neighbours
@@ -505,6 +518,13 @@ class _Step:
             self.direction = self.alloc_direction()
         if self.train and self.trainer and self.phase == "correct":
             self.direction = self.alloc_direction()  # kept through Correct for the residuals
+        if self.trainer:
+            # The trainer's device-side dynamics model (RSSM, fp32): its weights always; with a
+            # Predict phase in the run it trains on Full steps, so also its gradients and two
+            # Adam moments (16 bytes per parameter in all).
+            per_param = 16 if "predict" in s.phases else 4
+            groups = len(direction_groups(self.spec))
+            tl.alloc("dynamics_model", per_param * dynamics_model_params(groups))
         self.accumulator = None
         if s.grad_mode != "full" and (self.train or self.trainer):
             # The fp32 accumulator (hook) or the flat buffer in the parameter dtype (flat):

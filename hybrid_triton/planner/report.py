@@ -22,6 +22,7 @@ COMPONENT_LABELS = {  # row labels of the per-component table
     "gradients": "gradients / accumulator",
     "optimizer_state": "optimizer state",
     "update_direction": "update direction (Predict)",
+    "dynamics_model": "dynamics model (trainer)",
     "activations": "activations",
     "autocast_cache": "autocast weight copies",
     "logits_and_loss": "logits and loss",
