@@ -502,12 +502,13 @@ PREDICT_MOMENTS_FOR_OFFLOAD = {
 }
 
 
-def trainer_planner_estimate(model_cfg, size: TrainingSize, tcfg, state_bits: int, blocks: int,
-                             grad_path: str):  # fmt: skip
+def trainer_planner_estimate(model_cfg, size: TrainingSize, tcfg, state_bits: int, blocks: int):
     """The planner's per-phase estimate of a trainer run of :func:`build_gpt2_trainer` (the
     ``hybrid`` preset: bf16 parameters, fp32 master, ``state_bits`` moments, the fused chunked
-    loss, the first ``blocks`` blocks checkpointed, the trainer's gradient path and Predict
-    moments policy)."""
+    loss, the first ``blocks`` blocks checkpointed) under ``tcfg``: its gradient path, its split
+    of each step's ``size.micro_batch`` sequences into ``tcfg.micro_batches`` pieces (per-phase
+    counts are not modelled) and its Predict moments policy."""
+    pieces = tcfg.micro_batches
     from hybrid_triton.planner.estimate import estimate
     from hybrid_triton.planner.setup import setup_preset
     from hybrid_triton.planner.specs import gpt2_spec
@@ -516,15 +517,15 @@ def trainer_planner_estimate(model_cfg, size: TrainingSize, tcfg, state_bits: in
                      model_cfg.vocab_size, model_cfg.block_size, bias=model_cfg.bias)  # fmt: skip
     setup = setup_preset(
         "hybrid",
-        micro_batch=size.micro_batch,
+        micro_batch=-(-size.micro_batch // pieces),
         seq_len=size.seq_len,
-        accum_steps=size.accum,
+        accum_steps=pieces,
         state_bits=state_bits,
         checkpointing=blocks > 0,
         checkpoint_blocks=blocks,
         fused_loss=True,
         loss_chunk_tokens=model_cfg.loss_chunk_tokens,
-        grad_mode="flat" if grad_path == "flat" else "hook",
+        grad_mode="flat" if tcfg.resolved_grad_path() == "flat" else "hook",
         predict_moments=PREDICT_MOMENTS_FOR_OFFLOAD[tcfg.offload],
         phases=("warmup", "full", "predict", "correct") if tcfg.predict else ("warmup", "full"),
     )
@@ -579,9 +580,11 @@ def run_trainer(ctx: SuiteContext, size: TrainingSize, corpus) -> None:
                 f"--option trainer_baseline={baseline!r}: expected none or one of {sorted(RECIPES)}"
             )
     state_bits = ctx.option("trainer_state_bits", 8)
-    # The trainer's gradient path ("auto": flat bf16 for one micro-batch) in the recipe's terms.
-    path = str(overrides.get("grad_path", "auto"))
-    grad_dtype = {"flat": "bf16", "hooks": "fp32"}.get(path, "auto")
+    # The trainer's gradient path (its config's; "auto": flat bf16 for one micro-batch) in the
+    # recipe's terms, for the checkpoint plan (the first configuration's: presets do not set it).
+    path = trainer_config_for(presets[0], dict(overrides)).resolved_grad_path()
+    grad_dtype = "bf16" if path == "flat" else "fp32"
+
     blocks = trainer_checkpoint_blocks(
         ctx, size, model_config(size, ctx.quick), state_bits, grad_dtype
     )
@@ -793,9 +796,7 @@ def run_trainer_config(
         config["grad_path"] = trainer.grad_path
         trainer.restart_memory_peak()  # the build's fp32 initialisation copy is gone now
         try:
-            plan = trainer_planner_estimate(
-                base_cfg, size, tcfg, state_bits, blocks, trainer.grad_path
-            )
+            plan = trainer_planner_estimate(base_cfg, size, tcfg, state_bits, blocks)
             plan_note = "planner estimate of the phase's peak (allocated; entry work apart)"
             if tcfg.lookahead > 0 and tcfg.offload in ("cpu", "pinned"):
                 plan_note += (

@@ -285,12 +285,13 @@ class FlatGradBuffer:
     ``.grad`` is a view of it), which the optimizer step then reads.
 
     Why. With a single micro-batch there is nothing to accumulate, so the fp32 accumulator
-    buys no precision (except for a parameter used twice in one forward, such as GPT-2's
-    tied embedding, whose two gradient terms autograd sums in the parameter dtype), while its
-    post-accumulate-grad hooks cost one kernel launch per parameter, host-side work that on
-    the H100 made a GPT-2 small step take 42 ms instead of 27 ms
-    (reports/profile/gpt2-small_8x1024). The buffer is also half the accumulator's size for
-    bf16 parameters (2 instead of 4 bytes per element).
+    buys no precision: each parameter's gradient reaches it already rounded to the parameter
+    dtype (a parameter used twice in one forward, such as GPT-2's tied embedding, has its two
+    terms summed by autograd in that dtype on either path). Its post-accumulate-grad hooks
+    cost one kernel launch per parameter, host-side work that on the H100 made a GPT-2 small
+    step take 42 ms instead of 27 ms (the toolkit_memory recipe's median steps,
+    reports/gpt2/training/2026-11-25_003310 and _004836). The buffer is also half the
+    accumulator's size for bf16 parameters (2 instead of 4 bytes per element).
 
     It offers the part of :class:`GradAccumulator`'s interface that ``HybridTrainer`` uses:
     ``accumulator`` (the flat buffer), ``reset()`` before the step's backward, ``finish()``

@@ -235,6 +235,20 @@ def _uniform(shape: tuple[int, ...], bound: float, gen: torch.Generator) -> nn.P
 class DynamicsModel(nn.Module):
     """RSSM ensemble over training features; see the module docstring for the interface."""
 
+    @staticmethod
+    def parameter_count(num_segment_groups: int, config: DynamicsConfig | None = None) -> int:
+        """Trainable parameters of a model with these settings, from the shapes ``__init__``
+        makes (no model built: the planner counts the trainer's dynamics model with it)."""
+        cfg = config or DynamicsConfig()
+        K, H, S = cfg.ensemble, cfg.hidden, cfg.latent
+        n_in = FeatureEncoder(num_segment_groups).size
+        n_out = 1 + num_segment_groups
+        gru = 3 * H * (n_in + S) + 3 * H * H + 2 * 3 * H  # w_ih, w_hh, b_ih, b_hh
+        prior = 2 * (S * H + S)  # mean and std: weights and biases
+        post = 2 * S * (H + n_in) + 2 * S
+        head = n_out * (H + S) + n_out
+        return K * (gru + prior + post + head)
+
     def __init__(self, num_segment_groups: int, config: DynamicsConfig | None = None):
         super().__init__()
         cfg = config or DynamicsConfig()

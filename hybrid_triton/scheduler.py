@@ -331,8 +331,11 @@ class TrainerConfig:
         return self.phase_micro_batches.get(Phase(phase).value, self.micro_batches)
 
     def _flat_grads_apply(self) -> bool:
+        # Predict runs no backward pass: its micro-batches and precision do not matter here.
         return all(
-            self.micro_batches_for(p) == 1 and self.precision_for(p) != "fp16" for p in Phase
+            self.micro_batches_for(p) == 1 and self.precision_for(p) != "fp16"
+            for p in Phase
+            if p is not Phase.PREDICT
         )
 
     def resolved_grad_path(self) -> str:

@@ -121,8 +121,9 @@ def _losses(path) -> list[tuple[int, str, float]]:
     [("compress", Phase.PREDICT), ("pinned", Phase.PREDICT), ("drop", Phase.CORRECT)],
     ids=["compress-mid-predict", "pinned-mid-predict", "drop-mid-correct"],
 )
-def test_resume_is_bit_identical(corpus, tmp_path, offload, phase):
-    cfg = {**CYCLE, "offload": offload, "residual_capacity": 2}
+@pytest.mark.parametrize("grad_path", ["flat", "hooks"])  # both gradient paths resume exactly
+def test_resume_is_bit_identical(corpus, tmp_path, offload, phase, grad_path):
+    cfg = {**CYCLE, "offload": offload, "residual_capacity": 2, "grad_path": grad_path}
     data = batches(corpus, 34)
     straight = make_trainer({**cfg, "metrics_path": str(tmp_path / "a.jsonl")})
     for batch in data:

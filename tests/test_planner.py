@@ -336,6 +336,33 @@ def test_checkpointing_keeps_block_inputs_only():
     assert _full(checkpointing=True).peak_bytes < _full().peak_bytes
 
 
+def test_dynamics_model_params_match_the_trainers_model():
+    from hybrid_triton.planner.estimate import dynamics_model_params
+    from hybrid_triton.trainer import RSSMDynamics
+
+    for groups in (1, 7, 16):
+        built = RSSMDynamics(groups, "cpu").model
+        assert dynamics_model_params(groups) == sum(p.numel() for p in built.parameters())
+
+
+def test_fit_and_multi_gpu_plans_follow_the_trainers_gradient_path():
+    from hybrid_triton.planner.distributed import estimate_per_rank
+    from hybrid_triton.planner.fit import fit
+
+    one = fit(preset("gpt2-small"), "a100-40gb")
+    four = fit(preset("gpt2-small"), "a100-40gb", accum_steps=4)
+    masters = [c.setup for c in (one.best, *one.alternatives) if c.setup.master_weights]
+    assert masters and all(s.grad_mode == "flat" for s in masters)
+    masters = [c.setup for c in (four.best, *four.alternatives) if c.setup.master_weights]
+    assert masters and all(s.grad_mode == "hook" for s in masters)
+    # DistributedHybridTrainer always uses the hooks: a multi-GPU plan models them.
+    setup = setup_preset("hybrid", micro_batch=2, seq_len=128)
+    assert setup.grad_mode == "flat"
+    ranks = estimate_per_rank(preset("gpt2-small"), setup, 2, "ddp")
+    hooks = estimate_per_rank(preset("gpt2-small"), setup.replace(grad_mode="hook"), 2, "ddp")
+    assert ranks.phases["full"].peak_bytes == hooks.phases["full"].peak_bytes
+
+
 @pytest.mark.parametrize("grad_mode, grad_bytes", [("hook", 4), ("flat", 2)])
 def test_hybrid_model_state_by_hand(grad_mode, grad_bytes):
     setup = setup_preset("hybrid", micro_batch=B, seq_len=T, grad_mode=grad_mode)

@@ -101,8 +101,32 @@ def test_flat_trains_as_the_hooks_do_through_every_phase(corpus, dtype):
     flat.flush()
     hooks.flush()
     torch.testing.assert_close(flat.accum.grad_norm(), hooks.accum.grad_norm(), rtol=1e-5, atol=0)
+    buffer = flat.accum.accumulator
     flat.close()
-    assert all(p.grad is None or p.grad.untyped_storage().nbytes() > 0 for p in flat.group.params)
+    # close() detaches the buffer: no parameter's .grad is a view of it any more
+    assert flat.optimizer.flat_grad is None
+    base = buffer.untyped_storage().data_ptr()
+    assert all(
+        p.grad is None or p.grad.untyped_storage().data_ptr() != base for p in flat.group.params
+    )
+
+
+def test_zero_grad_between_steps_is_harmless(corpus):
+    """A caller's model.zero_grad() between steps (outside loss_fn) drops the views; the next
+    step's reset attaches them again, and training matches an undisturbed run."""
+    data = batches(corpus, 6)
+    plain, poked = make({**CYCLE, "grad_path": "flat"}), make({**CYCLE, "grad_path": "flat"})
+    for batch in data:
+        plain.step(batch)
+        poked.step(batch)
+        poked.model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(poked.master, plain.master, atol=0, rtol=0)
+
+
+def test_predict_phase_settings_do_not_block_the_flat_path():
+    # Predict runs no backward pass: its micro-batches and precision are not the gradients'.
+    cfg = TrainerConfig(phase_micro_batches={"predict": 4}, phase_precision={"predict": "fp16"})
+    assert cfg.resolved_grad_path() == "flat"
 
 
 def test_predict_frees_the_flat_buffer_and_correct_gets_it_back(corpus):

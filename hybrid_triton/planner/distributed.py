@@ -274,6 +274,10 @@ def estimate_per_rank(
     ``setup`` (``setup.micro_batch`` per rank) on ``gpus`` GPUs with ``shard`` ("ddp" or
     "fsdp"). ``options``: the other :class:`ParallelSetup` fields."""
     par = ParallelSetup(gpus, shard, **options)
+    if setup.grad_mode == "flat" and par.gpus > 1:
+        # DistributedHybridTrainer always folds gradients into the fp32 accumulator (its
+        # gradient sync reads it): the flat buffer is a single-process path.
+        setup = setup.replace(grad_mode="hook")
     single = estimate(spec, setup)
     phases = {
         name: _rank_phase(p, spec, setup, par, backward=name != "predict")

@@ -410,12 +410,11 @@ class _Timeline:
 @functools.lru_cache(maxsize=32)
 def dynamics_model_params(num_groups: int) -> int:
     """Parameters of HybridTrainer's default dynamics model (the RSSM ensemble with
-    ``DynamicsConfig``'s defaults) for ``num_groups`` segment groups: built once on the CPU
-    and counted, so the figure follows the model's code."""
-    from hybrid_triton.dynamics import DynamicsConfig, DynamicsModel
+    ``DynamicsConfig``'s defaults) for ``num_groups`` segment groups, from the model's own
+    shape count (``DynamicsModel.parameter_count``, tested against a built model)."""
+    from hybrid_triton.dynamics import DynamicsModel
 
-    model = DynamicsModel(num_groups, DynamicsConfig(device="cpu"))
-    return sum(p.numel() for p in model.parameters())
+    return DynamicsModel.parameter_count(num_groups)
 
 
 def direction_groups(spec: ModelSpec, max_groups: int = 16) -> list[int]:
