@@ -443,7 +443,9 @@ def make_plan(cfg: TrainerConfig, phase: Phase, steps: int) -> PhasePlan:
         memory = MemoryPolicy(cfg.offload, True, True, True, cfg.predict_master)
         micro = cfg.phase_micro_batches.get(phase.value, cfg.micro_batches)
     else:
-        kernels = ["accumulate_grads", "adamw_step"]
+        # The flat gradient path has no fold pass: autograd writes the gradients in place.
+        fold = [] if cfg.resolved_grad_path() == "flat" else ["accumulate_grads"]
+        kernels = [*fold, "adamw_step"]
         if precision == "fp16":
             kernels = ["unscale", "update_loss_scale", *kernels]
         if phase is Phase.CORRECT:

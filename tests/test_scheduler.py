@@ -134,7 +134,9 @@ def test_plans():
     assert p.memory.no_grad_forward and "dequantize_add" in p.kernels
     f = make_plan(cfg, Phase.FULL, 5)
     assert f.backward and f.precision == "bf16" and f.micro_batches == 4
-    assert f.memory.optimizer_state == "keep" and "accumulate_grads" in f.kernels
+    assert f.memory.optimizer_state == "keep" and "accumulate_grads" in f.kernels  # 4 pieces
+    flat = make_plan(small(), Phase.FULL, 5)  # one micro-batch: the flat gradient path
+    assert "accumulate_grads" not in flat.kernels and "adamw_step" in flat.kernels
     h = make_plan(small(precision="fp16"), Phase.CORRECT, 2)
     assert "unscale" in h.kernels and "quantize_blockwise" in h.kernels
 
