@@ -1113,24 +1113,46 @@ class _Step:
         return self.tl.result(self.phase)
 
 
-def estimate(spec: ModelSpec, setup: TrainSetup) -> Estimate:
+ESTIMATE_METHODS = ("auto", "formula", "traced")
+
+
+def estimate(spec: ModelSpec, setup: TrainSetup, method: str = "auto") -> Estimate:
     """Per-phase, per-component allocated peak of training ``spec`` with ``setup``.
 
     ``estimate(spec, setup).phase_peak_bytes["full"]`` is what
     ``torch.cuda.max_memory_allocated()`` should read over a Full phase (reset at its start).
+
+    ``method``: "formula" replays the step from the architecture (this module); "traced" runs
+    the real Hugging Face module under fake tensors (``spec.hf_config`` needed, plain PyTorch
+    setups only, transformers installed; :func:`hybrid_triton.planner.hf.estimate_hf`);
+    "auto" traces where it can (a spec read from a config.json, a plain setup, transformers
+    importable) and uses the formulas otherwise.
     """
     if not isinstance(spec, ModelSpec):
         raise PlannerError(f"estimate expects a ModelSpec, got {type(spec).__name__}")
     if not isinstance(setup, TrainSetup):
         raise PlannerError(f"estimate expects a TrainSetup, got {type(setup).__name__}")
-    if not spec.has_activation_model:
-        raise PlannerError(
-            f"{spec.name}: the formulas know GPT-2 and Llama-style models only; measure this "
-            "module with hybrid_triton.planner.traced.trace_step (fake tensors, no GPU)"
-        )
-    if setup.seq_len > spec.max_seq_len:
+    if method not in ESTIMATE_METHODS:
+        raise PlannerError(f"method must be one of {ESTIMATE_METHODS}, got {method!r}")
+    if spec.max_seq_len and setup.seq_len > spec.max_seq_len:
         raise PlannerError(
             f"seq_len {setup.seq_len} exceeds {spec.name}'s maximum {spec.max_seq_len}"
+        )
+    if method == "traced" or (method == "auto" and _traces(spec, setup)):
+        from hybrid_triton.planner.hf import estimate_hf
+
+        return estimate_hf(spec, setup)
+    if not spec.has_activation_model:
+        raise PlannerError(
+            f"{spec.name}: the formulas know GPT-2 and Llama-style models only; "
+            + (
+                "a Hugging Face family is planned by tracing the real module, which runs "
+                "plain PyTorch setups only (fp32, autocast or pure bf16 with torch's AdamW, "
+                "checkpointing) and needs transformers installed"
+                if spec.family == "hf"
+                else "measure this module with hybrid_triton.planner.traced.trace_step "
+                "(fake tensors, no GPU)"
+            )
         )
     phases: dict[str, PhaseEstimate] = {}
     train_phase: PhaseEstimate | None = None
@@ -1153,4 +1175,20 @@ def estimate(spec: ModelSpec, setup: TrainSetup) -> Estimate:
             "Llama activations assume fused RMSNorm/RoPE and SDPA with grouped kv "
             "heads (no repeat_kv copies); Hugging Face's eager modules save more."
         )
+    if spec.hf_config is not None:
+        notes.append(
+            "formula estimate of a Hugging Face model: its modules save more than the "
+            "formulas count (RMSNorm's fp32 copy, per-projection casts, the loss's fp32 "
+            "logits); plain setups are traced as they run when transformers is installed"
+        )
     return Estimate(spec, setup, phases, CUDA_CONTEXT, notes)
+
+
+def _traces(spec: ModelSpec, setup: TrainSetup) -> bool:
+    """Whether "auto" traces: a spec from a Hugging Face config, a plain PyTorch setup, and
+    transformers importable."""
+    if spec.hf_config is None:
+        return False
+    from hybrid_triton.planner.hf import traceable, transformers_available
+
+    return traceable(setup) is None and transformers_available()

@@ -11,8 +11,10 @@ Three sources:
 
 - :func:`preset` by name (``PRESET_NAMES``): GPT-2 small/medium/large/XL (and the project's
   gpt2-tiny / gpt2-1b), Llama-style 1B, 3B, 7B, 13B.
-- :func:`spec_from_hf_config`: a local Hugging Face ``config.json`` (GPT-2, Llama, Mistral,
-  Qwen2/Qwen3 families), read from disk only.
+- :func:`spec_from_hf_config`: a local Hugging Face ``config.json``, read from disk only:
+  GPT-2 and the Llama-style families for the formulas, any family transformers knows for
+  tracing (the spec keeps the config; plain setups are then estimated by tracing the real
+  module, :mod:`hybrid_triton.planner.hf`).
 - :func:`spec_from_module`: a live ``nn.Module``. The project's GPT-2 is recognized exactly;
   any other module gets its real parameter list and family ``"generic"`` (the formulas do not
   know its activations: use :mod:`hybrid_triton.planner.traced` for those).
@@ -21,13 +23,12 @@ Three sources:
 from __future__ import annotations
 
 import difflib
-import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch.nn as nn
 
-FAMILIES = ("gpt2", "llama", "generic")
+FAMILIES = ("gpt2", "llama", "hf", "generic")
 
 # GPT-2's 50257 tokens padded to a multiple of 128, as hybrid_triton.models.gpt2 does.
 GPT2_PADDED_VOCAB = 50304
@@ -72,6 +73,9 @@ class ModelSpec:
     tied_embeddings: bool
     bias: bool
     params: tuple[ParamTensor, ...] = field(repr=False)
+    # The Hugging Face config.json this spec was read from: the planner then estimates plain
+    # setups by tracing the real module (planner/hf.py) instead of with the formulas.
+    hf_config: dict | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_params(self) -> int:
@@ -90,9 +94,19 @@ class ModelSpec:
         """Whether the formulas know this family's activations (else use traced mode)."""
         return self.family in ("gpt2", "llama")
 
+    @property
+    def model_type(self) -> str:
+        """The Hugging Face ``model_type`` ("" for presets and live non-HF modules)."""
+        return str((self.hf_config or {}).get("model_type", ""))
+
     def summary(self) -> str:
         if self.family == "generic":
             return f"{self.name}: {self.num_params / 1e6:.1f}M parameters (generic module)"
+        if self.family == "hf":
+            return (
+                f"{self.name}: Hugging Face {self.model_type}, {self.n_layer} layers, width "
+                f"{self.d_model}, {self.num_params / 1e6:.1f}M parameters"
+            )
         return (
             f"{self.name}: {self.family}, {self.n_layer} layers, width {self.d_model}, "
             f"{self.n_head} heads ({self.n_kv_head} kv), MLP {self.d_ff}, vocab "
@@ -311,25 +325,26 @@ _HF_LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 
 def spec_from_hf_config(path: str | os.PathLike | dict, name: str | None = None) -> ModelSpec:
     """A spec from a local Hugging Face ``config.json`` (a path to the file or to its folder,
-    or the parsed dict). Families: gpt2, llama, mistral, qwen2, qwen3. Nothing is downloaded."""
+    or the parsed dict). Nothing is downloaded. GPT-2 and the Llama-style families (llama,
+    mistral, qwen2, qwen3) get the formulas' architecture; any other ``model_type`` that the
+    installed transformers knows (gemma, gemma2, phi3, gpt_neox, mixtral, ...) gets the real
+    parameter list of the module built on the meta device (family ``"hf"``, planned by
+    tracing). The spec keeps the config (``hf_config``) so plain setups are traced."""
+    from hybrid_triton.planner.hf import read_config_dict
+
     if isinstance(path, dict):
-        cfg, where = path, "config dict"
+        cfg, where = dict(path), "config dict"
     else:
-        where = os.fspath(path)
-        if os.path.isdir(where):
-            where = os.path.join(where, "config.json")
-        if not os.path.isfile(where):
-            raise PlannerError(f"no Hugging Face config.json at {where!r}")
-        try:
-            with open(where, encoding="utf-8") as fh:
-                cfg = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise PlannerError(f"{where}: not valid JSON ({exc})") from exc
-    if not isinstance(cfg, dict):
-        raise PlannerError(f"{where}: expected a JSON object, got {type(cfg).__name__}")
+        where, cfg = os.fspath(path), read_config_dict(path)
     model_type = str(cfg.get("model_type", "")).lower()
     label = name or cfg.get("_name_or_path") or model_type or "hf-model"
+    spec = _formula_spec(cfg, model_type, label, where)
+    if spec is None:
+        spec = _traced_spec(cfg, model_type, label, where)
+    return replace(spec, hf_config=cfg)
 
+
+def _formula_spec(cfg: dict, model_type: str, label: str, where: str) -> ModelSpec | None:
     def need(*keys: str):
         for key in keys:
             if key in cfg and cfg[key] is not None:
@@ -363,15 +378,44 @@ def spec_from_hf_config(path: str | os.PathLike | dict, name: str | None = None)
             head_dim=cfg.get("head_dim"),
             qk_norm=model_type == "qwen3",
         )
-    raise unknown_name_error(
-        "Hugging Face model_type", model_type or "<missing>", ("gpt2", *_HF_LLAMA_LIKE)
+    return None
+
+
+def _traced_spec(cfg: dict, model_type: str, label: str, where: str) -> ModelSpec:
+    """Any family transformers knows: the parameter list of the real module (meta device)."""
+    from hybrid_triton.planner import hf
+
+    try:
+        model = hf.meta_model(hf.hf_config(cfg))
+    except PlannerError as exc:
+        raise PlannerError(
+            f"{where}: model_type {model_type or '<missing>'!r}: the formulas know gpt2 and "
+            f"{', '.join(_HF_LLAMA_LIKE)}; other families are planned by tracing the module "
+            f"built from the config, which failed: {exc}"
+        ) from exc
+    spec = spec_from_module(model, name=label, recognize_hf=False)
+    text = model.config
+    n_head = getattr(text, "num_attention_heads", 0) or 0
+    return replace(
+        spec,
+        family="hf",
+        n_layer=getattr(text, "num_hidden_layers", 0) or 0,
+        d_model=getattr(text, "hidden_size", 0) or 0,
+        n_head=n_head,
+        n_kv_head=getattr(text, "num_key_value_heads", None) or n_head,
+        d_ff=getattr(text, "intermediate_size", 0) or 0,
+        vocab_size=getattr(text, "vocab_size", 0) or 0,
+        max_seq_len=getattr(text, "max_position_embeddings", 0) or 0,
+        tied_embeddings=bool(getattr(text, "tie_word_embeddings", False)),
     )
 
 
 # --------------------------------------------------------------------------- live modules
 
 
-def spec_from_module(module: nn.Module, name: str | None = None) -> ModelSpec:
+def spec_from_module(
+    module: nn.Module, name: str | None = None, recognize_hf: bool = True
+) -> ModelSpec:
     """A spec from a live module. The project's GPT-2 (``hybrid_triton.models.gpt2.GPT2``)
     and modules with a Hugging Face ``config`` of a known family are recognized exactly;
     anything else becomes a ``"generic"`` spec with its real parameter tensors."""
@@ -389,11 +433,11 @@ def spec_from_module(module: nn.Module, name: str | None = None) -> ModelSpec:
             cfg.block_size,
             bias=cfg.bias,
         )
-    if cfg is not None and hasattr(cfg, "to_dict"):
+    if recognize_hf and cfg is not None and hasattr(cfg, "to_dict"):
         try:
             return spec_from_hf_config(cfg.to_dict(), name=label)
         except PlannerError:
-            pass  # unknown family: fall through to the generic spec
+            pass  # not buildable from its config: fall through to the generic spec
     linear_ids = {id(m.weight) for m in module.modules() if isinstance(m, nn.Linear)}
     linear_ids |= {
         id(m.bias) for m in module.modules() if isinstance(m, nn.Linear) and m.bias is not None

@@ -9,27 +9,38 @@ CUDA caching allocator does (512 B). It reports the allocated peak per stage and
 state (parameters, gradients, optimizer state) apart from the rest (activations and
 temporaries).
 
-Limits: the kernels that run are the CPU ones (their meta implementations), and autocast
-follows the CPU op lists, so what one op saves can differ from its CUDA kernel (attention in
-particular; and CPU autocast lists ``cross_entropy_loss`` as fp32, CUDA's does not, so the
-traced log-probabilities are fp32 where CUDA keeps them bf16: 2 B per token and vocabulary
-entry more than a GPU allocates). Use it for the structure of an unknown model; use
-:func:`estimate` where the formulas know the model. The module given is not changed.
+The tensors are fake CPU tensors (autograd on fake CUDA tensors needs a CUDA build), so by
+default (``kernels="cuda"``) the ops whose CPU kernel keeps other tensors than the CUDA one
+are run as CUDA runs them (:class:`CudaKernels`): scaled-dot-product attention takes the
+backend CUDA would pick for those shapes and dtypes (:func:`sdpa_backend`: flash, memory-
+efficient or math, each with what it saves), dropout is the fused kernel (a 1-byte mask, not
+a noise tensor in the input's dtype), and the cuBLAS workspace is counted. What stays CPU:
+autocast follows the CPU op lists (CPU lists ``cross_entropy_loss`` as fp32, CUDA does not: a
+loss on bf16 logits keeps fp32 log-probabilities here where CUDA keeps bf16 ones; Hugging
+Face's loss upcasts the logits first, so it is not affected). The module given is not
+changed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import weakref
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from hybrid_triton.planner.estimate import ALLOC_ROUND
+from hybrid_triton.planner.estimate import (
+    ALLOC_ROUND,
+    CUBLAS_WORKSPACE,
+    LARGE_BLOCK,
+    SEGMENT_ROUND,
+)
 from hybrid_triton.planner.setup import DTYPE_BYTES, TrainSetup
 from hybrid_triton.planner.specs import PlannerError
 
@@ -46,6 +57,11 @@ class TraceResult:
     grad_bytes: int
     optimizer_state_bytes: int
     end_of_forward_bytes: int  # live right after the loss, before backward
+    # the attention backend of each scaled-dot-product call ("flash", "efficient", "math")
+    attention: dict[str, int] = field(default_factory=dict)
+    peak_stage: str = ""  # "forward", "backward" or "optimizer"
+    segment_slack_bytes: int = 0  # at the peak: 2 MiB segment rounding of the large blocks
+    largest_transient_bytes: int = 0  # at the peak: the largest block made during the step
 
     @property
     def activation_peak_bytes(self) -> int:
@@ -59,7 +75,10 @@ class TraceResult:
 
 
 class _AllocationTracker(TorchDispatchMode):
-    """Live and peak bytes of the storages that ops create."""
+    """Live and peak bytes of the storages that ops create, with what the caching allocator
+    needs at the peak: the 2 MiB segment rounding of the live large blocks and the largest
+    block made during the step (not model state) still alive (see ``allocator_slack_bytes``
+    in planner/estimate.py)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -67,7 +86,13 @@ class _AllocationTracker(TorchDispatchMode):
         self.peak = 0
         self.stage = "setup"
         self.stage_peaks: dict[str, int] = {}
-        self._seen: dict[int, int] = {}  # id(storage) -> rounded bytes
+        self._seen: dict[int, tuple[int, bool]] = {}  # id(storage) -> (rounded bytes, transient)
+        self.slack = 0  # segment rounding of the live blocks larger than LARGE_BLOCK
+        self._transient: Counter[int] = Counter()  # rounded size -> live count
+        self.peak_stage = "setup"
+        self.peak_slack = 0
+        self.peak_transient = 0
+        self._pending = False
 
     def track(self, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
@@ -76,15 +101,36 @@ class _AllocationTracker(TorchDispatchMode):
             return
         nbytes = storage.nbytes()
         rounded = -(-nbytes // ALLOC_ROUND) * ALLOC_ROUND if nbytes else 0
-        self._seen[key] = rounded
+        transient = self.stage in ("forward", "backward") and rounded > 0
+        self._seen[key] = (rounded, transient)
         self.live += rounded
+        self.slack += _segment_slack(rounded)
+        if transient:
+            self._transient[rounded] += 1
         weakref.finalize(storage, self._free, key)
-        self.peak = max(self.peak, self.live)
+        if self.live > self.peak:
+            self.peak, self.peak_stage, self._pending = self.live, self.stage, True
         if self.stage != "setup":
             self.stage_peaks[self.stage] = max(self.stage_peaks.get(self.stage, 0), self.live)
 
     def _free(self, key: int) -> None:
-        self.live -= self._seen.pop(key, 0)
+        if key not in self._seen:
+            return
+        self._snapshot()
+        rounded, transient = self._seen.pop(key)
+        self.live -= rounded
+        self.slack -= _segment_slack(rounded)
+        if transient:
+            self._transient[rounded] -= 1
+            if not self._transient[rounded]:
+                del self._transient[rounded]
+
+    def _snapshot(self) -> None:
+        """The peak's allocator figures, taken before the first free after it."""
+        if self._pending:
+            self._pending = False
+            self.peak_slack = self.slack
+            self.peak_transient = max(self._transient, default=0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -96,6 +142,115 @@ class _AllocationTracker(TorchDispatchMode):
     def set_stage(self, stage: str) -> None:
         self.stage = stage
         self.stage_peaks[stage] = max(self.stage_peaks.get(stage, 0), self.live)
+
+
+def _segment_slack(rounded: int) -> int:
+    if rounded <= LARGE_BLOCK:
+        return 0
+    return -(-rounded // SEGMENT_ROUND) * SEGMENT_ROUND - rounded
+
+
+KERNELS = ("cuda", "cpu")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Flash attention's largest head size on sm80/sm90 (PyTorch's check_head_dim_size_flash).
+FLASH_MAX_HEAD_DIM = 256
+
+
+def sdpa_backend(
+    dtype: torch.dtype,
+    head_dim: int,
+    n_head: int,
+    n_kv_head: int,
+    has_mask: bool,
+    enable_gqa: bool = False,
+) -> str:
+    """The backend CUDA's ``F.scaled_dot_product_attention`` takes on an Ampere/Hopper GPU
+    for dense inputs, as PyTorch's ``select_sdp_backend`` orders them (flash, then memory-
+    efficient, then math; cuDNN attention is opt-in):
+
+    - flash: fp16/bf16, no explicit mask, head size <= 256, grouped kv heads allowed;
+    - memory-efficient: fp32/fp16/bf16, masks allowed, head size a multiple of 16 bytes,
+      NO grouped kv heads (q and k/v must have the same number of heads);
+    - math otherwise: fp32 with grouped kv heads (Hugging Face passes ``enable_gqa=True``
+      when it has no mask), odd head sizes. It materializes ``[B, H, T, T]``.
+    """
+    if n_kv_head != n_head and not enable_gqa:
+        raise PlannerError(
+            f"sdpa_backend: {n_head} query heads and {n_kv_head} kv heads need enable_gqa"
+        )
+    if dtype in _LOW_PRECISION and not has_mask and head_dim <= FLASH_MAX_HEAD_DIM:
+        return "flash"
+    aligned = head_dim % max(1, 16 // torch.empty((), dtype=dtype).element_size()) == 0
+    if n_kv_head == n_head and aligned:
+        return "efficient"
+    return "math"
+
+
+class CudaKernels:
+    """While entered, runs the ops whose CUDA kernel saves other tensors than the CPU one the
+    CUDA way, on fake CPU tensors: attention through :func:`sdpa_backend`'s choice (each
+    backend's own op, so its saved outputs and backward are the real ones), dropout through
+    the fused kernel (output + bool mask). ``backends`` counts the attention calls.
+
+    It swaps ``torch.nn.functional.scaled_dot_product_attention`` and ``dropout`` for the
+    time it is entered (modules look them up at call time), rather than using a
+    ``TorchFunctionMode``: a mode is not active while non-reentrant checkpointing recomputes
+    a block inside backward, and the recomputation must save what the forward saved."""
+
+    def __init__(self) -> None:
+        self.backends: Counter[str] = Counter()
+        self._saved: tuple | None = None
+
+    def __enter__(self) -> CudaKernels:
+        self._saved = (F.scaled_dot_product_attention, F.dropout)
+        F.scaled_dot_product_attention = self._attention
+        F.dropout = self._dropout
+        return self
+
+    def __exit__(self, *exc) -> None:
+        F.scaled_dot_product_attention, F.dropout = self._saved
+
+    def _attention(
+        self,
+        q,
+        k,
+        v,
+        attn_mask=None,
+        dropout_p=0.0,
+        is_causal=False,
+        scale=None,
+        enable_gqa=False,
+    ):
+        aten = torch.ops.aten
+        if torch.is_autocast_enabled("cpu"):  # SDPA is on autocast's lower-precision list
+            low = torch.get_autocast_dtype("cpu")
+            q, k, v = (t.to(low) if t.is_floating_point() else t for t in (q, k, v))
+            if attn_mask is not None and attn_mask.is_floating_point():
+                attn_mask = attn_mask.to(low)
+        backend = sdpa_backend(
+            q.dtype, q.shape[-1], q.shape[-3], k.shape[-3], attn_mask is not None, enable_gqa
+        )
+        self.backends[backend] += 1
+        if backend == "flash":
+            return aten._scaled_dot_product_flash_attention(
+                q, k, v, dropout_p, is_causal, False, scale=scale
+            )[0]
+        if backend == "efficient":
+            grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+            return aten._scaled_dot_product_efficient_attention(
+                q, k, v, attn_mask, grad, dropout_p, is_causal, scale=scale
+            )[0]
+        return aten._scaled_dot_product_attention_math(
+            q, k, v, attn_mask, dropout_p, is_causal, None, scale=scale, enable_gqa=enable_gqa
+        )[0]
+
+    @staticmethod
+    def _dropout(input, p=0.5, training=True, inplace=False):
+        if not training or p == 0.0:
+            return input
+        if p == 1.0:
+            return input * 0
+        return torch.ops.aten.native_dropout(input, p, True)[0]
 
 
 def _fake_copy(module: nn.Module, dtype: torch.dtype | None) -> nn.Module:
@@ -167,18 +322,23 @@ def trace_step(
     make_batch: Callable[[nn.Module, TrainSetup], tuple] | None = None,
     loss_fn: Callable[[nn.Module, tuple], torch.Tensor] | None = None,
     steps: int = 2,
+    kernels: str = "cuda",
+    prepare: Callable[[nn.Module], None] | None = None,
 ) -> TraceResult:
     """Measure one training step of ``module`` under fake tensors (no GPU, no real memory).
 
     ``setup`` gives the parameter dtype, autocast, micro-batch and sequence length, the
-    optimizer (AdamW with 32-bit state, SGD with momentum, or none) and whether to keep the
-    logits (``logits_lifetime``). ``make_batch(module, setup)`` returns the forward's
-    arguments (default: token ids and targets of shape ``[micro_batch, seq_len]``);
-    ``loss_fn(module, batch)`` returns the scalar loss, or ``(loss, output)`` where
-    ``output`` is held as ``setup.logits_lifetime`` says (default: ``module(*batch)``, loss
-    at index 1 or ``.loss``).
-    Gradient checkpointing, hooks and state bits other than 32 are the module's and the
-    optimizer's business: trace the real objects to measure them.
+    optimizer (AdamW with 32-bit state, fused as ``torch.optim.AdamW(fused=True)`` runs it;
+    SGD with momentum; or none) and whether to keep the logits (``logits_lifetime``).
+    ``make_batch(module, setup)`` returns the forward's arguments (default: token ids and
+    targets of shape ``[micro_batch, seq_len]``); ``loss_fn(module, batch)`` returns the
+    scalar loss, or ``(loss, output)`` where ``output`` is held as ``setup.logits_lifetime``
+    says (default: ``module(*batch)``, loss at index 1 or ``.loss``). ``kernels``: "cuda" runs
+    attention and dropout as CUDA kernels do and counts the cuBLAS workspace
+    (:class:`CudaKernels`), "cpu" leaves the CPU kernels. ``prepare(model)`` is called on the
+    fake copy before the step (e.g. to switch on the module's own gradient checkpointing).
+    Hooks and state bits other than the parameters' are the optimizer's business: use
+    :func:`~hybrid_triton.planner.estimate` for the toolkit's setups.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -195,59 +355,33 @@ def trace_step(
         )
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise PlannerError(f"steps must be a positive integer, got {steps!r}")
+    if kernels not in KERNELS:
+        raise PlannerError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     make_batch = make_batch or _default_batch
     loss_fn = loss_fn or _default_loss
     tracker = _AllocationTracker()
+    cuda = CudaKernels() if kernels == "cuda" else None
     autocast = (
         torch.autocast("cpu", dtype=_TORCH_DTYPE[setup.autocast])
         if setup.autocast
         else contextlib.nullcontext()
     )
-    with FakeTensorMode(), tracker:
+    with FakeTensorMode(), tracker, cuda or contextlib.nullcontext():
         model = _fake_copy(module, _TORCH_DTYPE[setup.param_dtype])
         model.train()
+        if prepare is not None:
+            prepare(model)
         params = [p for p in model.parameters() if p.requires_grad]
         for t in list(model.parameters()) + list(model.buffers()):
             tracker.track(t)
-        if setup.optimizer == "adamw":
-            opt = torch.optim.AdamW(params, lr=1e-4, foreach=False)
-        elif setup.optimizer == "sgd":
-            opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9, foreach=False)
-        else:
-            opt = None
-        end_of_forward = 0
-        for _ in range(steps):
-            batch = make_batch(model, setup)
-            for leaf in tree_flatten(batch)[0]:
-                if isinstance(leaf, torch.Tensor):
-                    tracker.track(leaf)
-            for _ in range(setup.accum_steps):
-                tracker.set_stage("forward")
-                with autocast:
-                    loss = loss_fn(model, batch)
-                # the previous output (setup.logits_lifetime == "next_forward") dies here,
-                # when the new forward has returned, as `logits, loss = model(x, y)` does
-                held = None
-                if isinstance(loss, tuple):
-                    loss, held = loss
-                    if setup.logits_lifetime == "loss_only":
-                        held = None
-                end_of_forward = tracker.live
-                tracker.set_stage("backward")
-                loss.backward()
-                del loss
-            tracker.set_stage("optimizer")
-            if opt is not None:
-                opt.step()
-            grad_bytes = sum(
-                p.grad.untyped_storage().nbytes() for p in params if p.grad is not None
-            )
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
-            if setup.logits_lifetime == "step":
-                del held  # the caller drops its output once the step is done
-                held = None
-            del batch
+        workspace = None
+        if cuda is not None:  # cuBLAS's workspace, allocated by the first matmul, kept
+            workspace = torch.empty(CUBLAS_WORKSPACE, dtype=torch.uint8)
+            tracker.track(workspace)
+        opt = _optimizer(setup, params)
+        end_of_forward, grad_bytes = _run_steps(
+            model, setup, make_batch, loss_fn, opt, params, tracker, autocast, steps
+        )
         state_bytes = 0
         if opt is not None:
             for state in opt.state.values():
@@ -255,6 +389,8 @@ def trace_step(
                     if isinstance(value, torch.Tensor):
                         state_bytes += value.untyped_storage().nbytes()
         param_bytes = sum(p.untyped_storage().nbytes() for p in model.parameters())
+        tracker._snapshot()
+        del workspace
     return TraceResult(
         tracker.peak,
         {k: v for k, v in tracker.stage_peaks.items() if k != "setup"},
@@ -262,4 +398,55 @@ def trace_step(
         grad_bytes,
         state_bytes,
         end_of_forward,
+        dict(cuda.backends) if cuda is not None else {},
+        tracker.peak_stage,
+        tracker.peak_slack,
+        tracker.peak_transient,
     )
+
+
+def _optimizer(setup: TrainSetup, params: list) -> torch.optim.Optimizer | None:
+    if setup.optimizer == "adamw":
+        # fused: one kernel over all tensors and no temporaries, as the planner assumes
+        return torch.optim.AdamW(params, lr=1e-4, fused=True)
+    if setup.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=1e-4, momentum=0.9, foreach=False)
+    return None
+
+
+def _run_steps(model, setup, make_batch, loss_fn, opt, params, tracker, autocast, steps):
+    """``steps`` training steps; returns the live bytes at the end of the last forward and
+    the gradients' bytes before the last ``zero_grad``."""
+    end_of_forward = grad_bytes = 0
+    held = None
+    for _ in range(steps):
+        batch = make_batch(model, setup)
+        for leaf in tree_flatten(batch)[0]:
+            if isinstance(leaf, torch.Tensor):
+                tracker.track(leaf)
+        for _ in range(setup.accum_steps):
+            tracker.set_stage("forward")
+            with autocast:
+                loss = loss_fn(model, batch)
+            # the previous output (setup.logits_lifetime == "next_forward") dies here, when
+            # the new forward has returned, as `logits, loss = model(x, y)` does
+            held = None
+            if isinstance(loss, tuple):
+                loss, held = loss
+                if setup.logits_lifetime == "loss_only":
+                    held = None
+            end_of_forward = tracker.live
+            tracker.set_stage("backward")
+            loss.backward()
+            del loss
+        tracker.set_stage("optimizer")
+        if opt is not None:
+            opt.step()
+        grad_bytes = sum(p.grad.untyped_storage().nbytes() for p in params if p.grad is not None)
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+        if setup.logits_lifetime == "step":
+            del held  # the caller drops its output once the step is done
+            held = None
+        del batch
+    return end_of_forward, grad_bytes

@@ -1,0 +1,305 @@
+"""Hugging Face causal LMs in the planner's traced mode: the real module, built from its config.
+
+:func:`trace_hf` builds the model that ``AutoModelForCausalLM.from_config`` builds (on the meta
+device: no weights, no memory, nothing downloaded), and measures one training step of it
+under fake tensors with :func:`~hybrid_triton.planner.traced.trace_step`: a forward with
+``labels=input_ids`` (transformers' own loss, which upcasts the logits to fp32), backward and
+the optimizer step, with attention, dropout and the cuBLAS workspace as CUDA has them. Any
+family transformers knows works, including those the formulas do not model.
+
+Needs ``transformers`` (``pip install 'hybrid-triton[hf]'``); importing this module does not
+import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import os
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from hybrid_triton.planner.setup import TrainSetup
+from hybrid_triton.planner.specs import PlannerError
+from hybrid_triton.planner.traced import TraceResult, trace_step
+
+INSTALL_HINT = "pip install 'hybrid-triton[hf]' (or pip install transformers)"
+
+
+def transformers_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformers") is not None
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:
+        raise PlannerError(
+            f"traced mode for Hugging Face configs needs transformers: {INSTALL_HINT}"
+        ) from exc
+    return transformers
+
+
+def read_config_dict(path: str | os.PathLike) -> dict:
+    """A ``config.json`` (the file or its folder) as a dict, with clear errors."""
+    where = os.fspath(path)
+    if os.path.isdir(where):
+        where = os.path.join(where, "config.json")
+    if not os.path.isfile(where):
+        raise PlannerError(f"no Hugging Face config.json at {where!r}")
+    try:
+        with open(where, encoding="utf-8") as fh:
+            cfg = json.load(fh)
+    except UnicodeDecodeError as exc:
+        raise PlannerError(f"{where}: not UTF-8 text ({exc.reason})") from exc
+    except json.JSONDecodeError as exc:
+        raise PlannerError(f"{where}: not valid JSON ({exc})") from exc
+    if not isinstance(cfg, dict):
+        raise PlannerError(f"{where}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def hf_config(source: str | os.PathLike | dict | Any):
+    """A transformers ``PretrainedConfig`` from a config.json path, a dict or a config."""
+    transformers = _transformers()
+    if isinstance(source, transformers.PretrainedConfig):
+        return source
+    cfg = read_config_dict(source) if not isinstance(source, dict) else dict(source)
+    model_type = cfg.pop("model_type", None)
+    if not model_type:
+        raise PlannerError("the Hugging Face config has no model_type")
+    try:
+        return transformers.AutoConfig.for_model(model_type, **cfg)
+    except ValueError as exc:
+        raise PlannerError(
+            f"transformers {transformers.__version__} does not know model_type {model_type!r}"
+        ) from exc
+
+
+def meta_model(config, attn_implementation: str | None = None) -> nn.Module:
+    """The causal LM ``AutoModelForCausalLM.from_config`` builds, on the meta device.
+
+    ``attn_implementation``: what the model runs ("sdpa", "eager"); default: the config's
+    own choice if it sets one, else "sdpa" (transformers' default where it is supported)."""
+    transformers = _transformers()
+    attn = attn_implementation or getattr(config, "_attn_implementation_internal", None) or "sdpa"
+    try:
+        with torch.device("meta"):
+            return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    except ValueError as exc:
+        raise PlannerError(f"cannot build a causal LM from this config: {exc}") from exc
+
+
+def is_hf_model(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers ``PreTrainedModel`` (without importing it)."""
+    return any(
+        cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers")
+        for cls in type(module).__mro__
+    )
+
+
+def hf_batch(model: nn.Module, setup: TrainSetup) -> tuple[torch.Tensor]:
+    """Token ids ``[micro_batch, seq_len]`` (the labels are the same tensor)."""
+    vocab = model.config.vocab_size
+    return (torch.randint(0, vocab, (setup.micro_batch, setup.seq_len), dtype=torch.int64),)
+
+
+def hf_loss(model: nn.Module, batch: tuple) -> tuple[torch.Tensor, object]:
+    """What a user's loop runs: ``out = model(input_ids=x, labels=x)``; ``out.loss``, and
+    the output (it holds the logits) for ``setup.logits_lifetime``."""
+    (ids,) = batch
+    out = model(input_ids=ids, labels=ids)
+    return out.loss, out
+
+
+def trace_hf(
+    source, setup: TrainSetup, kernels: str = "cuda", attn_implementation: str | None = None
+) -> TraceResult:
+    """One training step of a Hugging Face causal LM under fake tensors.
+
+    ``source``: a ``config.json`` path or dict, a ``PretrainedConfig``, or a live
+    ``PreTrainedModel`` (its structure is copied; it is not changed). With
+    ``setup.checkpointing`` the model's own ``gradient_checkpointing_enable`` (non-reentrant)
+    is switched on in the copy, on every layer (transformers has no per-layer switch)."""
+    if setup.checkpointing and setup.checkpoint_blocks is not None:
+        raise PlannerError(
+            "Hugging Face models checkpoint every layer (gradient_checkpointing_enable); "
+            f"checkpoint_blocks={setup.checkpoint_blocks} is not supported in traced mode"
+        )
+    if isinstance(source, nn.Module):
+        if not is_hf_model(source):
+            raise PlannerError(f"trace_hf expects a PreTrainedModel, got {type(source).__name__}")
+        model = source
+    else:
+        model = meta_model(hf_config(source), attn_implementation)
+
+    def prepare(copy: nn.Module) -> None:
+        if setup.checkpointing:
+            copy.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+
+    with _unpacked_batches():
+        try:
+            return trace_step(model, setup, hf_batch, hf_loss, kernels=kernels, prepare=prepare)
+        except RuntimeError as exc:  # an op the model runs refuses these dtypes or shapes
+            raise PlannerError(
+                f"{type(model).__name__}'s training step failed under fake tensors with "
+                f"{setup.describe()}: {exc}"
+            ) from exc
+
+
+@contextlib.contextmanager
+def _unpacked_batches():
+    """transformers looks for packed sequences in ``position_ids`` when the model runs
+    without a cache (as under gradient checkpointing) and, unable to read fake tensors' values,
+    assumes they are packed: it then builds an explicit ``[B, 1, T, T]`` mask, which keeps SDPA
+    off the flash kernel. The traced batch is one sequence per row, as a real unpacked batch
+    is, so the trace says so."""
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if original is None:
+        yield
+        return
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = original
+
+
+# --------------------------------------------------------------------------- estimates
+
+# Depth extrapolation must reproduce the shallowest trace to this fraction of its bytes
+# (measured: exact to the byte without checkpointing; checkpointed steps move their peak with
+# depth and fail the check, so they are traced whole).
+COLLINEAR_RTOL = 1e-3
+
+
+def traceable(setup: TrainSetup) -> str | None:
+    """None if ``setup`` is a plain PyTorch step that traced mode runs as a user's loop does;
+    else what it cannot run (the toolkit's own tensors need the formulas)."""
+    torch_bits = 32 if setup.param_dtype == "fp32" else 16
+    if setup.master_weights or setup.grad_mode != "full" or setup.trainer:
+        return "the toolkit's master weights, gradient paths or trainer"
+    if setup.optimizer != "none" and setup.state_bits != torch_bits:
+        return f"{setup.state_bits}-bit optimizer state (torch keeps the parameters' dtype)"
+    if setup.offload != "none" or setup.fused_loss or setup.checkpoint_blocks is not None:
+        return "offloaded state, the fused loss or partial checkpointing"
+    if "predict" in setup.phases or "correct" in setup.phases:
+        return "the trainer's Predict/Correct phases"
+    return None
+
+
+def _layer_period(config) -> int:
+    """Layers repeat with this period (e.g. Gemma 2 alternates sliding and global attention)."""
+    types = list(getattr(config, "layer_types", None) or [])
+    for period in range(1, len(types) + 1):
+        if all(types[i] == types[i % period] for i in range(len(types))):
+            return period
+    return 1
+
+
+def _with_depth(config, layers: int):
+    cfg = copy.deepcopy(config)
+    cfg.num_hidden_layers = layers
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = list(cfg.layer_types)[:layers]
+    return cfg
+
+
+def trace_hf_fast(source, setup: TrainSetup) -> TraceResult:
+    """:func:`trace_hf` of the whole model, computed from traces of ``p``, ``2p`` and ``3p``
+    layers (``p``: the layer pattern's period) when the three are exactly linear in depth
+    (each stage's peak, the model state and the allocator figures); otherwise the whole
+    model is traced. Tracing cost grows with depth, not with width or tokens."""
+    config = source if not isinstance(source, (dict, str, os.PathLike)) else hf_config(source)
+    if isinstance(config, nn.Module):
+        config = config.config
+    depth, p = config.num_hidden_layers, _layer_period(config)
+    if depth <= 3 * p:
+        return trace_hf(config, setup)
+    r1, r2, r3 = (trace_hf(_with_depth(config, k * p), setup) for k in (1, 2, 3))
+    steps = (depth - 3 * p) / p
+
+    def extend(a: int, b: int, c: int) -> int | None:
+        if abs((2 * b - c) - a) > COLLINEAR_RTOL * max(a, 1):
+            return None
+        return round(c + (c - b) * steps)
+
+    stages = {
+        s: extend(r1.stage_peaks[s], r2.stage_peaks[s], r3.stage_peaks[s]) for s in r3.stage_peaks
+    }
+    fields = {
+        f: extend(getattr(r1, f), getattr(r2, f), getattr(r3, f))
+        for f in ("param_bytes", "grad_bytes", "optimizer_state_bytes", "end_of_forward_bytes")
+    }
+    if None in stages.values() or None in fields.values() or r3.peak_stage != r2.peak_stage:
+        return trace_hf(config, setup)
+    peak_stage = max(stages, key=stages.get)
+    slack = extend(r1.segment_slack_bytes, r2.segment_slack_bytes, r3.segment_slack_bytes)
+    return TraceResult(
+        stages[peak_stage],
+        stages,
+        attention={k: v * depth // (3 * p) for k, v in r3.attention.items()},
+        peak_stage=peak_stage,
+        segment_slack_bytes=max(0, slack if slack is not None else r3.segment_slack_bytes),
+        largest_transient_bytes=r3.largest_transient_bytes,
+        **fields,
+    )
+
+
+def estimate_hf(spec, setup: TrainSetup):
+    """The planner's :class:`~hybrid_triton.planner.estimate.Estimate` of a Hugging Face
+    model's plain training step, measured by tracing the real module (:func:`trace_hf_fast`)
+    rather than by the formulas. ``spec`` must carry its config (``spec.hf_config``)."""
+    from hybrid_triton.planner.estimate import (
+        CUBLAS_WORKSPACE,
+        CUDA_CONTEXT,
+        Estimate,
+        PhaseEstimate,
+    )
+
+    if spec.hf_config is None:
+        raise PlannerError(f"{spec.name}: no Hugging Face config to trace")
+    reason = traceable(setup)
+    if reason is not None:
+        raise PlannerError(f"traced mode runs plain PyTorch steps; this setup has {reason}")
+    result = trace_hf_fast(dict(spec.hf_config), setup)
+    inputs = 8 * setup.tokens_per_micro_batch
+    known = dict(
+        weights=result.param_bytes,
+        optimizer_state=result.optimizer_state_bytes,
+        workspace=CUBLAS_WORKSPACE,
+        inputs=inputs,
+    )
+    components = {**known, "activations": max(0, result.peak_bytes - sum(known.values()))}
+    phase = PhaseEstimate(
+        "",
+        result.peak_bytes,
+        f"{result.peak_stage} (traced)",
+        components,
+        dict(result.stage_peaks),
+        result.segment_slack_bytes,
+        largest_transient_bytes=result.largest_transient_bytes,
+        largest_transient_component="activations",
+        allocator=setup.allocator,
+    )
+    phases = {name: dataclasses.replace(phase, phase=name) for name in dict.fromkeys(setup.phases)}
+    attention = ", ".join(f"{k} x{v}" for k, v in sorted(result.attention.items()))
+    notes = [
+        "traced: the Hugging Face module as it runs (fake tensors, CUDA's attention "
+        f"kernels: {attention or 'none'}); 'activations' holds everything made during the "
+        "step that is alive at the peak, gradients included"
+    ]
+    return Estimate(spec, setup, phases, CUDA_CONTEXT, notes)
