@@ -172,6 +172,23 @@ def _setup(args):
     return setup_preset(args.setup, **overrides)
 
 
+def _trace(spec, module, setup):
+    """``--traced``: the whole step of the real module under fake tensors."""
+    from hybrid_triton.planner import hf
+    from hybrid_triton.planner.traced import trace_step
+
+    if module is not None and hf.is_hf_model(module):
+        return hf.trace_hf(module, setup)
+    if module is not None:
+        return trace_step(module, setup)
+    if spec.hf_config is not None:
+        return hf.trace_hf(dict(spec.hf_config), setup)
+    raise PlannerError(
+        f"{spec.name}: traced mode needs a module (--module, a Hugging Face config.json, or "
+        "a GPT-2 preset of hybrid_triton.models.gpt2)"
+    )
+
+
 def _list() -> str:
     lines = ["model presets:"]
     lines += [f"  {preset(n).summary()}" for n in PRESET_NAMES]
@@ -240,15 +257,8 @@ def main(argv: list[str]) -> int:
                 )
             return 0 if result.fits else 1
         setup = _setup(args)
-        if args.traced or not spec.has_activation_model:
-            if module is None:
-                raise PlannerError(
-                    f"{spec.name}: traced mode needs a module (--module, or a "
-                    "GPT-2 preset of hybrid_triton.models.gpt2)"
-                )
-            from hybrid_triton.planner.traced import trace_step
-
-            traced = trace_step(module, setup)
+        if args.traced or not (spec.has_activation_model or spec.hf_config):
+            traced = _trace(spec, module, setup)
             if args.json:
                 import json
 
@@ -262,7 +272,8 @@ def main(argv: list[str]) -> int:
                 gib = 1024**3
                 print(
                     f"model: {spec.summary()}\nsetup: {setup.describe()}\ntraced (fake "
-                    f"tensors, CPU kernels): peak {traced.peak_bytes / gib:.3f} GiB; "
+                    f"tensors, CUDA's attention kernels {traced.attention or '-'}): peak "
+                    f"{traced.peak_bytes / gib:.3f} GiB; "
                     + ", ".join(f"{k} {v / gib:.3f}" for k, v in traced.stage_peaks.items())
                     + f"; parameters {traced.param_bytes / gib:.3f}, gradients "
                     f"{traced.grad_bytes / gib:.3f}, optimizer state "
