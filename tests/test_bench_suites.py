@@ -115,3 +115,21 @@ def test_training_probe_overhead_case(tmp_path, machine):
     nvml = df[df["metric"] == "nvml_query_us"]
     if machine.device_kind != "cuda":
         assert nvml["value"].isna().all() and nvml["note"].str.contains("not measured").all()
+
+
+def test_memory_hf_quick_records_the_planner_and_draws_one_panel_per_model(tmp_path, machine):
+    pytest.importorskip("transformers")
+    report_dir = run_suite(
+        "memory_hf", quick=True, out=tmp_path, pattern="gpt2 *", progress=False,
+        machine=machine, options={"setups": "fp32,bf16"},
+    )  # fmt: skip
+    df = read_csv(report_dir / "results.csv")
+    planner = df[(df["provider"] == "planner") & (df["metric"] == "total")]
+    assert set(planner["case"]) == {"gpt2 fp32 2x64 [full]", "gpt2 bf16 2x64 [full]"}
+    assert (planner["value"] > 0).all()
+    assert planner["note"].str.startswith("traced").all()  # the HF module as it runs
+    reserved = df[(df["provider"] == "planner") & (df["metric"] == "reserved")]
+    assert (reserved["value"].to_numpy() >= planner["value"].to_numpy()).all()
+    assert (report_dir / "memory_by_model.png").is_file()
+    if machine.device_kind != "cuda":  # a CPU has no allocator statistics to set beside it
+        assert df[df["provider"] == "measured"].empty

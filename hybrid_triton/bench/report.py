@@ -348,7 +348,45 @@ def _chart_training(df: pd.DataFrame, fig_title: str):
     return fig
 
 
+def _chart_memory_by_model(df: pd.DataFrame, fig_title: str):
+    """One panel per model (the first word of the case): measured and planned allocated and
+    reserved peaks per setup and batch shape, in GiB. Drawn for suites that record the
+    planner's reserved figure beside the measured one (memory_hf)."""
+    planned_reserved = df[(df["provider"] == "planner") & (df["metric"] == "reserved")]
+    if planned_reserved.empty:
+        return None
+    series = {
+        "measured allocated": ("measured", "peak_allocated"),
+        "planner allocated": ("planner", "total"),
+        "measured reserved": ("measured", "peak_reserved"),
+        "planner reserved": ("planner", "reserved"),
+    }
+    rows = df[df["case"].str.endswith("[full]")]
+    models = list(dict.fromkeys(rows["case"].str.split().str[0]))
+    cols = 2 if len(models) > 1 else 1
+    grid_rows = -(-len(models) // cols)
+    fig = _figure(7.0 * cols, 3.6 * grid_rows)
+    for i, model in enumerate(models):
+        ax = fig.add_subplot(grid_rows, cols, i + 1)
+        mine = rows[rows["case"].str.split().str[0] == model]
+        wide = pd.DataFrame(
+            {
+                name: mine[(mine["provider"] == prov) & (mine["metric"] == metric)]
+                .groupby("case", sort=False)["value"]
+                .first()
+                for name, (prov, metric) in series.items()
+            }
+        )
+        wide.index = [c.removeprefix(model).removesuffix("[full]").strip() for c in wide.index]
+        _grouped_bars(ax, wide, "GiB")
+        _title(ax, model)
+    fig.suptitle(f"{fig_title}: peak memory, measured and planned (GiB)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 CHARTS: dict[str, Callable] = {
+    "memory_by_model.png": _chart_memory_by_model,
     "gbps.png": _chart_gbps,
     "speedup.png": _chart_speedup,
     "latency.png": _chart_latency,

@@ -26,7 +26,7 @@ import torch
 from hybrid_triton.bench.report import problems, write_report
 from hybrid_triton.bench.results import MachineInfo, Recorder, machine_info
 
-SUITES: tuple[str, ...] = ("kernels", "memory", "training")
+SUITES: tuple[str, ...] = ("kernels", "memory", "memory_hf", "training")
 SUITES_DIR_ENV = "HYBRID_TRITON_SUITES_DIR"
 PARTIAL_CSV_ENV = "HYBRID_TRITON_PARTIAL_CSV"
 

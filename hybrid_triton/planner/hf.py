@@ -74,12 +74,14 @@ def hf_config(source: str | os.PathLike | dict | Any):
     model_type = cfg.pop("model_type", None)
     if not model_type:
         raise PlannerError("the Hugging Face config has no model_type")
-    try:
-        return transformers.AutoConfig.for_model(model_type, **cfg)
-    except ValueError as exc:
+    if model_type not in transformers.CONFIG_MAPPING:
         raise PlannerError(
             f"transformers {transformers.__version__} does not know model_type {model_type!r}"
-        ) from exc
+        )
+    try:
+        return transformers.AutoConfig.for_model(model_type, **cfg)
+    except Exception as exc:  # transformers validates configs with several error types
+        raise PlannerError(f"transformers refuses this {model_type} config: {exc}") from exc
 
 
 def meta_model(config, attn_implementation: str | None = None) -> nn.Module:
@@ -181,8 +183,7 @@ def _unpacked_batches():
 # --------------------------------------------------------------------------- estimates
 
 # Depth extrapolation must reproduce the shallowest trace to this fraction of its bytes
-# (measured: exact to the byte without checkpointing; checkpointed steps move their peak with
-# depth and fail the check, so they are traced whole).
+# (measured: exact to the byte without checkpointing).
 COLLINEAR_RTOL = 1e-3
 
 
@@ -227,7 +228,9 @@ def trace_hf_fast(source, setup: TrainSetup) -> TraceResult:
     if isinstance(config, nn.Module):
         config = config.config
     depth, p = config.num_hidden_layers, _layer_period(config)
-    if depth <= 3 * p:
+    # Checkpointed steps peak where the kept block inputs or the gradients so far are largest,
+    # which moves with depth: they are never collinear, so trace them whole at once.
+    if depth <= 3 * p or setup.checkpointing:
         return trace_hf(config, setup)
     r1, r2, r3 = (trace_hf(_with_depth(config, k * p), setup) for k in (1, 2, 3))
     steps = (depth - 3 * p) / p

@@ -338,10 +338,25 @@ def spec_from_hf_config(path: str | os.PathLike | dict, name: str | None = None)
         where, cfg = os.fspath(path), read_config_dict(path)
     model_type = str(cfg.get("model_type", "")).lower()
     label = name or cfg.get("_name_or_path") or model_type or "hf-model"
+    cfg = _with_defaults(cfg)
     spec = _formula_spec(cfg, model_type, label, where)
     if spec is None:
         spec = _traced_spec(cfg, model_type, label, where)
     return replace(spec, hf_config=cfg)
+
+
+def _with_defaults(cfg: dict) -> dict:
+    """The config as transformers reads it (its defaults filled in: a config.json leaves out
+    what equals the default), when transformers is installed and knows the family."""
+    from hybrid_triton.planner import hf
+
+    if not hf.transformers_available():
+        return cfg
+    try:
+        full = hf.hf_config(cfg).to_dict()
+    except PlannerError:
+        return cfg
+    return {**full, **cfg}
 
 
 def _formula_spec(cfg: dict, model_type: str, label: str, where: str) -> ModelSpec | None:
