@@ -179,19 +179,55 @@ def test_live_hf_module_is_traced_and_left_unchanged():
     assert all(after[k].device.type == "meta" for k in after)
 
 
-def test_toolkit_setups_use_the_formulas_or_say_why():
-    spec = spec_from_hf_config(_config("llama", 2))
+def test_toolkit_setups_add_their_flat_buffers_to_the_module_step():
+    cfg = _config("llama", 2)
+    spec = spec_from_hf_config(cfg)
     lean = TrainSetup(
-        param_dtype="bf16", master_weights=True, state_bits=8, seq_len=32, phases=("full",)
+        param_dtype="bf16",
+        master_weights=True,
+        grad_mode="flat",
+        state_bits=8,
+        seq_len=32,
+        phases=("full",),
+        trainer=False,
     )
-    assert traceable(lean) is not None
-    est = estimate(spec, lean)  # llama: the formulas
-    assert not est.notes[0].startswith("traced")
-    with pytest.raises(PlannerError, match="plain PyTorch"):
-        estimate(spec, lean, method="traced")
+    assert traceable(lean) is not None  # not a plain PyTorch step ...
+    est = estimate(spec, lean)  # ... but the module's step plus flat buffers
+    assert "flat buffers" in est.notes[0]
+    module = trace_hf(cfg, lean.replace(optimizer="none", grad_mode="full", master_weights=False),
+                      drop_grads=True)  # fmt: skip
+    n = spec.num_params
+    assert est.components["master_weights"] >= 4 * n
+    assert est.components["gradients"] >= 2 * n  # the flat bf16 buffer
+    assert est.components["optimizer_state"] >= 2 * n  # two 8-bit moments and their scales
+    extra = sum(est.components[c] for c in ("master_weights", "gradients", "optimizer_state"))
+    assert est.peak_bytes == module.peak_bytes + extra
+
+
+def test_module_step_plus_state_is_the_whole_step():
+    """The decomposition the toolkit setups rely on, checked where torch can run both: the
+    whole plain step equals the module's step (no optimizer) plus the optimizer's state."""
+    cfg = _config("qwen2", 2)
+    plain = _setup("bf16")
+    whole = trace_hf(cfg, plain)
+    module = trace_hf(cfg, plain.replace(optimizer="none"))
+    state = whole.optimizer_state_bytes  # unrounded; the tracker rounds each block to 512 B
+    n_tensors = 3 * sum(1 for _ in meta_model(hf_config(cfg)).parameters())
+    assert abs(module.peak_bytes + state - whole.peak_bytes) <= 512 * n_tensors
+
+
+def test_trainer_setups_use_the_formulas_or_say_why():
+    spec = spec_from_hf_config(_config("llama", 2))
+    trainer = TrainSetup(param_dtype="bf16", master_weights=True, grad_mode="hook",
+                         seq_len=32, phases=("full",))  # fmt: skip
+    assert trainer.trainer  # hook-folded gradients: HybridTrainer's setup
+    est = estimate(spec, trainer)  # llama: the formulas
+    assert not est.notes[-1].startswith("traced")
+    with pytest.raises(PlannerError, match="HybridTrainer"):
+        estimate(spec, trainer, method="traced")
     gemma = spec_from_hf_config(_config("gemma", 2))
     with pytest.raises(PlannerError, match="tracing"):
-        estimate(gemma, lean)
+        estimate(gemma, trainer)
 
 
 def test_unknown_model_type_names_the_traced_mode():

@@ -1185,10 +1185,11 @@ def estimate(spec: ModelSpec, setup: TrainSetup, method: str = "auto") -> Estima
 
 
 def _traces(spec: ModelSpec, setup: TrainSetup) -> bool:
-    """Whether "auto" traces: a spec from a Hugging Face config, a plain PyTorch setup, and
+    """Whether "auto" traces: a spec from a Hugging Face config, a setup traced mode models
+    (plain PyTorch, or the toolkit's flat buffers around the module's step), and
     transformers importable."""
     if spec.hf_config is None:
         return False
-    from hybrid_triton.planner.hf import traceable, transformers_available
+    from hybrid_triton.planner.hf import composable, transformers_available
 
-    return traceable(setup) is None and transformers_available()
+    return composable(setup) is None and transformers_available()

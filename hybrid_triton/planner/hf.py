@@ -121,7 +121,11 @@ def hf_loss(model: nn.Module, batch: tuple) -> tuple[torch.Tensor, object]:
 
 
 def trace_hf(
-    source, setup: TrainSetup, kernels: str = "cuda", attn_implementation: str | None = None
+    source,
+    setup: TrainSetup,
+    kernels: str = "cuda",
+    attn_implementation: str | None = None,
+    drop_grads: bool = False,
 ) -> TraceResult:
     """One training step of a Hugging Face causal LM under fake tensors.
 
@@ -149,7 +153,15 @@ def trace_hf(
 
     with _unpacked_batches():
         try:
-            return trace_step(model, setup, hf_batch, hf_loss, kernels=kernels, prepare=prepare)
+            return trace_step(
+                model,
+                setup,
+                hf_batch,
+                hf_loss,
+                kernels=kernels,
+                prepare=prepare,
+                drop_grads=drop_grads,
+            )
         except RuntimeError as exc:  # an op the model runs refuses these dtypes or shapes
             raise PlannerError(
                 f"{type(model).__name__}'s training step failed under fake tensors with "
@@ -189,17 +201,46 @@ COLLINEAR_RTOL = 1e-3
 
 def traceable(setup: TrainSetup) -> str | None:
     """None if ``setup`` is a plain PyTorch step that traced mode runs as a user's loop does;
-    else what it cannot run (the toolkit's own tensors need the formulas)."""
+    else what it cannot run as such."""
     torch_bits = 32 if setup.param_dtype == "fp32" else 16
     if setup.master_weights or setup.grad_mode != "full" or setup.trainer:
         return "the toolkit's master weights, gradient paths or trainer"
     if setup.optimizer != "none" and setup.state_bits != torch_bits:
         return f"{setup.state_bits}-bit optimizer state (torch keeps the parameters' dtype)"
+    return composable(setup)
+
+
+def composable(setup: TrainSetup) -> str | None:
+    """None if the step of ``setup`` is the module's own (traced with its gradients dropped
+    as produced) plus flat buffers that live through the whole step: the toolkit's master
+    weights, gradient buffer and optimizer state (``FusedAdamW``'s fused step has no
+    temporaries). Else what it has beyond that."""
+    if setup.trainer:
+        return "HybridTrainer's own tensors (its dynamics model, Predict direction, residuals)"
     if setup.offload != "none" or setup.fused_loss or setup.checkpoint_blocks is not None:
         return "offloaded state, the fused loss or partial checkpointing"
     if "predict" in setup.phases or "correct" in setup.phases:
         return "the trainer's Predict/Correct phases"
     return None
+
+
+def toolkit_state_bytes(num_params: int, setup: TrainSetup) -> dict[str, int]:
+    """The flat buffers of the toolkit's step for ``num_params`` parameters, by component:
+    fp32 master weights, the gradient buffer (flat: the parameters' dtype; hook: the fp32
+    accumulator), AdamW's two moments (or SGD's one) at ``setup.state_bits``."""
+    from hybrid_triton.planner.estimate import _round, _state_tensor_bytes
+
+    param_bytes = 4 if setup.param_dtype == "fp32" else 2
+    out = {"master_weights": 0, "gradients": 0, "optimizer_state": 0}
+    if setup.master_weights:
+        out["master_weights"] = _round(4 * num_params)
+    if setup.grad_mode != "full":
+        width = 4 if setup.grad_mode == "hook" else param_bytes
+        out["gradients"] = _round(width * num_params)
+    moments = {"adamw": 2, "sgd": 1, "none": 0}[setup.optimizer]
+    per_moment = sum(_round(b) for b in _state_tensor_bytes(num_params, setup.state_bits))
+    out["optimizer_state"] = moments * per_moment + (_round(4) if moments else 0)
+    return out
 
 
 def _layer_period(config) -> int:
@@ -219,7 +260,7 @@ def _with_depth(config, layers: int):
     return cfg
 
 
-def trace_hf_fast(source, setup: TrainSetup) -> TraceResult:
+def trace_hf_fast(source, setup: TrainSetup, drop_grads: bool = False) -> TraceResult:
     """:func:`trace_hf` of the whole model, computed from traces of ``p``, ``2p`` and ``3p``
     layers (``p``: the layer pattern's period) when the three are exactly linear in depth
     (each stage's peak, the model state and the allocator figures); otherwise the whole
@@ -231,8 +272,10 @@ def trace_hf_fast(source, setup: TrainSetup) -> TraceResult:
     # Checkpointed steps peak where the kept block inputs or the gradients so far are largest,
     # which moves with depth: they are never collinear, so trace them whole at once.
     if depth <= 3 * p or setup.checkpointing:
-        return trace_hf(config, setup)
-    r1, r2, r3 = (trace_hf(_with_depth(config, k * p), setup) for k in (1, 2, 3))
+        return trace_hf(config, setup, drop_grads=drop_grads)
+    r1, r2, r3 = (
+        trace_hf(_with_depth(config, k * p), setup, drop_grads=drop_grads) for k in (1, 2, 3)
+    )
     steps = (depth - 3 * p) / p
 
     def extend(a: int, b: int, c: int) -> int | None:
@@ -248,7 +291,7 @@ def trace_hf_fast(source, setup: TrainSetup) -> TraceResult:
         for f in ("param_bytes", "grad_bytes", "optimizer_state_bytes", "end_of_forward_bytes")
     }
     if None in stages.values() or None in fields.values() or r3.peak_stage != r2.peak_stage:
-        return trace_hf(config, setup)
+        return trace_hf(config, setup, drop_grads=drop_grads)
     peak_stage = max(stages, key=stages.get)
     slack = extend(r1.segment_slack_bytes, r2.segment_slack_bytes, r3.segment_slack_bytes)
     return TraceResult(
@@ -264,8 +307,14 @@ def trace_hf_fast(source, setup: TrainSetup) -> TraceResult:
 
 def estimate_hf(spec, setup: TrainSetup):
     """The planner's :class:`~hybrid_triton.planner.estimate.Estimate` of a Hugging Face
-    model's plain training step, measured by tracing the real module (:func:`trace_hf_fast`)
-    rather than by the formulas. ``spec`` must carry its config (``spec.hf_config``)."""
+    model's training step, measured by tracing the real module (:func:`trace_hf_fast`)
+    rather than by the formulas. ``spec`` must carry its config (``spec.hf_config``).
+
+    A plain PyTorch setup is traced whole (torch's fused AdamW included). A toolkit setup
+    (bf16 parameters with fp32 master weights, a flat or hook-folded gradient buffer,
+    32/16/8/4-bit moments in ``FusedAdamW``) is the module's step traced with each gradient
+    dropped as autograd produces it, plus those flat buffers, which live through the whole
+    step (:func:`toolkit_state_bytes`)."""
     from hybrid_triton.planner.estimate import (
         CUBLAS_WORKSPACE,
         CUDA_CONTEXT,
@@ -275,34 +324,52 @@ def estimate_hf(spec, setup: TrainSetup):
 
     if spec.hf_config is None:
         raise PlannerError(f"{spec.name}: no Hugging Face config to trace")
-    reason = traceable(setup)
+    plain = traceable(setup) is None
+    reason = None if plain else composable(setup)
     if reason is not None:
-        raise PlannerError(f"traced mode runs plain PyTorch steps; this setup has {reason}")
-    result = trace_hf_fast(dict(spec.hf_config), setup)
-    inputs = 8 * setup.tokens_per_micro_batch
+        raise PlannerError(f"traced mode cannot model this setup: it has {reason}")
+    if plain:
+        result = trace_hf_fast(dict(spec.hf_config), setup)
+        state = {"optimizer_state": result.optimizer_state_bytes}
+    else:
+        module_only = setup.replace(optimizer="none", grad_mode="full", master_weights=False)
+        result = trace_hf_fast(dict(spec.hf_config), module_only, drop_grads=True)
+        state = toolkit_state_bytes(
+            result.param_bytes // (2 if setup.param_dtype != "fp32" else 4), setup
+        )
+    extra = 0 if plain else sum(state.values())
+    peak = result.peak_bytes + extra
     known = dict(
         weights=result.param_bytes,
-        optimizer_state=result.optimizer_state_bytes,
+        **state,
         workspace=CUBLAS_WORKSPACE,
-        inputs=inputs,
+        inputs=8 * setup.tokens_per_micro_batch,
     )
-    components = {**known, "activations": max(0, result.peak_bytes - sum(known.values()))}
+    components = {**known, "activations": max(0, peak - sum(known.values()))}
     phase = PhaseEstimate(
         "",
-        result.peak_bytes,
+        peak,
         f"{result.peak_stage} (traced)",
         components,
-        dict(result.stage_peaks),
-        result.segment_slack_bytes,
+        {k: v + extra for k, v in result.stage_peaks.items()},
+        result.segment_slack_bytes + (0 if plain else _segments(state)),
         largest_transient_bytes=result.largest_transient_bytes,
         largest_transient_component="activations",
         allocator=setup.allocator,
     )
     phases = {name: dataclasses.replace(phase, phase=name) for name in dict.fromkeys(setup.phases)}
     attention = ", ".join(f"{k} x{v}" for k, v in sorted(result.attention.items()))
+    how = "" if plain else "; the toolkit's flat buffers added to the module's own step"
     notes = [
         "traced: the Hugging Face module as it runs (fake tensors, CUDA's attention "
-        f"kernels: {attention or 'none'}); 'activations' holds everything made during the "
-        "step that is alive at the peak, gradients included"
+        f"kernels: {attention or 'none'}){how}; 'activations' holds everything made during "
+        "the step that is alive at the peak, gradients included"
     ]
     return Estimate(spec, setup, phases, CUDA_CONTEXT, notes)
+
+
+def _segments(state: dict[str, int]) -> int:
+    """The 2 MiB segment rounding of the toolkit's flat buffers."""
+    from hybrid_triton.planner.traced import _segment_slack
+
+    return sum(_segment_slack(b) for b in state.values())

@@ -324,6 +324,7 @@ def trace_step(
     steps: int = 2,
     kernels: str = "cuda",
     prepare: Callable[[nn.Module], None] | None = None,
+    drop_grads: bool = False,
 ) -> TraceResult:
     """Measure one training step of ``module`` under fake tensors (no GPU, no real memory).
 
@@ -337,8 +338,10 @@ def trace_step(
     attention and dropout as CUDA kernels do and counts the cuBLAS workspace
     (:class:`CudaKernels`), "cpu" leaves the CPU kernels. ``prepare(model)`` is called on the
     fake copy before the step (e.g. to switch on the module's own gradient checkpointing).
-    Hooks and state bits other than the parameters' are the optimizer's business: use
-    :func:`~hybrid_triton.planner.estimate` for the toolkit's setups.
+    ``drop_grads``: each parameter's gradient is dropped as soon as autograd has produced it
+    (a post-accumulate-grad hook), as when the toolkit folds it into its own flat buffer; the
+    step then measures the module's own tensors and the caller adds its buffers
+    (:func:`hybrid_triton.planner.hf.estimate_hf` does, for the toolkit's setups).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -374,6 +377,9 @@ def trace_step(
         params = [p for p in model.parameters() if p.requires_grad]
         for t in list(model.parameters()) + list(model.buffers()):
             tracker.track(t)
+        if drop_grads:
+            for p in params:
+                p.register_post_accumulate_grad_hook(_drop_grad)
         workspace = None
         if cuda is not None:  # cuBLAS's workspace, allocated by the first matmul, kept
             workspace = torch.empty(CUBLAS_WORKSPACE, dtype=torch.uint8)
@@ -403,6 +409,10 @@ def trace_step(
         tracker.peak_slack,
         tracker.peak_transient,
     )
+
+
+def _drop_grad(param: torch.Tensor) -> None:
+    param.grad = None
 
 
 def _optimizer(setup: TrainSetup, params: list) -> torch.optim.Optimizer | None:
@@ -443,8 +453,8 @@ def _run_steps(model, setup, make_batch, loss_fn, opt, params, tracker, autocast
         if opt is not None:
             opt.step()
         grad_bytes = sum(p.grad.untyped_storage().nbytes() for p in params if p.grad is not None)
-        if opt is not None:
-            opt.zero_grad(set_to_none=True)
+        for p in params:  # zero_grad(set_to_none=True), also without an optimizer
+            p.grad = None
         if setup.logits_lifetime == "step":
             del held  # the caller drops its output once the step is done
             held = None
