@@ -23,7 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def _usage() -> str:
     lines = ["usage: hybrid-triton COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines.append("\n'hybrid-triton COMMAND --help' for a command's options.")
+    lines.append("\n'hybrid-triton COMMAND --help' for a command's options; --version prints")
+    lines.append("the version.")
     return "\n".join(lines)
 
 
@@ -31,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from hybrid_triton import __version__
+
+        print(f"hybrid-triton {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
