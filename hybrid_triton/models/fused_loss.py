@@ -30,7 +30,9 @@ dtype of their input.
 
 Dispatch (``hybrid_triton.kernels._dispatch``): the per-row kernel runs through Triton on CUDA
 (and through the interpreter on CPU under ``TRITON_INTERPRET=1``); otherwise the same math in
-torch on an fp32 copy of the chunk. No host sync: the count ``n`` stays on the device.
+torch on an fp32 copy of the chunk. Under fake tensors (the planner's traced mode) only the
+Triton path's allocations are made, so a trace measures what the GPU holds. No host sync: the
+count ``n`` stays on the device.
 
 Reference: ``F.cross_entropy(hidden @ weight.T, targets, ignore_index=...)`` (the tests compare
 against it in float64).
@@ -41,6 +43,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 from hybrid_triton.kernels._alloc import empty
 from hybrid_triton.kernels._checks import KernelInputError, check_tensor
@@ -113,7 +116,8 @@ def _ce_rows_(
     rows, vocab = logits.shape
     acc = _acc_dtype(logits.dtype)
     loss = empty(rows, dtype=acc, device=logits.device)
-    if rows == 0:
+    if rows == 0 or is_fake(logits):
+        # Fake tensors (the planner's traced mode): what the Triton path allocates, no math.
         return loss
     if use_triton(logits):
         block = min(MAX_BLOCK_V, triton.next_power_of_2(vocab))

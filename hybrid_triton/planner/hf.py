@@ -120,6 +120,17 @@ def hf_loss(model: nn.Module, batch: tuple) -> tuple[torch.Tensor, object]:
     return out.loss, out
 
 
+def hf_chunked_loss(chunk_tokens: int):
+    """The loss of a model ``prepare`` gave the chunked linear cross-entropy (no logits)."""
+    from hybrid_triton.models.hf_loss import causal_lm_loss
+
+    def loss(model: nn.Module, batch: tuple) -> torch.Tensor:
+        (ids,) = batch
+        return causal_lm_loss(model, ids, ids, chunk_tokens=chunk_tokens)
+
+    return loss
+
+
 def trace_hf(
     source,
     setup: TrainSetup,
@@ -132,7 +143,10 @@ def trace_hf(
     ``source``: a ``config.json`` path or dict, a ``PretrainedConfig``, or a live
     ``PreTrainedModel`` (its structure is copied; it is not changed). With
     ``setup.checkpointing`` the model's own ``gradient_checkpointing_enable`` (non-reentrant)
-    is switched on in the copy, on every layer (transformers has no per-layer switch)."""
+    is switched on in the copy, on every layer (transformers has no per-layer switch). With
+    ``setup.fused_loss`` the loss is the toolkit's chunked linear cross-entropy over the
+    decoder's hidden states (:func:`hybrid_triton.models.hf_loss.causal_lm_loss`, chunks of
+    ``setup.loss_chunk_tokens``) instead of transformers' full-logits loss."""
     if setup.checkpointing and setup.checkpoint_blocks is not None:
         raise PlannerError(
             "Hugging Face models checkpoint every layer (gradient_checkpointing_enable); "
@@ -153,11 +167,12 @@ def trace_hf(
 
     with _unpacked_batches():
         try:
+            loss = hf_chunked_loss(setup.loss_chunk_tokens) if setup.fused_loss else hf_loss
             return trace_step(
                 model,
                 setup,
                 hf_batch,
-                hf_loss,
+                loss,
                 kernels=kernels,
                 prepare=prepare,
                 drop_grads=drop_grads,
@@ -217,8 +232,8 @@ def composable(setup: TrainSetup) -> str | None:
     temporaries). Else what it has beyond that."""
     if setup.trainer:
         return "HybridTrainer's own tensors (its dynamics model, Predict direction, residuals)"
-    if setup.offload != "none" or setup.fused_loss or setup.checkpoint_blocks is not None:
-        return "offloaded state, the fused loss or partial checkpointing"
+    if setup.offload != "none" or setup.checkpoint_blocks is not None:
+        return "offloaded state or partial checkpointing"
     if "predict" in setup.phases or "correct" in setup.phases:
         return "the trainer's Predict/Correct phases"
     return None
