@@ -95,3 +95,21 @@ def test_planner_traces_the_chunked_loss_without_logits():
     # transformers' loss holds bf16 logits and their fp32 copy (6 B per token and entry) at
     # least; the chunked loss one chunk of 128 positions
     assert hf.peak_bytes - chunked.peak_bytes >= 6 * tokens * vocab - 2 * 128 * vocab
+
+
+def test_planner_traces_liger_fused_loss_like_the_toolkit_one():
+    from hybrid_triton.planner import PlannerError, TrainSetup, estimate, preset
+    from hybrid_triton.planner.hf import trace_hf
+
+    cfg = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, vocab_size=8192,
+               max_position_embeddings=512, tie_word_embeddings=True)  # fmt: skip
+    base = TrainSetup(autocast="bf16", micro_batch=2, seq_len=256, phases=("full",))
+    hf = trace_hf(cfg, base)
+    liger = trace_hf(cfg, base.replace(fused_loss=True, fused_loss_impl="liger"))
+    # no [N, V] logits: at least the fp32 copy of the logits (4 B per token and entry) less
+    assert hf.peak_bytes - liger.peak_bytes >= 4 * 2 * 256 * 8192 - 8192 * 64 * 4
+    assert "Liger" in base.replace(fused_loss=True, fused_loss_impl="liger").describe()
+    with pytest.raises(PlannerError, match="tracing"):  # the formulas do not model it
+        estimate(preset("gpt2-tiny"), base.replace(fused_loss=True, fused_loss_impl="liger",
+                                                   seq_len=64))  # fmt: skip

@@ -81,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--predict-moments", choices=PREDICT_MOMENTS)
     p.add_argument("--phases", help=f"comma-separated subset of {','.join(PHASES)}")
     p.add_argument("--attention", choices=ATTENTION)
+    p.add_argument(
+        "--fused-loss",
+        choices=["toolkit", "liger"],
+        help="the loss without [N, V] logits: the toolkit's chunked linear cross-entropy, or "
+        "Liger-Kernel's fused one (Hugging Face configs, traced)",
+    )
     p.add_argument("--logits-lifetime", choices=LOGITS_LIFETIME)
     p.add_argument(
         "--loss-chunk-tokens",
@@ -167,6 +173,8 @@ def _setup(args):
             overrides[field] = value
     if args.autocast is not None:
         overrides["autocast"] = None if args.autocast == "none" else args.autocast
+    if args.fused_loss is not None:
+        overrides.update(fused_loss=True, fused_loss_impl=args.fused_loss)
     if args.phases:
         overrides["phases"] = tuple(x.strip() for x in args.phases.split(",") if x.strip())
     return setup_preset(args.setup, **overrides)

@@ -1142,6 +1142,11 @@ def estimate(spec: ModelSpec, setup: TrainSetup, method: str = "auto") -> Estima
         from hybrid_triton.planner.hf import estimate_hf
 
         return estimate_hf(spec, setup)
+    if setup.fused_loss and setup.fused_loss_impl != "toolkit":
+        raise PlannerError(
+            f"the {setup.fused_loss_impl} fused loss is modelled by tracing a Hugging Face "
+            "model (a config.json, transformers installed); the formulas know the toolkit's"
+        )
     if not spec.has_activation_model:
         raise PlannerError(
             f"{spec.name}: the formulas know GPT-2 and Llama-style models only; "

@@ -131,6 +131,47 @@ def hf_chunked_loss(chunk_tokens: int):
     return loss
 
 
+class _LigerAllocations(torch.autograd.Function):
+    """Liger-Kernel's fused linear cross-entropy as it allocates (its
+    ``fused_linear_cross_entropy_forward``), for tracing under fake tensors only: zeroed
+    gradients of the input (its dtype) and of the weight (the weight's dtype), an fp32
+    per-row loss, and per chunk of ``next_pow2(ceil(BT / ceil(V / H)))`` rows the chunk's
+    logits, turned into their gradient in place and folded into both gradients, which
+    backward returns. No number here is meaningful: fake tensors have no values."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight):
+        rows, width = hidden.shape
+        vocab = weight.shape[0]
+        inc = -(-vocab // width)
+        chunk = min(rows, 1 << max(0, (-(-rows // inc) - 1).bit_length()))
+        grad_input = torch.zeros_like(hidden)
+        grad_weight = torch.zeros_like(weight)
+        loss_1d = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
+        for start in range(0, rows, chunk):
+            h = hidden[start : start + chunk]
+            logits = h @ weight.t()
+            grad_input[start : start + chunk] = logits @ weight
+            grad_weight.addmm_(logits.t().to(grad_weight.dtype), h.to(grad_weight.dtype))
+            del logits
+        ctx.save_for_backward(grad_input, grad_weight)
+        return loss_1d.sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_input, grad_weight = ctx.saved_tensors
+        return grad_input, grad_weight
+
+
+def hf_liger_loss(model: nn.Module, batch: tuple) -> torch.Tensor:
+    """The step Liger-Kernel's patched causal-LM forward runs (the decoder, then its fused
+    linear cross-entropy on the hidden states), for tracing."""
+    (ids,) = batch
+    hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+    weight = model.get_output_embeddings().weight
+    return _LigerAllocations.apply(hidden.reshape(-1, hidden.shape[-1]), weight)
+
+
 def trace_hf(
     source,
     setup: TrainSetup,
@@ -167,7 +208,13 @@ def trace_hf(
 
     with _unpacked_batches():
         try:
-            loss = hf_chunked_loss(setup.loss_chunk_tokens) if setup.fused_loss else hf_loss
+            loss = hf_loss
+            if setup.fused_loss:
+                loss = (
+                    hf_liger_loss
+                    if setup.fused_loss_impl == "liger"
+                    else hf_chunked_loss(setup.loss_chunk_tokens)
+                )
             return trace_step(
                 model,
                 setup,

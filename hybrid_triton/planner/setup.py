@@ -34,6 +34,9 @@ OFFLOAD = ("none", "cpu")
 PREDICT_MOMENTS = ("keep", "offload", "compress", "drop")
 ATTENTION = ("flash", "math")
 LOGITS_LIFETIME = ("loss_only", "step", "next_forward")
+# Whose fused linear cross-entropy a ``fused_loss`` setup runs: the toolkit's chunked one
+# (hybrid_triton.models.fused_loss) or Liger-Kernel's (Hugging Face models in traced mode).
+FUSED_LOSS_IMPLS = ("toolkit", "liger")
 # PyTorch's CUDA caching allocator: "native" (the default) or "expandable"
 # (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True). See estimate.py, "Allocator".
 ALLOCATORS = ("native", "expandable")
@@ -98,7 +101,11 @@ class TrainSetup:
       any other model. Only GPT-2 specs use it (Llama specs model Hugging Face modules).
     - ``fused_loss``: the training forward computes the loss with the chunked fused linear +
       cross-entropy (``GPT2Config.fused_loss``, chunks of ``loss_chunk_tokens`` positions,
-      gradients made during forward): no ``[N, V]`` logits. GPT-2 specs only.
+      gradients made during forward): no ``[N, V]`` logits. GPT-2 specs, and Hugging Face
+      specs in traced mode (``hybrid_triton.models.hf_loss.causal_lm_loss``).
+    - ``fused_loss_impl``: with ``fused_loss``, "toolkit" (the toolkit's chunked loss) or
+      "liger" (Liger-Kernel's ``LigerFusedLinearCrossEntropy``, as its Hugging Face patches
+      run it: traced mode allocates what it allocates; Hugging Face specs only).
     - ``trainer``: count ``HybridTrainer``'s own tensors: at Predict entry the fp32
       temporaries that build the update direction (the moments are still on the GPU), the
       moments prefetched back before Predict ends, the direction kept through Correct and
@@ -134,6 +141,7 @@ class TrainSetup:
     checkpoint_blocks: int | None = None
     fused_loss: bool = False
     allocator: str = "native"
+    fused_loss_impl: str = "toolkit"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalize in place once
@@ -149,6 +157,7 @@ class TrainSetup:
         _choice(self.attention, ATTENTION, "attention implementation")
         _choice(self.logits_lifetime, LOGITS_LIFETIME, "logits lifetime")
         _choice(self.allocator, ALLOCATORS, "allocator")
+        _choice(self.fused_loss_impl, FUSED_LOSS_IMPLS, "fused loss implementation")
         _count(self.micro_batch, "micro_batch")
         _count(self.seq_len, "seq_len")
         _count(self.accum_steps, "accum_steps")
@@ -226,7 +235,9 @@ class TrainSetup:
             blocks = self.checkpoint_blocks
             parts.append("checkpointing" + (f" ({blocks} blocks)" if blocks is not None else ""))
         if self.fused_loss:
-            parts.append("fused chunked loss")
+            parts.append(
+                "fused chunked loss" if self.fused_loss_impl == "toolkit" else "Liger fused loss"
+            )
         parts.append(f"batch {self.micro_batch}x{self.seq_len}")
         if self.accum_steps > 1:
             parts.append(f"accum {self.accum_steps}")
