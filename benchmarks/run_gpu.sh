@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the GPU tests and the full-size benchmark suites on a CUDA machine, in one go.
 #
-#   bash benchmarks/run_gpu.sh [STAGE ...]     stages: tests sweep_quantize kernels memory training optim
+#   bash benchmarks/run_gpu.sh [STAGE ...]     stages: tests sweep_quantize kernels memory memory_hf
+#                                               training optim
 #
 # Works offline: the project is installed editable without dependencies (torch, triton,
 # numpy, pandas, matplotlib must already be there). Reports land under reports/; when $OUT is
@@ -104,9 +105,25 @@ for stage in "${stages[@]}"; do
             grep -h "done in" "$LOG/memory_$model.log" | tail -n 40
         done
         merge_report memory "$parts" ;;
+    memory_hf)
+        # Hugging Face models built from configs (needs transformers on the machine), one
+        # process per model so a time limit costs one model; MEMORY_HF_MODELS picks them,
+        # MEMORY_HF_SETUPS the setups, MEMORY_HF_OPTIONS more options ("caps=none").
+        parts=$(mktemp -d)
+        for model in ${MEMORY_HF_MODELS:-gpt2 qwen2.5-0.5b llama-0.3b pythia-410m gemma2-0.9b mistral-0.4b qwen3-0.6b gpt2-large pythia-1b llama-3.2-1b qwen2.5-1.5b}; do
+            opts=(--option "models=$model")
+            [ -n "${MEMORY_HF_SETUPS:-}" ] && opts+=(--option "setups=$MEMORY_HF_SETUPS")
+            for o in ${MEMORY_HF_OPTIONS:-}; do opts+=(--option "$o"); done
+            HYBRID_TRITON_PARTIAL_CSV="$parts/$model.csv" run "memory_hf_$model" \
+                "${MEMORY_HF_TIMEOUT:-180}" hybrid-triton bench memory_hf --no-progress \
+                --out "$parts/$model" "${opts[@]}" ${QUICK:+--quick}
+            find "$parts/$model" -name results.csv -exec cp {} "$parts/$model.csv" \; 2>/dev/null
+            grep -h "done in" "$LOG/memory_hf_$model.log" | tail -n 20
+        done
+        merge_report memory_hf "$parts" ;;
     training) run training "${TRAINING_TIMEOUT:-300}" hybrid-triton bench training --no-progress ;;
     optim) run optim "${OPTIM_TIMEOUT:-300}" python3 benchmarks/optimizer_comparison.py --out reports/optim ;;
-    *) echo "unknown stage $stage (tests sweep_quantize kernels memory training optim)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests sweep_quantize kernels memory memory_hf training optim)"; exit 2 ;;
     esac
 done
 # Everything in two files: the lent machine returns at most 8 files from $OUT.
