@@ -3,13 +3,14 @@ planner.
 
 Each configuration is a model built from a config (``AutoModelForCausalLM.from_config``, no
 download, random weights) trained the way a plain Hugging Face loop does it: sdpa attention,
-``out = model(input_ids=x, labels=x)``, ``out.loss.backward()``, ``torch.optim.AdamW``
-(fused on CUDA), ``zero_grad(set_to_none=True)``; in one of four setups: fp32, bf16 autocast,
-pure bf16 (bf16 parameters and moments) and bf16 autocast with Hugging Face's gradient
-checkpointing. The peak is taken over the steps after the first (the optimizer state exists
-then), reset once the first step is done, and set beside the planner's estimate of the same
-setup (``estimate(spec_from_hf_config(config), setup)``: the traced module when transformers
-is installed).
+``loss = model(input_ids=x, labels=x).loss`` (the output and its logits dropped as the
+forward returns, as the ``Trainer``'s ``compute_loss`` does), ``loss.backward()``,
+``torch.optim.AdamW`` (fused on CUDA), ``zero_grad(set_to_none=True)``; in one of four
+setups: fp32, bf16 autocast, pure bf16 (bf16 parameters and moments) and bf16 autocast
+with Hugging Face's gradient checkpointing. The peak is taken over the steps after the first
+(the optimizer state exists then), reset once the first step is done, and set beside the
+planner's estimate of the same setup (``estimate(spec_from_hf_config(config), setup)``:
+the traced module when transformers is installed).
 
 Records (``case = "<model> <setup> <batch>x<seq> [full]"``): ``measured`` /
 ``peak_allocated``, ``peak_reserved`` (GiB); ``planner`` / ``total`` (allocated),
@@ -229,10 +230,10 @@ def train_steps(cfg: dict, setup: str, batch: int, seq: int, steps: int, device)
             if step == 1 and device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            with autocast:
-                out = model(input_ids=ids, labels=ids)
-            out.loss.backward()
-            del out
+            with autocast:  # the loss only, as the Trainer's compute_loss hands it back
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            del loss
             opt.step()
             opt.zero_grad(set_to_none=True)
         if device.type != "cuda":

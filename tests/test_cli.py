@@ -39,7 +39,9 @@ def test_plan_traced_config_json(tmp_path, capsys):
     assert top_main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["traced"]["peak_bytes"] > 0
-    assert out["traced"]["attention"] == {"flash": 4}  # bf16 autocast: 2 steps x 2 layers
+    # bf16 autocast: flash, one call per layer; two steps are traced, as the preset's loop
+    # holds the logits through the step (logits_lifetime "step")
+    assert out["traced"]["attention"] == {"flash": 4}
 
 
 def test_plan_traced_hf_module(monkeypatch, capsys):

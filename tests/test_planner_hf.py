@@ -252,3 +252,28 @@ def test_traced_estimate_checks_the_sequence_length():
     spec = spec_from_hf_config(_config("llama", 2))
     with pytest.raises(PlannerError, match="exceeds"):
         estimate(spec, TrainSetup(seq_len=512, phases=("full",)))
+
+
+@pytest.mark.parametrize("setup_name", ["fp32", "autocast-ckpt", "bf16"])
+def test_first_step_plus_state_is_the_second_step(setup_name):
+    """trace_hf traces one step and adds the optimizer state the first step creates: the
+    same figures as tracing two steps."""
+    cfg = _config("qwen2", 3)
+    setup = _setup(setup_name)
+    model = meta_model(hf_config(cfg))
+    fast = trace_hf(cfg, setup)
+
+    def prepare(copy):
+        if setup.checkpointing:
+            copy.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+
+    from hybrid_triton.planner.hf import _unpacked_batches, hf_batch, hf_loss
+
+    with _unpacked_batches():
+        two = trace_step(model, setup, hf_batch, hf_loss, steps=2, prepare=prepare)
+    assert fast.peak_bytes == two.peak_bytes
+    assert fast.stage_peaks == two.stage_peaks
+    assert fast.segment_slack_bytes == two.segment_slack_bytes
+    assert fast.largest_transient_bytes == two.largest_transient_bytes

@@ -62,6 +62,10 @@ class TraceResult:
     peak_stage: str = ""  # "forward", "backward" or "optimizer"
     segment_slack_bytes: int = 0  # at the peak: 2 MiB segment rounding of the large blocks
     largest_transient_bytes: int = 0  # at the peak: the largest block made during the step
+    # the optimizer state's blocks as the allocator rounds them (512 B), bytes
+    optimizer_state_blocks: tuple[int, ...] = ()
+    # per stage, at its peak: (segment rounding, largest transient block), bytes
+    stage_allocator: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def activation_peak_bytes(self) -> int:
@@ -90,9 +94,9 @@ class _AllocationTracker(TorchDispatchMode):
         self.slack = 0  # segment rounding of the live blocks larger than LARGE_BLOCK
         self._transient: Counter[int] = Counter()  # rounded size -> live count
         self.peak_stage = "setup"
-        self.peak_slack = 0
-        self.peak_transient = 0
-        self._pending = False
+        # per stage, at that stage's peak: (segment rounding, largest transient block)
+        self.stage_allocator: dict[str, tuple[int, int]] = {}
+        self._pending: str | None = None  # a stage whose new peak awaits its snapshot
 
     def track(self, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
@@ -104,14 +108,15 @@ class _AllocationTracker(TorchDispatchMode):
         transient = self.stage in ("forward", "backward") and rounded > 0
         self._seen[key] = (rounded, transient)
         self.live += rounded
-        self.slack += _segment_slack(rounded)
+        self.slack += segment_rounding(rounded)
         if transient:
             self._transient[rounded] += 1
         weakref.finalize(storage, self._free, key)
         if self.live > self.peak:
-            self.peak, self.peak_stage, self._pending = self.live, self.stage, True
-        if self.stage != "setup":
-            self.stage_peaks[self.stage] = max(self.stage_peaks.get(self.stage, 0), self.live)
+            self.peak, self.peak_stage = self.live, self.stage
+        if self.stage != "setup" and self.live > self.stage_peaks.get(self.stage, -1):
+            self.stage_peaks[self.stage] = self.live
+            self._pending = self.stage
 
     def _free(self, key: int) -> None:
         if key not in self._seen:
@@ -119,18 +124,25 @@ class _AllocationTracker(TorchDispatchMode):
         self._snapshot()
         rounded, transient = self._seen.pop(key)
         self.live -= rounded
-        self.slack -= _segment_slack(rounded)
+        self.slack -= segment_rounding(rounded)
         if transient:
             self._transient[rounded] -= 1
             if not self._transient[rounded]:
                 del self._transient[rounded]
 
     def _snapshot(self) -> None:
-        """The peak's allocator figures, taken before the first free after it."""
-        if self._pending:
-            self._pending = False
-            self.peak_slack = self.slack
-            self.peak_transient = max(self._transient, default=0)
+        """A stage peak's allocator figures, taken before the first free after it."""
+        if self._pending is not None:
+            self.stage_allocator[self._pending] = (self.slack, max(self._transient, default=0))
+            self._pending = None
+
+    @property
+    def peak_slack(self) -> int:
+        return self.stage_allocator.get(self.peak_stage, (0, 0))[0]
+
+    @property
+    def peak_transient(self) -> int:
+        return self.stage_allocator.get(self.peak_stage, (0, 0))[1]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -140,11 +152,16 @@ class _AllocationTracker(TorchDispatchMode):
         return out
 
     def set_stage(self, stage: str) -> None:
+        self._snapshot()
         self.stage = stage
-        self.stage_peaks[stage] = max(self.stage_peaks.get(stage, 0), self.live)
+        if self.live > self.stage_peaks.get(stage, -1):
+            self.stage_peaks[stage] = self.live
+            self._pending = stage
 
 
-def _segment_slack(rounded: int) -> int:
+def segment_rounding(rounded: int) -> int:
+    """The 2 MiB segment rounding the caching allocator adds to a block of ``rounded`` bytes
+    (large blocks only)."""
     if rounded <= LARGE_BLOCK:
         return 0
     return -(-rounded // SEGMENT_ROUND) * SEGMENT_ROUND - rounded
@@ -388,12 +405,13 @@ def trace_step(
         end_of_forward, grad_bytes = _run_steps(
             model, setup, make_batch, loss_fn, opt, params, tracker, autocast, steps
         )
-        state_bytes = 0
+        state_blocks = []
         if opt is not None:
             for state in opt.state.values():
                 for value in state.values():
                     if isinstance(value, torch.Tensor):
-                        state_bytes += value.untyped_storage().nbytes()
+                        state_blocks.append(value.untyped_storage().nbytes())
+        state_bytes = sum(state_blocks)
         param_bytes = sum(p.untyped_storage().nbytes() for p in model.parameters())
         tracker._snapshot()
         del workspace
@@ -408,6 +426,8 @@ def trace_step(
         tracker.peak_stage,
         tracker.peak_slack,
         tracker.peak_transient,
+        tuple(-(-b // ALLOC_ROUND) * ALLOC_ROUND for b in state_blocks),
+        {k: v for k, v in tracker.stage_allocator.items() if k != "setup"},
     )
 
 
