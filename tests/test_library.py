@@ -108,6 +108,7 @@ def test_a_compiled_step_keeps_the_ops_whole(device):
     compiled_args = args()
     torch.testing.assert_close(compiled(*compiled_args), step(*eager_args), rtol=0, atol=0)
     torch.testing.assert_close(compiled_args[1], eager_args[1], rtol=0, atol=0)  # acc mutated
+    torch._dynamo.reset()  # drop the compiled code and the fake tensors its guards keep
 
 
 @pytest.mark.gpu

@@ -153,9 +153,11 @@ def live_tensor_bytes(device_type: str = "cpu") -> int:
         if issubclass(type(obj), torch.Tensor) and obj.device.type == device_type:
             try:
                 storage = obj.untyped_storage()
+                # fake tensors (kept by torch.compile's caches, or a planner trace) have a
+                # storage but no data pointer
+                seen[storage.data_ptr()] = storage.nbytes()
             except (RuntimeError, NotImplementedError):  # sparse, fake or wrapper tensors
                 continue
-            seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
 
 
