@@ -325,6 +325,10 @@ def spec_from_hf_config(path: str | os.PathLike | dict, name: str | None = None)
                 cfg = json.load(fh)
         except json.JSONDecodeError as exc:
             raise PlannerError(f"{where}: not valid JSON ({exc})") from exc
+        except UnicodeDecodeError as exc:
+            raise PlannerError(f"{where}: not a UTF-8 text file ({exc.reason})") from exc
+        except OSError as exc:
+            raise PlannerError(f"{where}: cannot read it ({exc.strerror})") from exc
     if not isinstance(cfg, dict):
         raise PlannerError(f"{where}: expected a JSON object, got {type(cfg).__name__}")
     model_type = str(cfg.get("model_type", "")).lower()
