@@ -57,6 +57,19 @@ def test_phase_plan_follows_trainer_on_replace_and_rejects_mixing():
         TrainSetup(phases="train")
 
 
+def test_trainer_flag_on_the_command_line(capsys):
+    assert main(["gpt2-small", "--setup", "bf16-master", "--no-trainer", "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)["phase_peak_bytes"]) == {"train"}
+    assert main(["gpt2-small", "--trainer", "--grad-mode", "flat", "--json"]) == 0
+    assert tuple(json.loads(capsys.readouterr().out)["phase_peak_bytes"]) == TRAINER_PHASES
+    assert main(["gpt2-small", "--fit", "--gpu", "rtx-4060", "--trainer", "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)["estimate"]["phase_peak_bytes"]) == set(
+        TRAINER_PHASES
+    )
+    assert main(["gpt2-small", "--phases", "train,predict"]) == 2
+    assert "only phase" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- buildable
 
 
@@ -166,6 +179,12 @@ def test_cards_without_bf16_get_fp16_or_fp32():
     fp16 = fit(preset("gpt2-small"), "t4").best.setup
     if fp16.autocast == "fp16":
         assert any("GradScaler" in step for step in build_steps(preset("gpt2-small"), fp16))
+
+
+def test_list_marks_the_cards_without_bf16(capsys):
+    assert main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert "  t4: 15.00 (no bf16)" in out and "  rtx-4090: 24.00\n" in out
 
 
 def test_a_size_in_gib_says_what_it_assumes_about_bf16():

@@ -1,20 +1,24 @@
-"""What fits a GPU: search the setups, pick the best throughput proxy, explain the choice.
+"""What fits a GPU: search the buildable setups, pick the best throughput proxy, explain the
+choice and say how to build it.
 
 The search (for one model, GPU and sequence length):
 
 1. Candidate setups, in tiers tried in order; a later tier is searched only when nothing in
-   the earlier ones fits even at micro-batch 1:
-   - tier 1: bf16 autocast over fp32 parameters, or bf16 parameters with fp32 master weights
-     and HybridTrainer's gradients (a flat bf16 buffer for one micro-batch per step,
-     hook-folded into fp32 for several); AdamW state 32, 8 or 4 bits; checkpointing off or on;
-   - tier 2: the same with the optimizer moments offloaded to CPU memory (the CPU or the
-     transfers become the bottleneck of the step);
-   - tier 3: pure bf16 (bf16 parameters and gradients, no master copy: updates smaller than
-     bf16's resolution are lost); tier 4: the same with the moments offloaded.
-   Each candidate is tried under PyTorch's default ("native") caching allocator and, unless
-   ``allocator`` names one, with expandable segments
-   (``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``: no throughput cost, it only avoids
-   the native allocator's fragmentation around the vocabulary-sized buffers).
+   the earlier ones fits even at micro-batch 1. Only setups that can be built today are tried
+   (``hybrid_triton.planner.build.NOT_BUILDABLE`` is the one place that says which):
+   - tier 1: mixed precision (bf16 autocast over fp32 parameters; on cards without bf16,
+     ``NO_BF16``, fp16 autocast with loss scaling, or plain fp32), or bf16 parameters with
+     fp32 master weights in FusedAdamW (a flat bf16 gradient buffer for one micro-batch per
+     step, hook-folded into fp32 for several); AdamW state 32, 8 or 4 bits (below 32 over fp32
+     parameters: FusedAdamW with flat gradients); checkpointing off or on;
+   - tier 2: the same with the optimizer moments in host memory (not buildable today);
+   - tier 3: pure bf16 (bf16 parameters, gradients and moments, torch.optim.AdamW, no master
+     copy: updates smaller than bf16's resolution are lost); tier 4: the same offloaded.
+   The setups are plain training loops (one phase) unless ``trainer=True`` plans the bf16 +
+   master ones for HybridTrainer (its four phases). Each candidate is tried under PyTorch's
+   default ("native") caching allocator and, unless ``allocator`` names one, with expandable
+   segments (``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``: no throughput cost, it only
+   avoids the native allocator's fragmentation around the vocabulary-sized buffers).
 2. For each candidate the largest micro-batch (powers of two up to ``max_micro_batch``) whose
    device need (reserved peak over the phases: allocated + the allocator's slack, + the CUDA
    context) stays within the usable memory, ``capacity * (1 - margin)``.
@@ -24,7 +28,8 @@ The search (for one model, GPU and sequence length):
    with fewer memory options turned on (expandable segments count as the cheapest option,
    so the native allocator wins a tie: it is what plain PyTorch runs).
 4. Each option that is on gets a reason: what the peak would be without it, or which
-   micro-batch it buys. When nothing fits, the result says by how much and what would.
+   micro-batch it buys. When nothing fits, the result says by how much and what would. The
+   answer ends with how to build the chosen setup (``build_steps``).
 """
 
 from __future__ import annotations
@@ -333,15 +338,7 @@ def fit(
             micro *= 2
         return best
 
-    fitting: list[Candidate] = []
-    for tier, options in enumerate(_TIERS, start=1):
-        for name, offload in options:
-            for setup in _candidates(name, offload, bf16, base, allocators, trainer):
-                cand = largest(setup, tier)
-                if cand is not None:
-                    fitting.append(cand)
-        if fitting:
-            break
+    fitting = _first_tier_that_fits(largest, bf16, base, allocators, trainer)
     notes = _card_notes(card)
     if not fitting:
         lean = leanest[0]
@@ -358,6 +355,21 @@ def fit(
         spec, card.label, card.capacity_bytes, usable, margin, True, best, reasons,
         fitting[1:6], build_steps(spec, best.setup), card.bf16,
     )  # fmt: skip
+
+
+def _first_tier_that_fits(largest, bf16, base, allocators, trainer) -> list[Candidate]:
+    """The largest micro-batch of every buildable candidate of the first tier where any
+    fits (empty when none does)."""
+    fitting: list[Candidate] = []
+    for tier, options in enumerate(_TIERS, start=1):
+        for name, offload in options:
+            for setup in _candidates(name, offload, bf16, base, allocators, trainer):
+                cand = largest(setup, tier)
+                if cand is not None:
+                    fitting.append(cand)
+        if fitting:
+            break
+    return fitting
 
 
 def _candidates(name, offload, bf16, base, allocators, trainer):
