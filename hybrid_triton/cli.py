@@ -9,6 +9,7 @@ hybrid-triton report ...               charts and tables from results CSVs
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # sub-command -> (module, help). Each module exposes ``main(argv: list[str]) -> int``.
@@ -47,7 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hybrid-triton: unknown command {name!r}{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except BrokenPipeError:
+        # the reader closed the pipe (``| head``): stop quietly, as Unix tools do, and keep
+        # Python's exit-time flush of stdout from raising again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
 
 
 if __name__ == "__main__":

@@ -217,7 +217,7 @@ d, L, H, V, P = SMALL.d_model, SMALL.n_layer, SMALL.n_head, SMALL.vocab_size, SM
 
 def _full(**kwargs):
     setup = TrainSetup(micro_batch=B, seq_len=T, logits_lifetime="loss_only", **kwargs)
-    return estimate(SMALL, setup).phases["full"]
+    return estimate(SMALL, setup).phases["train"]  # a plain loop: one phase
 
 
 def test_fp32_components_by_hand():
@@ -258,7 +258,7 @@ def test_autocast_components_by_hand():
 
 def test_fp32_held_logits_add_one_fp32_buffer():
     # the baseline recipes' ``_, loss = model(x, y)``: the fp32 logits live through backward
-    held = estimate(SMALL, setup_preset("fp32", micro_batch=B, seq_len=T)).phases["full"]
+    held = estimate(SMALL, setup_preset("fp32", micro_batch=B, seq_len=T)).phases["train"]
     assert held.components["logits_and_loss"] == 4 * 4 * N * V
     assert held.peak_bytes - _full().peak_bytes == 4 * N * V
 
@@ -326,7 +326,7 @@ def test_logits_lifetime_adds_the_held_logits():
     base = _full(autocast="bf16").components["logits_and_loss"]
     for lifetime in ("step", "next_forward"):
         setup = TrainSetup(micro_batch=B, seq_len=T, autocast="bf16", logits_lifetime=lifetime)
-        held = estimate(SMALL, setup).phases["full"].components["logits_and_loss"]
+        held = estimate(SMALL, setup).phases["train"].components["logits_and_loss"]
         assert held - base == 2 * N * V  # the bf16 logits
 
 
@@ -467,7 +467,8 @@ def test_trainer_predict_entry_and_correct_by_hand():
     assert no_predict.phases["full"].stage_peaks["optimizer"] == (
         warmup.stage_peaks["optimizer"] - untrained
     )
-    plain = estimate(preset("gpt2-medium"), setup.replace(trainer=False)).phases["predict"]
+    loop = setup.replace(trainer=False, phases=setup.phases)  # a plain loop with a Predict
+    plain = estimate(preset("gpt2-medium"), loop).phases["predict"]
     # Entry apart, the trainer's Predict holds less than a plain loop's: no fp32 master.
     assert plain.peak_at.startswith("forward") and predict.peak_bytes < plain.peak_bytes
     assert plain.components["master_weights"] == 4 * Pm
@@ -482,7 +483,7 @@ def test_accumulation_second_micro_batch_sees_gradients():
 
 def test_predict_phase_policies():
     def predict(**kw):
-        setup = TrainSetup(micro_batch=B, seq_len=T, autocast="bf16", **kw)
+        setup = TrainSetup(micro_batch=B, seq_len=T, autocast="bf16", phases=("predict",), **kw)
         return estimate(SMALL, setup).phases["predict"]
 
     from hybrid_triton.planner.estimate import direction_groups
@@ -503,7 +504,8 @@ def test_predict_phase_policies():
         2 * (p.numel + 4 * math.ceil(p.numel / STATE_BLOCK[8])) + 4 for p in SMALL.params
     )
     assert predict(predict_moments="drop").components["optimizer_state"] == 0
-    full = estimate(SMALL, TrainSetup(micro_batch=B, seq_len=T, autocast="bf16"))
+    phases = ("full", "predict")
+    full = estimate(SMALL, TrainSetup(micro_batch=B, seq_len=T, autocast="bf16", phases=phases))
     assert full.peak_phase == "full" and full.phase_peak_bytes["predict"] < full.peak_bytes
 
 
@@ -603,7 +605,7 @@ def test_allocators_change_the_reserved_peak_only(preset_name, vocab_bytes):
         SMALL, setup_preset(preset_name, micro_batch=B, seq_len=T, allocator="expandable")
     )
     assert native.phase_peak_bytes == expandable.phase_peak_bytes
-    full_n, full_e = native.phases["full"], expandable.phases["full"]
+    full_n, full_e = native.phases[native.peak_phase], expandable.phases[native.peak_phase]
     # The largest transient block at the peak (cross-entropy backward) is one [N, V] buffer:
     # fp32 under autocast (nll_loss's input and gradient), else the compute dtype.
     logits = B * T * SMALL.vocab_size * vocab_bytes

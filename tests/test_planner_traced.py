@@ -37,7 +37,7 @@ def test_traced_gpt2_agrees_with_estimate(kwargs):
     )
     setup = TrainSetup(micro_batch=2, seq_len=96, **{"logits_lifetime": "loss_only", **kwargs})
     traced = trace_step(module, setup)
-    full = estimate(spec_from_module(module), setup).phases["full"]
+    full = estimate(spec_from_module(module), setup).phases["train"]  # a plain loop
     # The one place where CPU and CUDA kernels differ here: CPU autocast lists
     # cross_entropy_loss as fp32 (the log-probabilities are fp32, 4 B), CUDA autocast does not
     # (log_softmax keeps the bf16 dtype, 2 B; nll_loss's fp32 copy is there on both).

@@ -15,7 +15,8 @@ Charts are drawn from the metrics present, whatever the suite:
                         and estimated side by side;
 - ``training.png``      tokens/s and peak memory of the training runs.
 
-Command line (``hybrid-triton report``)::
+Command line (``hybrid-triton report``; exit status 0, or 2 with a one-line error for a file
+that is not a results table or a path that cannot be read or written)::
 
     hybrid-triton report reports/kernels/2026-11-24_191438_cpu/results.csv   # regenerate
     hybrid-triton report --compare BEFORE.csv AFTER.csv [--out compare.md]
@@ -565,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
             before, after = (read_csv(p) for p in args.compare)
             text = compare_markdown(before, after)
             if args.out:
-                Path(args.out).write_text(text)
+                _write_text_atomically(Path(args.out), text)
                 print(f"wrote {args.out}")
             else:
                 print(text)
@@ -573,9 +574,25 @@ def main(argv: list[str] | None = None) -> int:
         target = regenerate(args.csv, args.out)
         print(f"regenerated {target}")
         return 0
-    except (OSError, ValueError) as err:
-        print(f"hybrid-triton report: {err}", file=sys.stderr)
-        return 1
+    except OSError as err:  # an unreadable input, an unwritable output
+        where = f" {err.filename!r}" if err.filename else ""
+        print(f"hybrid-triton report: error:{where} {err.strerror or err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # not a results table (SchemaError), not UTF-8, not CSV
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"hybrid-triton report: error: {first}", file=sys.stderr)
+        return 2
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    """The whole file or nothing: a temporary sibling renamed into place."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 __all__ = [

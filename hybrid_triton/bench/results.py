@@ -282,7 +282,19 @@ def write_csv(df: pd.DataFrame, path: str | os.PathLike) -> None:
 
 
 def read_csv(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a ``results.csv`` back, keeping empty strings as empty (not NaN)."""
-    df = pd.read_csv(path, dtype={c: str for c in _STR_COLUMNS}, keep_default_na=False)
+    """Read a ``results.csv`` back, keeping empty strings as empty (not NaN). A file that is
+    not a results table (not UTF-8 text, not CSV, other columns) raises :class:`SchemaError`
+    saying which, before anything else reads it."""
+    try:
+        df = pd.read_csv(path, dtype={c: str for c in _STR_COLUMNS}, keep_default_na=False)
+    except UnicodeDecodeError as exc:
+        raise SchemaError(f"{path}: not a UTF-8 text file ({exc.reason})") from exc
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "empty"
+        raise SchemaError(f"{path}: not a CSV results table ({first})") from exc
+    try:
+        validate(df)  # names every missing column before "value" is read
+    except SchemaError as exc:
+        raise SchemaError(f"{path}: {exc}") from None
     df["value"] = pd.to_numeric(df["value"].replace("", math.nan), errors="coerce")
     return validate(df)

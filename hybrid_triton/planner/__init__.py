@@ -9,6 +9,7 @@
 See docs/planner.md. Importing this package touches no device.
 """
 
+from hybrid_triton.planner.build import build_steps, is_buildable, why_not_buildable
 from hybrid_triton.planner.distributed import (
     ParallelSetup,
     RankEstimate,
@@ -16,7 +17,15 @@ from hybrid_triton.planner.distributed import (
     format_rank_estimate,
 )
 from hybrid_triton.planner.estimate import Estimate, PhaseEstimate, estimate
-from hybrid_triton.planner.fit import GPUS, FitResult, fit, gpu_capacity_bytes
+from hybrid_triton.planner.fit import (
+    GPUS,
+    NO_BF16,
+    FitResult,
+    GpuInfo,
+    fit,
+    gpu_capacity_bytes,
+    gpu_info,
+)
 from hybrid_triton.planner.setup import SETUP_PRESETS, TrainSetup, setup_preset
 from hybrid_triton.planner.specs import (
     PRESET_NAMES,
@@ -30,10 +39,12 @@ from hybrid_triton.planner.specs import (
 
 __all__ = [
     "GPUS",
+    "NO_BF16",
     "PRESET_NAMES",
     "SETUP_PRESETS",
     "Estimate",
     "FitResult",
+    "GpuInfo",
     "ModelSpec",
     "ParallelSetup",
     "ParamTensor",
@@ -41,15 +52,19 @@ __all__ = [
     "PlannerError",
     "RankEstimate",
     "TrainSetup",
+    "build_steps",
     "estimate",
     "estimate_per_rank",
     "fit",
     "format_rank_estimate",
     "gpu_capacity_bytes",
+    "gpu_info",
+    "is_buildable",
     "preset",
     "setup_preset",
     "spec_from_hf_config",
     "spec_from_module",
+    "why_not_buildable",
 ]
 
 

@@ -9,7 +9,12 @@ Examples::
     hybrid-triton plan path/to/config.json --setup hybrid --batch 4 --chart plan.png
     hybrid-triton plan --module mypkg.models:build_on_meta --traced --batch 2 --seq-len 256
     hybrid-triton plan gpt2-medium --setup bf16-master --batch 8 --gpus 2 --shard fsdp
+    hybrid-triton plan gpt2-small --fit --gpu auto
     hybrid-triton plan --list
+
+Exit status: 0 when it fits (or no --gpu was given), 1 when it does not fit --gpu (or --fit
+finds nothing that fits), 2 on bad input (an unknown name, a nonsense number, an unreadable
+config, an unwritable chart path, no CUDA device for --gpu auto).
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ import importlib
 import os
 import sys
 
+from hybrid_triton.planner.build import why_not_buildable
 from hybrid_triton.planner.estimate import estimate
-from hybrid_triton.planner.fit import GPUS, fit, gpu_capacity_bytes
+from hybrid_triton.planner.fit import GPUS, NO_BF16, fit, gpu_info
 from hybrid_triton.planner.report import (
+    check_chart_path,
     format_estimate,
     format_fit,
     plot_estimate,
@@ -54,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="hybrid-triton plan",
         description="Per-phase, per-component VRAM estimate of a training setup, or the best "
         "setup that fits a GPU (--fit). Sizes in GiB (2^30 bytes).",
+        epilog="exit status: 0 fits (or no --gpu), 1 does not fit --gpu (--fit: nothing fits), "
+        "2 bad input",
     )
     p.add_argument(
         "model",
@@ -100,7 +109,18 @@ def _parser() -> argparse.ArgumentParser:
         "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True); with --fit, only this one is "
         "searched (without it, --fit also considers expandable segments)",
     )
-    p.add_argument("--gpu", help="a GPU preset (--list) or a size in GiB")
+    p.add_argument(
+        "--gpu",
+        help="a GPU preset (--list), 'auto' (the local CUDA card) or a size in GiB (bf16 "
+        "support of a size is assumed)",
+    )
+    p.add_argument(
+        "--trainer",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="plan for HybridTrainer (its Warmup/Full/Predict/Correct phases) rather than a "
+        "plain training loop (one 'train' phase); with --fit, its bf16 + master setups",
+    )
     p.add_argument("--margin", type=float, default=0.1, help="fraction kept free (0.1)")
     p.add_argument("--fit", action="store_true", help="search the setups for --gpu")
     p.add_argument("--max-batch", type=int, default=64, help="largest micro-batch to try")
@@ -168,6 +188,7 @@ def _setup(args):
         ("logits_lifetime", args.logits_lifetime),
         ("loss_chunk_tokens", args.loss_chunk_tokens),
         ("allocator", args.allocator),
+        ("trainer", args.trainer),
     ):
         if value is not None:
             overrides[field] = value
@@ -203,7 +224,10 @@ def _list() -> str:
     lines.append("setup presets:")
     lines += [f"  {name}: {setup_preset(name).describe()}" for name in SETUP_PRESETS]
     lines.append("GPU presets (GiB):")
-    lines += [f"  {name}: {mib / 1024:.2f}" for name, mib in GPUS.items()]
+    lines += [
+        f"  {name}: {mib / 1024:.2f}" + (" (no bf16)" if name in NO_BF16 else "")
+        for name, mib in GPUS.items()
+    ]
     return "\n".join(lines)
 
 
@@ -224,15 +248,57 @@ def _per_rank(args, spec) -> int:
     else:
         print(format_rank_estimate(est))
     if args.gpu:
-        label, capacity = gpu_capacity_bytes(args.gpu)
-        usable = int(capacity * (1 - args.margin))
-        need = est.device_bytes()
-        verdict = "fits" if need <= usable else "does NOT fit"
-        print(
-            f"{label} per rank: {verdict} ({need / 1024**3:.2f} GiB needed, "
-            f"{usable / 1024**3:.2f} GiB usable with margin {args.margin:.0%})"
-        )
+        card = gpu_info(args.gpu)
+        usable = int(card.capacity_bytes * (1 - args.margin))
+        line, fits = _verdict(f"{card.label} per rank", est.device_bytes(), usable, args.margin)
+        print(line)
+        return 0 if fits else 1
     return 0
+
+
+def _verdict(label: str, need: int, usable: int, margin: float) -> tuple[str, bool]:
+    fits = need <= usable
+    return (
+        f"{label}: {'fits' if fits else 'does NOT fit'} ({need / 1024**3:.2f} GiB needed, "
+        f"{usable / 1024**3:.2f} GiB usable with margin {margin:.0%})",
+        fits,
+    )
+
+
+def _setup_notes(setup, card) -> list[str]:
+    """What the user should know before running ``setup`` on ``card``: a setup nobody can
+    build today, bf16 on a card without it."""
+    notes = []
+    reason = why_not_buildable(setup)
+    if reason is not None:
+        notes.append(f"note: this setup cannot be built today: {reason}")
+    uses_bf16 = "bf16" in (setup.param_dtype, setup.compute_dtype)
+    if card is not None and uses_bf16 and card.bf16 is False:
+        notes.append(
+            f"note: {card.label} has no bf16 (compute capability below 8.0): use "
+            "--autocast fp16 (with loss scaling) or fp32 (--setup fp32)"
+        )
+    return notes
+
+
+def _estimate_answer(args, spec, setup) -> int:
+    """The formula estimate's table or JSON, the --gpu verdict and the chart; the exit code."""
+    est = estimate(spec, setup)
+    card = gpu_info(args.gpu) if args.gpu else None
+    capacity = usable = None
+    fits = True
+    if card is not None:
+        capacity = card.capacity_bytes
+        usable = int(capacity * (1 - args.margin))
+        line, fits = _verdict(card.label, est.device_bytes(), usable, args.margin)
+    if args.json:
+        print(to_json(est))
+    else:
+        print(format_estimate(est))
+        print("\n".join(_setup_notes(setup, card) + ([line] if card is not None else [])))
+    if args.chart:
+        plot_estimate(est, args.chart, capacity, usable)
+    return 0 if fits else 1
 
 
 def main(argv: list[str]) -> int:
@@ -243,6 +309,8 @@ def main(argv: list[str]) -> int:
             return 0
         if not 0 <= args.margin < 1:
             raise PlannerError(f"--margin must be a fraction in [0, 1), got {args.margin}")
+        if args.chart:
+            check_chart_path(args.chart)  # before any work: nothing half-done
         spec, module = _load_spec(args)
         if args.gpus is not None or args.shard is not None:
             return _per_rank(args, spec)
@@ -257,6 +325,7 @@ def main(argv: list[str]) -> int:
                 max_micro_batch=args.max_batch,
                 accum_steps=args.accum or 1,
                 allocator=args.allocator,
+                trainer=bool(args.trainer),
             )
             print(to_json(result) if args.json else format_fit(result))
             if args.chart:
@@ -288,25 +357,7 @@ def main(argv: list[str]) -> int:
                     f"{traced.optimizer_state_bytes / gib:.3f} GiB"
                 )
             return 0
-        est = estimate(spec, setup)
-        capacity = usable = None
-        if args.gpu:
-            label, capacity = gpu_capacity_bytes(args.gpu)
-            usable = int(capacity * (1 - args.margin))
-        if args.json:
-            print(to_json(est))
-        else:
-            print(format_estimate(est))
-            if capacity is not None:
-                need = est.device_bytes()
-                verdict = "fits" if need <= usable else "does NOT fit"
-                print(
-                    f"{label}: {verdict} ({need / 1024**3:.2f} GiB needed, "
-                    f"{usable / 1024**3:.2f} GiB usable with margin {args.margin:.0%})"
-                )
-        if args.chart:
-            plot_estimate(est, args.chart, capacity, usable)
-        return 0
+        return _estimate_answer(args, spec, setup)
     except PlannerError as exc:
         print(f"hybrid-triton plan: error: {exc}", file=sys.stderr)
         return 2

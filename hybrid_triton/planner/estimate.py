@@ -76,6 +76,7 @@ and ``CUDA_CONTEXT``. Everything else is counted from shapes.
 from __future__ import annotations
 
 import functools
+import heapq
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -144,6 +145,31 @@ COMPONENTS = (
     "inputs",
     "allocator_rounding",
 )
+
+
+# Sanity bounds on what is planned, refused before the replay starts. The replay walks every
+# layer several times per phase (about 0.2 ms per layer on a laptop core), so depth sets the
+# time; 1,024 layers is 8x the deepest published dense LLMs (Llama 3.1 405B: 126) and plans
+# in well under a second. 10^13 parameters is 5x the largest dense models reported (about
+# 2 x 10^12): 20 TB of bf16 weights alone, beyond any host, let alone a GPU. A config past
+# either bound is a typo or a unit error (a width in bytes, a layer count with extra zeros).
+MAX_LAYERS = 1024
+MAX_PARAMS = 10**13
+
+
+def check_plannable(spec: ModelSpec) -> None:
+    """Refuse absurd specs at once (``MAX_LAYERS``, ``MAX_PARAMS``) instead of replaying them
+    for minutes."""
+    if spec.n_layer > MAX_LAYERS:
+        raise PlannerError(
+            f"{spec.name}: {spec.n_layer} layers is more than the planner's bound of "
+            f"{MAX_LAYERS} (8x the deepest published LLMs); check the config's layer count"
+        )
+    if spec.num_params > MAX_PARAMS:
+        raise PlannerError(
+            f"{spec.name}: {spec.num_params:.3g} parameters is more than the planner's bound "
+            f"of {MAX_PARAMS:.0e} (5x the largest models reported); check the config's sizes"
+        )
 
 
 def _round(nbytes: int) -> int:
@@ -259,13 +285,16 @@ class PhasePeaks:
 class Estimate(PhasePeaks):
     """The estimate for one model and setup. ``phase_peak_bytes["full"]`` etc. are the
     allocated peaks (``torch.cuda.max_memory_allocated`` reset at phase boundaries);
-    ``peak_bytes`` is the maximum over the phase plan; ``cuda_context_bytes`` is apart."""
+    ``peak_bytes`` is the maximum over the phase plan; ``cuda_context_bytes`` is apart;
+    ``host_bytes``: what the setup keeps in host memory (the offloaded optimizer state,
+    ``host_state_bytes``)."""
 
     spec: ModelSpec
     setup: TrainSetup
     phases: dict[str, PhaseEstimate]
     cuda_context_bytes: int = CUDA_CONTEXT
     notes: list[str] = field(default_factory=list)
+    host_bytes: int = 0
 
     def device_bytes(self) -> int:
         """What the GPU must hold: the reserved peak (allocated + the allocator's slack, the
@@ -277,7 +306,9 @@ class Estimate(PhasePeaks):
         only the reserved ones (no second replay)."""
         setup = self.setup.replace(allocator=allocator)
         phases = {n: replace(p, allocator=setup.allocator) for n, p in self.phases.items()}
-        return Estimate(self.spec, setup, phases, self.cuda_context_bytes, list(self.notes))
+        return Estimate(
+            self.spec, setup, phases, self.cuda_context_bytes, list(self.notes), self.host_bytes
+        )
 
     def to_dict(self) -> dict:
         return dict(
@@ -292,6 +323,7 @@ class Estimate(PhasePeaks):
             reserved_peak_bytes=self.reserved_peak_bytes,
             cuda_context_bytes=self.cuda_context_bytes,
             device_bytes=self.device_bytes(),
+            host_bytes=self.host_bytes,
             phases={name: p.to_dict() for name, p in self.phases.items()},
             notes=list(self.notes),
         )
@@ -442,10 +474,57 @@ def direction_groups(spec: ModelSpec, max_groups: int = 16) -> list[int]:
             sizes.append(0)
             last = k
         sizes[-1] += p.numel
-    while len(sizes) > max_groups:
-        j = min(range(len(sizes) - 1), key=lambda i: sizes[i] + sizes[i + 1])
-        sizes[j : j + 2] = [sizes[j] + sizes[j + 1]]
-    return sizes
+    return merge_smallest_neighbours(sizes, max_groups)
+
+
+def merge_smallest_neighbours(sizes: list[int], max_groups: int) -> list[int]:
+    """Merge the adjacent pair with the smallest sum (the leftmost on ties) until at most
+    ``max_groups`` remain, as the trainer's ``segment_groups`` does by rescanning the list
+    after each merge. Here a heap of pair sums over a linked list finds each pair, so a model
+    of ``n`` groups takes O(n log n) instead of O(n^2) (10,000 layers: milliseconds, not
+    seconds). Each pair is keyed by (sum, original index of its left group): original
+    indices keep the list's order, so the tie-break is the rescan's leftmost pair."""
+    n = len(sizes)
+    if n <= max_groups:
+        return list(sizes)
+    size = list(sizes)
+    nxt = list(range(1, n + 1))  # n: no right neighbour
+    prv = list(range(-1, n - 1))
+    alive = [True] * n
+    version = [0] * n  # bumped when a group grows: pairs pushed before are stale
+    heap = [(size[i] + size[i + 1], i, 0, 0) for i in range(n - 1)]
+    heapq.heapify(heap)
+    remaining = n
+    while remaining > max_groups:
+        total, i, ver_left, ver_right = heapq.heappop(heap)
+        j = nxt[i]
+        if not alive[i] or j >= n or version[i] != ver_left or version[j] != ver_right:
+            continue
+        size[i] = total
+        version[i] += 1
+        alive[j] = False
+        nxt[i] = k = nxt[j]
+        if k < n:
+            prv[k] = i
+            heapq.heappush(heap, (total + size[k], i, version[i], version[k]))
+        if prv[i] >= 0:
+            h = prv[i]
+            heapq.heappush(heap, (size[h] + total, h, version[h], version[i]))
+        remaining -= 1
+    return [size[i] for i in range(n) if alive[i]]
+
+
+def host_state_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Host memory the setup keeps: with ``offload="cpu"`` the optimizer state (its moments
+    at ``state_bits``, laid out as on the GPU: flat over the model for the toolkit's arena,
+    per parameter otherwise). Copies the trainer makes for its Predict phases are not
+    counted."""
+    if setup.offload != "cpu":
+        return 0
+    moments = {"adamw": 2, "sgd": 1, "none": 0}[setup.optimizer]
+    arena = setup.grad_mode != "full" or setup.master_weights
+    sizes = [spec.num_params] if arena else [p.numel for p in spec.params]
+    return moments * sum(sum(_state_tensor_bytes(n, setup.state_bits)) for n in sizes)
 
 
 def _state_tensor_bytes(numel: int, bits: int) -> list[int]:
@@ -1134,6 +1213,7 @@ def estimate(spec: ModelSpec, setup: TrainSetup, method: str = "auto") -> Estima
         raise PlannerError(f"estimate expects a TrainSetup, got {type(setup).__name__}")
     if method not in ESTIMATE_METHODS:
         raise PlannerError(f"method must be one of {ESTIMATE_METHODS}, got {method!r}")
+    check_plannable(spec)
     if spec.max_seq_len and setup.seq_len > spec.max_seq_len:
         raise PlannerError(
             f"seq_len {setup.seq_len} exceeds {spec.name}'s maximum {spec.max_seq_len}"
@@ -1170,7 +1250,7 @@ def estimate(spec: ModelSpec, setup: TrainSetup, method: str = "auto") -> Estima
         )
         if own:
             phases[phase] = _Step(spec, setup, phase).run()
-        else:  # Warmup and Full (and Correct outside the trainer) hold the same tensors
+        else:  # a plain loop's Train, Warmup and Full (Correct outside the trainer) alike
             train_phase = train_phase or _Step(spec, setup, phase).run()
             phases[phase] = replace(train_phase, phase=phase)
     phases = {name: replace(p, allocator=setup.allocator) for name, p in phases.items()}
@@ -1186,7 +1266,7 @@ def estimate(spec: ModelSpec, setup: TrainSetup, method: str = "auto") -> Estima
             "formulas count (RMSNorm's fp32 copy, per-projection casts, the loss's fp32 "
             "logits); plain setups are traced as they run when transformers is installed"
         )
-    return Estimate(spec, setup, phases, CUDA_CONTEXT, notes)
+    return Estimate(spec, setup, phases, CUDA_CONTEXT, notes, host_state_bytes(spec, setup))
 
 
 def _traces(spec: ModelSpec, setup: TrainSetup) -> bool:

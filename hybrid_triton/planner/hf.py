@@ -57,9 +57,11 @@ def read_config_dict(path: str | os.PathLike) -> dict:
         with open(where, encoding="utf-8") as fh:
             cfg = json.load(fh)
     except UnicodeDecodeError as exc:
-        raise PlannerError(f"{where}: not UTF-8 text ({exc.reason})") from exc
+        raise PlannerError(f"{where}: not a UTF-8 text file ({exc.reason})") from exc
     except json.JSONDecodeError as exc:
         raise PlannerError(f"{where}: not valid JSON ({exc})") from exc
+    except OSError as exc:
+        raise PlannerError(f"{where}: cannot read it ({exc.strerror})") from exc
     if not isinstance(cfg, dict):
         raise PlannerError(f"{where}: expected a JSON object, got {type(cfg).__name__}")
     return cfg

@@ -15,6 +15,7 @@ import os
 
 from hybrid_triton.planner.estimate import COMPONENTS, NATIVE_FRAGMENTATION, Estimate, GiB
 from hybrid_triton.planner.fit import FitResult
+from hybrid_triton.planner.specs import PlannerError
 
 COMPONENT_LABELS = {  # row labels of the per-component table
     "weights": "weights",
@@ -109,6 +110,11 @@ def format_estimate(est: Estimate) -> str:
         f"{_g(est.cuda_context_bytes)} GiB apart; device need {_g(est.device_bytes())} GiB"
     )
     lines.append(allocator_line(est))
+    if est.host_bytes:
+        lines.append(
+            f"host memory: {_g(est.host_bytes)} GiB (the optimizer state, offloaded to the CPU; "
+            "pinned, beside the process's own)"
+        )
     lines += [f"note: {n}" for n in est.notes]
     return "\n".join(lines)
 
@@ -121,6 +127,9 @@ def format_fit(result: FitResult) -> str:
     verdict = "FITS" if result.fits else "DOES NOT FIT"
     lines = [head, f"{result.spec.name}: {verdict}", ""]
     lines += [f"- {r}" for r in result.reasons]
+    if result.build:
+        lines += ["", "How to build it:"]
+        lines += [f"  {k}. {step}" for k, step in enumerate(result.build, start=1)]
     lines += ["", format_estimate(result.best.estimate)]
     if result.alternatives:
         lines += ["", "next best setups that fit:"]
@@ -137,6 +146,20 @@ def to_json(obj: Estimate | FitResult | list) -> str:
     return json.dumps(obj.to_dict(), indent=2)
 
 
+def check_chart_path(path: str | os.PathLike) -> str:
+    """The chart's path, checked before anything is computed: its folder exists and is
+    writable and the path is not a folder. A PlannerError says which, in one line."""
+    out = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out):
+        raise PlannerError(f"chart path {out!r} is a folder; give a file name such as plan.png")
+    if not os.path.isdir(folder):
+        raise PlannerError(f"chart path {out!r}: the folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise PlannerError(f"chart path {out!r}: the folder {folder!r} is not writable")
+    return out
+
+
 def plot_estimate(
     est: Estimate,
     path: str | os.PathLike,
@@ -145,7 +168,9 @@ def plot_estimate(
     title: str | None = None,
 ) -> str:
     """Stacked bars (GiB) per phase and component; lines at the capacity and usable memory.
-    Returns the path written (PNG)."""
+    Returns the path written (PNG). The file is written whole or not at all (a temporary
+    file beside it, renamed into place); a path that cannot be written raises PlannerError."""
+    out = check_chart_path(path)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,7 +204,14 @@ def plot_estimate(
     ax.set_title(title or f"{est.spec.name}: {est.setup.describe()}", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    out = os.fspath(path)
-    fig.savefig(out, format="png")
-    plt.close(fig)
+    tmp = f"{out}.{os.getpid()}.tmp"
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise PlannerError(f"cannot write the chart to {out!r}: {exc.strerror or exc}") from exc
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return out

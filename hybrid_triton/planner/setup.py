@@ -26,7 +26,11 @@ _DTYPE_ALIASES = {
     "float16": "fp16",
     "half": "fp16",
 }
-PHASES = ("warmup", "full", "predict", "correct")
+# HybridTrainer's phases, in run order; a plain training loop (anything but the trainer) has
+# one phase, "train", whose steps hold what the trainer's Warmup steps hold.
+TRAINER_PHASES = ("warmup", "full", "predict", "correct")
+PLAIN_PHASES = ("train",)
+PHASES = (*PLAIN_PHASES, *TRAINER_PHASES)
 GRAD_MODES = ("full", "hook", "flat")
 OPTIMIZERS = ("adamw", "sgd", "none")
 STATE_BITS = (32, 16, 8, 4)
@@ -57,6 +61,29 @@ def _choice(value, allowed, what: str):
     return value
 
 
+def default_phases(trainer: bool) -> tuple[str, ...]:
+    """The phase plan of a setup that names none: the trainer's four phases, or one."""
+    return TRAINER_PHASES if trainer else PLAIN_PHASES
+
+
+def _phase_plan(phases, trainer: bool) -> tuple[str, ...]:
+    if phases is None:
+        return default_phases(trainer)
+    if isinstance(phases, str):
+        raise PlannerError(f"phases must be a sequence of phase names, got the string {phases!r}")
+    phases = tuple(phases)
+    if not phases:
+        raise PlannerError("phases must name at least one phase")
+    for phase in phases:
+        _choice(phase, PHASES, "phase")
+    if "train" in phases and (trainer or len(phases) > 1):
+        raise PlannerError(
+            "phase 'train' is a plain training loop's only phase; HybridTrainer setups "
+            f"(trainer=True) plan {', '.join(TRAINER_PHASES)}, got phases={phases!r}"
+        )
+    return phases
+
+
 def _count(value, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise PlannerError(f"{what} must be a positive integer, got {value!r}")
@@ -85,7 +112,10 @@ class TrainSetup:
     - ``offload``: "none", or "cpu" (optimizer moments live in host memory in every phase).
     - ``predict_moments``: what the Predict phase does with the moments ("keep", "offload",
       "compress" to 8-bit, "drop").
-    - ``phases``: the phase plan (a subset of warmup, full, predict, correct, in run order).
+    - ``phases``: the phase plan. Default (None): ``("train",)``, one phase, for a plain
+      training loop; ``TRAINER_PHASES`` (warmup, full, predict, correct) for
+      ``trainer=True``. A subset of the trainer's phases may be named for any setup (the
+      memory suite plans a plain loop as "full"); "train" is a plain loop's only phase.
     - ``attention``: "flash" (fused SDPA: saves q, k, v, out, logsumexp) or "math" (the T x T
       scores and probabilities are materialized).
     - ``logits_lifetime``: how long the caller holds the returned logits: "loss_only" (the
@@ -133,7 +163,7 @@ class TrainSetup:
     checkpointing: bool = False
     offload: str = "none"
     predict_moments: str = "offload"
-    phases: tuple[str, ...] = PHASES
+    phases: tuple[str, ...] | None = None
     attention: str = "flash"
     logits_lifetime: str = "loss_only"
     trainer: bool | None = None
@@ -173,12 +203,6 @@ class TrainSetup:
             raise PlannerError(f"fused_loss must be True or False, got {self.fused_loss!r}")
         if self.fused_loss and chunk == 0:
             raise PlannerError("fused_loss needs loss_chunk_tokens > 0 (the chunk of positions)")
-        phases = tuple(self.phases)
-        if not phases:
-            raise PlannerError("phases must name at least one phase")
-        for phase in phases:
-            _choice(phase, PHASES, "phase")
-        set_(self, "phases", phases)
         if self.grad_mode == "flat" and self.accum_steps != 1:
             raise PlannerError(
                 "grad_mode 'flat' takes one micro-batch per step (a flat buffer in the "
@@ -189,6 +213,7 @@ class TrainSetup:
             set_(self, "trainer", self.grad_mode == "hook")
         elif not isinstance(self.trainer, bool):
             raise PlannerError(f"trainer must be True, False or None, got {self.trainer!r}")
+        set_(self, "phases", _phase_plan(self.phases, self.trainer))
         if self.master_weights and self.param_dtype == "fp32":
             raise PlannerError(
                 "master_weights needs low-precision parameters (bf16/fp16): "
@@ -209,6 +234,10 @@ class TrainSetup:
         return self.micro_batch * self.seq_len
 
     def replace(self, **changes) -> TrainSetup:
+        """A copy with ``changes``; a default phase plan follows a change of ``trainer`` (a
+        plain setup made a trainer one gets the trainer's phases, and back)."""
+        if "phases" not in changes and self.phases == default_phases(self.trainer):
+            changes["phases"] = None
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
