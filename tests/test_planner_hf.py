@@ -277,3 +277,22 @@ def test_first_step_plus_state_is_the_second_step(setup_name):
     assert fast.stage_peaks == two.stage_peaks
     assert fast.segment_slack_bytes == two.segment_slack_bytes
     assert fast.largest_transient_bytes == two.largest_transient_bytes
+
+
+def test_fit_confirms_the_formulas_choice_by_tracing():
+    from hybrid_triton.planner import fit
+
+    spec = spec_from_hf_config(_config("llama", 2))
+    result = fit(spec, 2, seq_len=64, max_micro_batch=8)  # 2 GiB: the CUDA context and more
+    assert result.fits
+    assert result.best.estimate.notes[0].startswith("traced")  # the module as it runs
+    assert result.best.device_bytes <= result.usable_bytes
+    assert any(r.startswith("Confirmed by tracing") for r in result.reasons)
+
+
+def test_fit_on_a_family_the_formulas_do_not_know_traces_everything():
+    from hybrid_triton.planner import fit
+
+    spec = spec_from_hf_config(_config("gemma", 2))
+    result = fit(spec, 2, seq_len=64, max_micro_batch=4)
+    assert result.fits and result.best.estimate.notes[0].startswith("traced")

@@ -312,10 +312,14 @@ def fit(
     cache: dict[TrainSetup, Candidate] = {}
     leanest: list[Candidate] = []  # the lowest need at micro-batch 1 over every candidate
 
+    # The search runs the formulas where they know the family (milliseconds an estimate);
+    # a Hugging Face config's winner is then confirmed by tracing the module (_confirm_traced).
+    method = "formula" if spec.has_activation_model else "auto"
+
     def evaluate(setup: TrainSetup, tier: int) -> Candidate:
         if setup not in cache:
             if setup.allocator == "native":
-                est = estimate(spec, setup)
+                est = estimate(spec, setup, method=method)
             else:  # the replay is the native one's: only the reserved figures differ
                 est = evaluate(setup.replace(allocator="native"), tier).estimate
                 est = est.with_allocator(setup.allocator)
@@ -348,6 +352,16 @@ def fit(
             bf16=card.bf16,
         )  # fmt: skip
     fitting.sort(key=lambda c: (-c.proxy, _features(c.setup), c.device_bytes))
+    if spec.hf_config is not None and method == "formula":
+        fitting, confirmed = _confirm_traced(spec, fitting, usable)
+        notes = confirmed + notes
+        if not fitting:
+            lean = leanest[0]
+            reasons = _nothing_fits(spec, lean, usable, card.label, base, margin) + notes
+            return FitResult(
+                spec, card.label, card.capacity_bytes, usable, margin, False, lean, reasons,
+                bf16=card.bf16,
+            )  # fmt: skip
     best = fitting[0]
     native_best = next((c for c in fitting if c.setup.allocator == "native"), None)
     reasons = _explain(best, usable, evaluate, largest, allocators, native_best) + notes
@@ -355,6 +369,63 @@ def fit(
         spec, card.label, card.capacity_bytes, usable, margin, True, best, reasons,
         fitting[1:6], build_steps(spec, best.setup), card.bf16,
     )  # fmt: skip
+
+
+def _confirm_traced(
+    spec: ModelSpec, fitting: list[Candidate], usable: int
+) -> tuple[list[Candidate], list[str]]:
+    """Re-estimate the formulas' candidates (sorted best first) of a Hugging Face config by
+    tracing the module as it runs (the formulas miss what its modules save), halving a
+    candidate's micro-batch until the trace fits, until no unconfirmed candidate can beat
+    the best confirmed one. Returns the candidates (confirmed ones first) and a note."""
+    from hybrid_triton.planner.hf import composable, transformers_available
+
+    if not transformers_available():
+        return fitting, [
+            "Hugging Face model planned by the formulas, which miss what its modules save "
+            "(install transformers to trace them): keep a margin."
+        ]
+    pending, confirmed = list(fitting), []
+    traces: dict[TrainSetup, Estimate] = {}  # by setup under the native allocator
+    while pending and not (confirmed and confirmed[0].proxy >= pending[0].proxy):
+        cand = pending.pop(0)
+        if composable(cand.setup) is not None:  # the trainer's setups: the formulas model it
+            confirmed.append(cand)
+        else:
+            traced = _largest_traced(spec, cand, usable, traces)
+            if traced is not None:
+                confirmed.append(traced)
+        confirmed.sort(key=lambda c: -c.proxy)
+    if not confirmed:
+        return [], ["Tracing the Hugging Face module: none of the formulas' candidates fits."]
+    best = confirmed[0]
+    formula = next(c for c in fitting if c.setup.replace(micro_batch=1) ==
+                   best.setup.replace(micro_batch=1))  # fmt: skip
+    note = (
+        f"Confirmed by tracing the Hugging Face module: {_gib(best.device_bytes)} at "
+        f"micro-batch {best.setup.micro_batch} (the formulas said {_gib(formula.device_bytes)}"
+        f" at micro-batch {formula.setup.micro_batch})."
+    )
+    return [*confirmed, *pending], [note]
+
+
+def _largest_traced(
+    spec: ModelSpec, cand: Candidate, usable: int, traces: dict[TrainSetup, Estimate]
+) -> Candidate | None:
+    """The candidate's setup traced, its micro-batch halved until it fits (None: not even 1).
+    ``traces`` caches the traced estimates: allocators share the allocated figures."""
+    setup = cand.setup
+    while True:
+        native = setup.replace(allocator="native")
+        if native not in traces:
+            traces[native] = estimate(spec, native, method="traced")
+        est = traces[native].with_allocator(setup.allocator)
+        if est.device_bytes() <= usable:
+            proxy = cand.proxy * setup.micro_batch / cand.setup.micro_batch
+            return Candidate(setup, est, est.device_bytes(), proxy, cand.tier)
+        if setup.micro_batch == 1:
+            return None
+        setup = setup.replace(micro_batch=setup.micro_batch // 2)
 
 
 def _first_tier_that_fits(largest, bf16, base, allocators, trainer) -> list[Candidate]:

@@ -407,6 +407,7 @@ def estimate_hf(spec, setup: TrainSetup):
     dropped as autograd produces it, plus those flat buffers, which live through the whole
     step (:func:`toolkit_state_bytes`)."""
     from hybrid_triton.planner.estimate import (
+        COMPONENTS,
         CUBLAS_WORKSPACE,
         CUDA_CONTEXT,
         Estimate,
@@ -436,7 +437,8 @@ def estimate_hf(spec, setup: TrainSetup):
         workspace=CUBLAS_WORKSPACE,
         inputs=8 * setup.tokens_per_micro_batch,
     )
-    components = {**known, "activations": max(0, peak - sum(known.values()))}
+    components = dict.fromkeys(COMPONENTS, 0)  # every component named, as the formulas do
+    components.update(known, activations=max(0, peak - sum(known.values())))
     phase = PhaseEstimate(
         "",
         peak,
