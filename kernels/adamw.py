@@ -164,6 +164,28 @@ def _step_constants(step_ptr, lr, log2_beta1, log2_beta2):
 
 
 @triton.jit
+def _group_hparams(
+    offs, step_ptr, lr_ptr, lr_value, wd_ptr, wd_value, starts_ptr, log2_beta1, log2_beta2,
+    LR_PTR: tl.constexpr, WD_PTR: tl.constexpr, NUM_GROUPS: tl.constexpr,
+):  # fmt: skip
+    """(lr, weight_decay, step_size, inv_sqrt_bc2) for the elements ``offs``: scalars with one
+    group; with several, each element takes the values of the last group starting at or before
+    it (a few scalar loads and compares a program: no bytes per element)."""
+    lr = _load_scalar(lr_ptr, lr_value, LR_PTR)
+    wd = _load_scalar(wd_ptr, wd_value, WD_PTR)
+    step_size, inv_sqrt_bc2 = _step_constants(step_ptr, lr, log2_beta1, log2_beta2)
+    for gi in tl.static_range(1, NUM_GROUPS):
+        in_group = offs >= tl.load(starts_ptr + gi)
+        lr_g = tl.load(lr_ptr + gi).to(tl.float32)
+        step_size_g, _ = _step_constants(step_ptr, lr_g, log2_beta1, log2_beta2)
+        lr = tl.where(in_group, lr_g, lr)
+        step_size = tl.where(in_group, step_size_g, step_size)
+        if WD_PTR:
+            wd = tl.where(in_group, tl.load(wd_ptr + gi).to(tl.float32), wd)
+    return lr, wd, step_size, inv_sqrt_bc2
+
+
+@triton.jit
 def _adamw_kernel(
     master_ptr,
     grad_ptr,
@@ -175,6 +197,8 @@ def _adamw_kernel(
     lr_ptr,
     clip_ptr,
     gscale_ptr,
+    wd_ptr,
+    starts_ptr,
     n,
     lr_value,
     clip_value,
@@ -188,6 +212,8 @@ def _adamw_kernel(
     LR_PTR: tl.constexpr,
     CLIP_PTR: tl.constexpr,
     GSCALE_PTR: tl.constexpr,
+    WD_PTR: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     HAS_SHADOW: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -199,17 +225,19 @@ def _adamw_kernel(
         # A set flag masks every load and store: the step is a no-op that moves no data.
         n = tl.where(tl.load(found_inf_ptr) == 0, n, 0)
     mask = offs < n
-    lr = _load_scalar(lr_ptr, lr_value, LR_PTR)
     gmul = _load_scalar(clip_ptr, clip_value, CLIP_PTR) * _load_scalar(
         gscale_ptr, gscale_value, GSCALE_PTR
     )
-    step_size, inv_sqrt_bc2 = _step_constants(step_ptr, lr, log2_beta1, log2_beta2)
+    lr, wd, step_size, inv_sqrt_bc2 = _group_hparams(
+        offs, step_ptr, lr_ptr, lr_value, wd_ptr, weight_decay, starts_ptr, log2_beta1,
+        log2_beta2, LR_PTR, WD_PTR, NUM_GROUPS,
+    )  # fmt: skip
 
     p = tl.load(master_ptr + offs, mask=mask, other=0.0)
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) * gmul
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    p, m, v = _adamw_math(p, g, m, v, beta1, beta2, lr, weight_decay, step_size, inv_sqrt_bc2, eps)
+    p, m, v = _adamw_math(p, g, m, v, beta1, beta2, lr, wd, step_size, inv_sqrt_bc2, eps)
     tl.store(master_ptr + offs, p, mask=mask)
     tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
     tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
@@ -260,6 +288,8 @@ def _adamw_quantized_kernel(
     lr_ptr,
     clip_ptr,
     gscale_ptr,
+    wd_ptr,
+    starts_ptr,
     n,
     lr_value,
     clip_value,
@@ -273,6 +303,8 @@ def _adamw_quantized_kernel(
     LR_PTR: tl.constexpr,
     CLIP_PTR: tl.constexpr,
     GSCALE_PTR: tl.constexpr,
+    WD_PTR: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     HAS_SHADOW: tl.constexpr,
     BITS: tl.constexpr,
@@ -302,11 +334,17 @@ def _adamw_quantized_kernel(
     lo_ok = lo < n
     hi_ok = hi < n
 
-    lr = _load_scalar(lr_ptr, lr_value, LR_PTR)
     gmul = _load_scalar(clip_ptr, clip_value, CLIP_PTR) * _load_scalar(
         gscale_ptr, gscale_value, GSCALE_PTR
     )
-    step_size, inv_sqrt_bc2 = _step_constants(step_ptr, lr, log2_beta1, log2_beta2)
+    lr_lo, wd_lo, ss_lo, inv_sqrt_bc2 = _group_hparams(
+        lo, step_ptr, lr_ptr, lr_value, wd_ptr, weight_decay, starts_ptr, log2_beta1,
+        log2_beta2, LR_PTR, WD_PTR, NUM_GROUPS,
+    )  # fmt: skip
+    lr_hi, wd_hi, ss_hi, _ = _group_hparams(
+        hi, step_ptr, lr_ptr, lr_value, wd_ptr, weight_decay, starts_ptr, log2_beta1,
+        log2_beta2, LR_PTR, WD_PTR, NUM_GROUPS,
+    )  # fmt: skip
 
     m_unit = (tl.load(m_absmax_ptr + rows, mask=row_ok, other=0.0) / M_VMAX)[:, None]
     v_unit = (tl.load(v_absmax_ptr + rows, mask=row_ok, other=0.0) / V_VMAX)[:, None]
@@ -336,12 +374,12 @@ def _adamw_quantized_kernel(
     v_hi = _decode_magnitude(vc_hi, V_EXP, V_MAN) * v_unit
 
     m_lo, v_lo = _half_block_step(
-        master_ptr, grad_ptr, shadow_ptr, lo, lo_ok, m_lo, v_lo, gmul, beta1, beta2, lr,
-        weight_decay, step_size, inv_sqrt_bc2, eps, HAS_SHADOW,
+        master_ptr, grad_ptr, shadow_ptr, lo, lo_ok, m_lo, v_lo, gmul, beta1, beta2, lr_lo,
+        wd_lo, ss_lo, inv_sqrt_bc2, eps, HAS_SHADOW,
     )  # fmt: skip
     m_hi, v_hi = _half_block_step(
-        master_ptr, grad_ptr, shadow_ptr, hi, hi_ok, m_hi, v_hi, gmul, beta1, beta2, lr,
-        weight_decay, step_size, inv_sqrt_bc2, eps, HAS_SHADOW,
+        master_ptr, grad_ptr, shadow_ptr, hi, hi_ok, m_hi, v_hi, gmul, beta1, beta2, lr_hi,
+        wd_hi, ss_hi, inv_sqrt_bc2, eps, HAS_SHADOW,
     )  # fmt: skip
 
     m_absmax = tl.maximum(tl.max(tl.abs(m_lo), axis=1), tl.max(tl.abs(m_hi), axis=1))
@@ -415,7 +453,7 @@ def new_state(
 def _check(
     master, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, step, clip_coef,
     grad_scale, found_inf, shadow, state_bits, exp_avg_scale, exp_avg_sq_scale, qblock, block,
-    master_dtypes=(torch.float32,),
+    master_dtypes=(torch.float32,), group_starts=None,
 ) -> int:  # fmt: skip
     check_tensor(OP, "master", master, dtypes=master_dtypes)
     if master.dim() != 1:
@@ -448,7 +486,7 @@ def _check(
     check_flag(OP, "step", step, dev)
     if found_inf is not None:
         check_flag(OP, "found_inf", found_inf, dev)
-    check_scalar_tensor(OP, "lr", lr, dev)
+    _check_groups(lr, weight_decay, group_starts, dev)
     for name, value in (("clip_coef", clip_coef), ("grad_scale", grad_scale)):
         if value is not None:
             check_scalar_tensor(OP, name, value, dev)
@@ -457,11 +495,35 @@ def _check(
             raise KernelInputError(f"{OP}: {name} must be in [0, 1), got {beta}")
     if not float(eps) > 0.0:
         raise KernelInputError(f"{OP}: eps must be > 0, got {eps}")
-    if not float(weight_decay) >= 0.0:
+    if not isinstance(weight_decay, torch.Tensor) and not float(weight_decay) >= 0.0:
         raise KernelInputError(f"{OP}: weight_decay must be >= 0, got {weight_decay}")
     if block is not None and (block < 16 or block & (block - 1)):
         raise KernelInputError(f"{OP}: block must be a power of two >= 16, got {block}")
     return n
+
+
+def _check_groups(lr, weight_decay, group_starts, dev) -> None:
+    # Per-group values live on the device (read by the kernel, never synced); their ranges are
+    # the caller's to keep (FusedAdamW checks them on the host before filling the tensors).
+    if group_starts is None:
+        check_scalar_tensor(OP, "lr", lr, dev)
+        if isinstance(weight_decay, torch.Tensor):
+            check_tensor(OP, "weight_decay", weight_decay, dtypes=(torch.float32,), device=dev,
+                         numel=1)  # fmt: skip
+        return
+    check_tensor(OP, "group_starts", group_starts, dtypes=(torch.int64,), device=dev)
+    if group_starts.dim() != 1 or group_starts.numel() < 1:
+        raise KernelInputError(
+            f"{OP}: group_starts must be int64 [groups] (first element 0), got shape "
+            f"{tuple(group_starts.shape)}"
+        )
+    groups = group_starts.numel()
+    if not isinstance(lr, torch.Tensor):
+        raise KernelInputError(f"{OP}: with group_starts, lr must be a float32 [{groups}] tensor")
+    check_tensor(OP, "lr", lr, dtypes=(torch.float32,), device=dev, numel=groups)
+    if isinstance(weight_decay, torch.Tensor):
+        check_tensor(OP, "weight_decay", weight_decay, dtypes=(torch.float32,), device=dev,
+                     numel=groups)  # fmt: skip
 
 
 def _scalar_arg(value, default: float, dummy: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
@@ -487,7 +549,7 @@ def adamw_step(
     beta1: float = 0.9,
     beta2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    weight_decay: float | torch.Tensor = 0.0,
     step: torch.Tensor,
     clip_coef: float | torch.Tensor | None = None,
     grad_scale: float | torch.Tensor | None = None,
@@ -499,6 +561,7 @@ def adamw_step(
     qblock: int | None = None,
     block: int | None = None,
     num_warps: int | None = None,
+    group_starts: torch.Tensor | None = None,
 ) -> None:
     """One AdamW step over flat buffers, in place (see the module docstring for the math).
 
@@ -516,6 +579,11 @@ def adamw_step(
         exp_avg_scale, exp_avg_sq_scale: float32 per-block absmax, for state_bits 8 and 4.
         qblock: quantization block (default 256 for 8 bits, 128 for 4 bits).
         block, num_warps: elements per program and warps (tuning; defaults chosen per mode).
+        group_starts: optional int64 ``[G]`` device tensor, the first element of each parameter
+            group (ascending, ``group_starts[0] == 0``, each group a contiguous range). Then
+            ``lr`` is a float32 ``[G]`` tensor and ``weight_decay`` a float or a float32 ``[G]``
+            tensor: element ``i`` uses the values of the last group starting at or before ``i``.
+            Still one launch. ``weight_decay`` may also be a float32 ``[1]`` tensor without groups.
 
     Raises :class:`KernelInputError` before anything is launched when an operand breaks this
     contract. Never synchronizes with the host.
@@ -525,6 +593,7 @@ def adamw_step(
         weight_decay=weight_decay, step=step, clip_coef=clip_coef, grad_scale=grad_scale,
         found_inf=found_inf, shadow=shadow, state_bits=state_bits, exp_avg_scale=exp_avg_scale,
         exp_avg_sq_scale=exp_avg_sq_scale, qblock=qblock, block=block,
+        group_starts=group_starts,
     )  # fmt: skip
     if not use_triton(master):
         adamw_step_ref(
@@ -532,18 +601,22 @@ def adamw_step(
             weight_decay=weight_decay, step=step, clip_coef=clip_coef, grad_scale=grad_scale,
             found_inf=found_inf, shadow=shadow, state_bits=state_bits,
             exp_avg_scale=exp_avg_scale, exp_avg_sq_scale=exp_avg_sq_scale, qblock=qblock,
+            group_starts=group_starts,
         )  # fmt: skip
         return
     if n > 0:
         lr_ptr, lr_value, lr_from_ptr = _scalar_arg(lr, 0.0, step)
         clip_ptr, clip_value, clip_from_ptr = _scalar_arg(clip_coef, 1.0, step)
         gscale_ptr, gscale_value, gscale_from_ptr = _scalar_arg(grad_scale, 1.0, step)
+        wd_ptr, wd_value, wd_from_ptr = _scalar_arg(weight_decay, 0.0, step)
         common = (
             step,
             found_inf if found_inf is not None else step,
             lr_ptr,
             clip_ptr,
             gscale_ptr,
+            wd_ptr,
+            group_starts if group_starts is not None else step,
             n,
             lr_value,
             clip_value,
@@ -553,12 +626,14 @@ def adamw_step(
             math.log2(beta1) if beta1 > 0 else -math.inf,
             math.log2(beta2) if beta2 > 0 else -math.inf,
             float(eps),
-            float(weight_decay),
+            wd_value,
         )
         flags = {
             "LR_PTR": lr_from_ptr,
             "CLIP_PTR": clip_from_ptr,
             "GSCALE_PTR": gscale_from_ptr,
+            "WD_PTR": wd_from_ptr,
+            "NUM_GROUPS": 1 if group_starts is None else group_starts.numel(),
             "HAS_FOUND_INF": found_inf is not None,
             "HAS_SHADOW": shadow is not None,
         }
@@ -658,7 +733,7 @@ def adamw_step_ref(
     beta1: float = 0.9,
     beta2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    weight_decay: float | torch.Tensor = 0.0,
     step: torch.Tensor,
     clip_coef: float | torch.Tensor | None = None,
     grad_scale: float | torch.Tensor | None = None,
@@ -670,6 +745,7 @@ def adamw_step_ref(
     qblock: int | None = None,
     block: int | None = None,
     num_warps: int | None = None,
+    group_starts: torch.Tensor | None = None,
 ) -> None:
     """Plain-torch :func:`adamw_step` (same arguments, same in-place effect, no host sync).
 
@@ -681,7 +757,7 @@ def adamw_step_ref(
         weight_decay=weight_decay, step=step, clip_coef=clip_coef, grad_scale=grad_scale,
         found_inf=found_inf, shadow=shadow, state_bits=state_bits, exp_avg_scale=exp_avg_scale,
         exp_avg_sq_scale=exp_avg_sq_scale, qblock=qblock, block=None,
-        master_dtypes=(torch.float32, torch.float64),
+        master_dtypes=(torch.float32, torch.float64), group_starts=group_starts,
     )  # fmt: skip
     n = master.numel()
     compute = master.dtype
@@ -705,11 +781,17 @@ def adamw_step_ref(
     t = step.to(torch.float64) + 1.0
     bc1 = (1.0 - torch.pow(torch.tensor(float(beta1), dtype=torch.float64), t)).to(compute)
     bc2 = (1.0 - torch.pow(torch.tensor(float(beta2), dtype=torch.float64), t)).to(compute)
-    lr_t = as_tensor(lr, 0.0)
+    lr_t, wd_t = as_tensor(lr, 0.0), as_tensor(weight_decay, 0.0)
+    if group_starts is not None:
+        # Each element's group: the last start at or before it (bucketize: no host sync).
+        idx = torch.arange(n, device=master.device)
+        which = torch.bucketize(idx, group_starts, right=True) - 1
+        lr_t = lr_t.reshape(-1)[which]
+        wd_t = wd_t.reshape(-1)[which] if wd_t.numel() > 1 else wd_t
     m = m + (1.0 - beta1) * (g - m)
     v = beta2 * v + (1.0 - beta2) * g * g
     denom = v.sqrt() / bc2.sqrt() + eps
-    p = master * (1.0 - lr_t * weight_decay) - (lr_t / bc1) * (m / denom)
+    p = master * (1.0 - lr_t * wd_t) - (lr_t / bc1) * (m / denom)
 
     keep = None if found_inf is None else found_inf != 0
 
