@@ -155,12 +155,32 @@ def _check_master_weights(dtype: torch.dtype, master_weights: bool | None) -> bo
         raise ValueError(
             f"FusedAdamW: master_weights=True needs bf16/fp16 parameters (the shadows), got {dtype}"
         )
-    if not master_weights and dtype != torch.float32:
+    if not master_weights and dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(
             f"FusedAdamW: {dtype} parameters need master_weights=True (fp32 master weights kept "
-            "by the optimizer)"
+            "by the optimizer); without a master copy only fp32 and bf16 (stochastic rounding) "
+            "parameters are supported"
         )
     return bool(master_weights)
+
+
+def _data_ptr(p: torch.Tensor) -> int:
+    # A sharded (DTensor) parameter's storage is its local shard, which the arena holds.
+    return p.to_local().data_ptr() if hasattr(p, "to_local") else p.data_ptr()
+
+
+def _check_sr_seed(sr_seed: int | None, stochastic: bool) -> int | None:
+    if not stochastic:
+        if sr_seed is not None:
+            raise ValueError(
+                "FusedAdamW: sr_seed seeds the stochastic rounding of bf16 parameters without "
+                "master weights (master_weights=False); these parameters are rounded otherwise"
+            )
+        return None
+    sr_seed = 0 if sr_seed is None else sr_seed
+    if isinstance(sr_seed, bool) or not isinstance(sr_seed, int) or not 0 <= sr_seed < 2**62:
+        raise ValueError(f"FusedAdamW: sr_seed must be an int in [0, 2**62), got {sr_seed!r}")
+    return sr_seed
 
 
 class FusedAdamW(torch.optim.Optimizer):
@@ -176,7 +196,13 @@ class FusedAdamW(torch.optim.Optimizer):
         state_bits: 32 (fp32 moments), 16 (bf16), 8 or 4 (blockwise quantized, see
             ``hybrid_triton.kernels.adamw``).
         master_weights: keep fp32 master weights and treat the parameters as bf16/fp16
-            shadows. Default: True for bf16/fp16 parameters, False for fp32 ones.
+            shadows. Default: True for bf16/fp16 parameters, False for fp32 ones. False with
+            bf16 parameters: no fp32 copy at all; the kernel computes each update in fp32 and
+            rounds it to bf16 stochastically (unbiased, so updates smaller than half a bf16 ulp
+            still move the weights on average).
+        sr_seed: seed of that stochastic rounding (the bits of step ``t`` come from
+            ``(sr_seed, t)``: a run is reproducible given the seed; default 0). Refused for
+            other parameters, which are not rounded stochastically.
         max_grad_norm: clip the global gradient norm to this value (computed on the device).
         check_finite: when ``step`` is given no ``found_inf``, compute the gradient norm and skip
             the step on the device if it is not finite (one extra read of the gradient).
@@ -203,6 +229,7 @@ class FusedAdamW(torch.optim.Optimizer):
         block: int | None = None,
         num_warps: int | None = None,
         module: nn.Module | None = None,
+        sr_seed: int | None = None,
     ) -> None:
         adamw = _kernels()
         if state_bits not in adamw.STATE_BITS:
@@ -232,6 +259,7 @@ class FusedAdamW(torch.optim.Optimizer):
         first = next(p for g in groups for p in g["params"]) if group is None else None
         dtype = first.dtype if first is not None else group.dtype
         master_weights = _check_master_weights(dtype, master_weights)
+        sr_seed = _check_sr_seed(sr_seed, stochastic=not master_weights and dtype == torch.bfloat16)
         if group is None:
             group = ArenaGroup.from_params([p for g in groups for p in g["params"]])
         self._packing = True  # torch's __init__ adds the groups through add_param_group
@@ -240,6 +268,9 @@ class FusedAdamW(torch.optim.Optimizer):
         self.arena_group = group
         self.state_bits = state_bits
         self.master_weights = bool(master_weights)
+        # bf16 weights without a master copy: the kernel rounds each update stochastically.
+        self.stochastic_rounding = not self.master_weights and group.dtype == torch.bfloat16
+        self.sr_seed = sr_seed
         self.check_finite = check_finite
         self.qblock = (qblock or adamw.DEFAULT_QBLOCK[state_bits]) if state_bits <= 8 else None
         self._tuning = {"block": block, "num_warps": num_warps}
@@ -253,9 +284,7 @@ class FusedAdamW(torch.optim.Optimizer):
         self._flat_grad: torch.Tensor | None = None
         self.last_grad_norm: torch.Tensor | None = None
         # Where each parameter must live: checked at every step (see _check_params).
-        base, size = group.flat.data_ptr(), group.flat.element_size()
-        self._expected_ptrs = [base + seg.offset * size for seg in group.table]
-        self._packed_ids = [id(p) for p in group.params]
+        self._record_packing()
 
     def _build_group_tables(self) -> None:
         """Device tables of the groups' first elements, learning rates and weight decays."""
@@ -436,6 +465,7 @@ class FusedAdamW(torch.optim.Optimizer):
             exp_avg_sq_scale=st["exp_avg_sq_scale"],
             qblock=self.qblock,
             group_starts=self._group_starts,
+            sr_seed=self.sr_seed,
             **self._tuning,
         )
         return loss
@@ -451,38 +481,51 @@ class FusedAdamW(torch.optim.Optimizer):
                 self._wd[i : i + 1].fill_(wd)
                 self._wd_values[i] = wd
 
+    def _record_packing(self) -> None:
+        """What check_params compares against: each parameter's storage address, the packed
+        parameter objects, and (module known) the (submodule, attribute) slot of each."""
+        g = self.arena_group
+        self._sharded = any(hasattr(p, "to_local") for p in g.params)
+        self._expected_ptrs = [_data_ptr(p) for p in g.params]
+        self._packed_ids = [id(p) for p in g.params]
+        self._slots: list[tuple[str, nn.Module, str, nn.Parameter]] = []
+        module = self.module_ref() if self.module_ref is not None else None
+        if module is not None:
+            packed = set(self._packed_ids)
+            for name, p in module.named_parameters(remove_duplicate=False):
+                if id(p) in packed:
+                    owner, _, attr = name.rpartition(".")
+                    self._slots.append((name, module.get_submodule(owner), attr, p))
+
     def check_params(self) -> None:
         """Raise :class:`ArenaError` when a parameter no longer is the arena view it was packed
-        as (``model.to(...)``, ``.half()``, ``p.data = ...``), when ``param_groups`` holds other
-        tensors than those packed, or (module known) when the module's trainable parameters are
-        no longer the packed ones. Host-side only; ``step`` calls it before changing anything.
-        About 40 us for 150 tensors on a CPU (see docs/optimizer.md)."""
+        as (``model.to(...)``, ``.half()``, ``p.data = ...``: each gives the parameter new
+        storage), when ``param_groups`` holds other tensors than those packed, or (module known)
+        when a packed parameter's slot in the module holds another ``nn.Parameter``. Host-side
+        only; ``step`` calls it before changing anything. Cost: see docs/optimizer.md."""
         g = self.arena_group
-        for p, ptr, seg in zip(g.params, self._expected_ptrs, g.table):
-            if p.data_ptr() != ptr or p.dtype != g.dtype or p.device != g.device:
-                raise ArenaError(
-                    f"FusedAdamW: parameter {seg.name} {tuple(seg.shape)} is no longer the view "
-                    f"into the optimizer's flat arena (now {p.dtype} on {p.device}); it was "
-                    "moved, cast or reassigned after the optimizer was built (model.to(...), "
-                    ".half(), p.data = ...). Move or cast the model first, then build the "
-                    "optimizer"
-                )
-        held = [id(p) for hp in self.param_groups for p in hp["params"]]
-        if held != self._packed_ids:
+        ptr_of = _data_ptr if self._sharded else torch.Tensor.data_ptr
+        if list(map(ptr_of, g.params)) != self._expected_ptrs:
+            i = next(i for i, p in enumerate(g.params) if ptr_of(p) != self._expected_ptrs[i])
+            seg, p = g.table[i], g.params[i]
+            raise ArenaError(
+                f"FusedAdamW: parameter {seg.name} {tuple(seg.shape)} is no longer the view into "
+                f"the optimizer's flat arena (now {p.dtype} on {p.device}); it was moved, cast or "
+                "reassigned after the optimizer was built (model.to(...), .half(), "
+                "p.data = ...). Move or cast the model first, then build the optimizer"
+            )
+        if [id(p) for hp in self.param_groups for p in hp["params"]] != self._packed_ids:
             raise ArenaError(
                 "FusedAdamW: param_groups no longer hold the parameters packed into the arena; "
                 "build a new optimizer instead of editing param_groups[i]['params']"
             )
-        module = self.module_ref() if self.module_ref is not None else None
-        if module is not None:
-            packed = set(self._packed_ids)
-            for name, p in module.named_parameters():
-                if p.requires_grad and id(p) not in packed:
-                    raise ArenaError(
-                        f"FusedAdamW: the module's parameter {name} is not one the optimizer "
-                        "packed (a new nn.Parameter was assigned after the optimizer was built); "
-                        "build the optimizer after changing the model"
-                    )
+        for name, owner, attr, p in self._slots:
+            if getattr(owner, attr) is not p:
+                raise ArenaError(
+                    f"FusedAdamW: the module's parameter {name} is not the one the optimizer "
+                    "packed (a new nn.Parameter was assigned after the optimizer was built); "
+                    "build the optimizer after changing the model"
+                )
 
     # ------------------------------------------------------------------------------------------
     # state

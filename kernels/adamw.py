@@ -64,6 +64,9 @@ from ._dispatch import use_triton
 
 OP = "adamw_step"
 STATE_BITS = (32, 16, 8, 4)
+# Seeds of successive steps: seed + step * SR_STEP_STRIDE (a prime, so nearby seeds and steps
+# do not reuse a Philox stream within any realistic run).
+SR_STEP_STRIDE = 1_000_003
 DEFAULT_QBLOCK = {8: 256, 4: 128}
 
 # (exponent bits, mantissa bits) of the magnitude codes, per state_bits: (exp_avg, exp_avg_sq).
@@ -186,6 +189,27 @@ def _group_hparams(
 
 
 @triton.jit
+def _sr_seed(step_ptr, seed_value, STOCHASTIC: tl.constexpr):
+    # A new Philox stream per step: deterministic given (seed, step count), read on the device.
+    if STOCHASTIC:
+        return seed_value + tl.load(step_ptr).to(tl.int64) * SR_STEP_STRIDE
+    return seed_value
+
+
+@triton.jit
+def _store_param(ptr, offs, p, mask, seed, STOCHASTIC: tl.constexpr):
+    """Store fp32 ``p`` in ``ptr``'s dtype; bf16 stochastically rounded when STOCHASTIC: add 16
+    random bits below bf16's mantissa, then truncate, so the value rounds up with probability
+    equal to its distance from the lower neighbour (unbiased; sign-magnitude bits make it
+    symmetric for negative values)."""
+    if STOCHASTIC:
+        r = (tl.randint(seed, offs.to(tl.uint32)) & 0xFFFF).to(tl.int32)
+        bits = (p.to(tl.int32, bitcast=True) + r) & -65536
+        p = bits.to(tl.float32, bitcast=True)
+    tl.store(ptr + offs, p.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _adamw_kernel(
     master_ptr,
     grad_ptr,
@@ -209,6 +233,7 @@ def _adamw_kernel(
     log2_beta2,
     eps,
     weight_decay,
+    seed_value,
     LR_PTR: tl.constexpr,
     CLIP_PTR: tl.constexpr,
     GSCALE_PTR: tl.constexpr,
@@ -216,6 +241,7 @@ def _adamw_kernel(
     NUM_GROUPS: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     HAS_SHADOW: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """fp32 or bf16 moments: one program updates BLOCK consecutive elements."""
@@ -233,12 +259,13 @@ def _adamw_kernel(
         log2_beta2, LR_PTR, WD_PTR, NUM_GROUPS,
     )  # fmt: skip
 
-    p = tl.load(master_ptr + offs, mask=mask, other=0.0)
+    p = tl.load(master_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) * gmul
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p, m, v = _adamw_math(p, g, m, v, beta1, beta2, lr, wd, step_size, inv_sqrt_bc2, eps)
-    tl.store(master_ptr + offs, p, mask=mask)
+    seed = _sr_seed(step_ptr, seed_value, STOCHASTIC)
+    _store_param(master_ptr, offs, p, mask, seed, STOCHASTIC)
     tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
     tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
     if HAS_SHADOW:
@@ -262,12 +289,14 @@ def _half_block_step(
     step_size,
     inv_sqrt_bc2,
     eps,
+    seed,
     HAS_SHADOW: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
 ):
-    p = tl.load(master_ptr + offs, mask=mask, other=0.0)
+    p = tl.load(master_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) * gmul
     p, m, v = _adamw_math(p, g, m, v, beta1, beta2, lr, weight_decay, step_size, inv_sqrt_bc2, eps)
-    tl.store(master_ptr + offs, p, mask=mask)
+    _store_param(master_ptr, offs, p, mask, seed, STOCHASTIC)
     if HAS_SHADOW:
         tl.store(shadow_ptr + offs, p.to(shadow_ptr.dtype.element_ty), mask=mask)
     # Elements past n read zeros and stay zero, so they never raise a block's absmax.
@@ -300,6 +329,7 @@ def _adamw_quantized_kernel(
     log2_beta2,
     eps,
     weight_decay,
+    seed_value,
     LR_PTR: tl.constexpr,
     CLIP_PTR: tl.constexpr,
     GSCALE_PTR: tl.constexpr,
@@ -307,6 +337,7 @@ def _adamw_quantized_kernel(
     NUM_GROUPS: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     HAS_SHADOW: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
     BITS: tl.constexpr,
     QBLOCK: tl.constexpr,
     ROWS: tl.constexpr,
@@ -373,13 +404,14 @@ def _adamw_quantized_kernel(
     v_lo = _decode_magnitude(vc_lo, V_EXP, V_MAN) * v_unit
     v_hi = _decode_magnitude(vc_hi, V_EXP, V_MAN) * v_unit
 
+    seed = _sr_seed(step_ptr, seed_value, STOCHASTIC)
     m_lo, v_lo = _half_block_step(
         master_ptr, grad_ptr, shadow_ptr, lo, lo_ok, m_lo, v_lo, gmul, beta1, beta2, lr_lo,
-        wd_lo, ss_lo, inv_sqrt_bc2, eps, HAS_SHADOW,
+        wd_lo, ss_lo, inv_sqrt_bc2, eps, seed, HAS_SHADOW, STOCHASTIC,
     )  # fmt: skip
     m_hi, v_hi = _half_block_step(
         master_ptr, grad_ptr, shadow_ptr, hi, hi_ok, m_hi, v_hi, gmul, beta1, beta2, lr_hi,
-        wd_hi, ss_hi, inv_sqrt_bc2, eps, HAS_SHADOW,
+        wd_hi, ss_hi, inv_sqrt_bc2, eps, seed, HAS_SHADOW, STOCHASTIC,
     )  # fmt: skip
 
     m_absmax = tl.maximum(tl.max(tl.abs(m_lo), axis=1), tl.max(tl.abs(m_hi), axis=1))
@@ -453,9 +485,10 @@ def new_state(
 def _check(
     master, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, step, clip_coef,
     grad_scale, found_inf, shadow, state_bits, exp_avg_scale, exp_avg_sq_scale, qblock, block,
-    master_dtypes=(torch.float32,), group_starts=None,
+    master_dtypes=(torch.float32,), group_starts=None, sr_seed=None,
 ) -> int:  # fmt: skip
-    check_tensor(OP, "master", master, dtypes=master_dtypes)
+    check_tensor(OP, "master", master, dtypes=(*master_dtypes, torch.bfloat16))
+    _check_stochastic(master, shadow, sr_seed)
     if master.dim() != 1:
         raise KernelInputError(
             f"{OP}: master must be a flat 1-D buffer (an arena's), got shape {tuple(master.shape)}"
@@ -500,6 +533,24 @@ def _check(
     if block is not None and (block < 16 or block & (block - 1)):
         raise KernelInputError(f"{OP}: block must be a power of two >= 16, got {block}")
     return n
+
+
+def _check_stochastic(master, shadow, sr_seed) -> None:
+    if master.dtype == torch.bfloat16:
+        if isinstance(sr_seed, bool) or not isinstance(sr_seed, int) or sr_seed < 0:
+            raise KernelInputError(
+                f"{OP}: bf16 master weights are updated with stochastic rounding and need "
+                f"sr_seed, an int >= 0 (got {sr_seed!r})"
+            )
+        if sr_seed >= 2**62:
+            raise KernelInputError(f"{OP}: sr_seed must be < 2**62, got {sr_seed}")
+        if shadow is not None:
+            raise KernelInputError(f"{OP}: bf16 master weights take no shadow")
+    elif sr_seed is not None:
+        raise KernelInputError(
+            f"{OP}: sr_seed is for bf16 master weights (stochastic rounding); master is "
+            f"{master.dtype}"
+        )
 
 
 def _check_groups(lr, weight_decay, group_starts, dev) -> None:
@@ -562,11 +613,12 @@ def adamw_step(
     block: int | None = None,
     num_warps: int | None = None,
     group_starts: torch.Tensor | None = None,
+    sr_seed: int | None = None,
 ) -> None:
     """One AdamW step over flat buffers, in place (see the module docstring for the math).
 
     Args:
-        master: float32 ``[n]`` master weights, updated in place.
+        master: float32 ``[n]`` master weights (or bfloat16 with ``sr_seed``), in place.
         grad: float32/bfloat16/float16 ``[n]`` gradient (read only).
         exp_avg, exp_avg_sq: moment buffers laid out as ``state_shapes(n, state_bits, qblock)``
             (``new_state`` allocates them).
@@ -584,6 +636,10 @@ def adamw_step(
             ``lr`` is a float32 ``[G]`` tensor and ``weight_decay`` a float or a float32 ``[G]``
             tensor: element ``i`` uses the values of the last group starting at or before ``i``.
             Still one launch. ``weight_decay`` may also be a float32 ``[1]`` tensor without groups.
+        sr_seed: with a bfloat16 ``master`` (bf16 weights, no fp32 copy), required: the update is
+            computed in fp32 and rounded to bf16 stochastically with Philox bits drawn from
+            ``(sr_seed + step * SR_STEP_STRIDE, element index)``, so a run is reproducible
+            given the seed and each step draws new bits. Not allowed otherwise.
 
     Raises :class:`KernelInputError` before anything is launched when an operand breaks this
     contract. Never synchronizes with the host.
@@ -593,7 +649,7 @@ def adamw_step(
         weight_decay=weight_decay, step=step, clip_coef=clip_coef, grad_scale=grad_scale,
         found_inf=found_inf, shadow=shadow, state_bits=state_bits, exp_avg_scale=exp_avg_scale,
         exp_avg_sq_scale=exp_avg_sq_scale, qblock=qblock, block=block,
-        group_starts=group_starts,
+        group_starts=group_starts, sr_seed=sr_seed,
     )  # fmt: skip
     if not use_triton(master):
         adamw_step_ref(
@@ -601,7 +657,7 @@ def adamw_step(
             weight_decay=weight_decay, step=step, clip_coef=clip_coef, grad_scale=grad_scale,
             found_inf=found_inf, shadow=shadow, state_bits=state_bits,
             exp_avg_scale=exp_avg_scale, exp_avg_sq_scale=exp_avg_sq_scale, qblock=qblock,
-            group_starts=group_starts,
+            group_starts=group_starts, sr_seed=sr_seed,
         )  # fmt: skip
         return
     if n > 0:
@@ -627,6 +683,7 @@ def adamw_step(
             math.log2(beta2) if beta2 > 0 else -math.inf,
             float(eps),
             wd_value,
+            sr_seed or 0,
         )
         flags = {
             "LR_PTR": lr_from_ptr,
@@ -636,6 +693,7 @@ def adamw_step(
             "NUM_GROUPS": 1 if group_starts is None else group_starts.numel(),
             "HAS_FOUND_INF": found_inf is not None,
             "HAS_SHADOW": shadow is not None,
+            "STOCHASTIC": master.dtype == torch.bfloat16,
         }
         shadow_arg = shadow if shadow is not None else master
         if state_bits in (32, 16):
@@ -746,6 +804,7 @@ def adamw_step_ref(
     block: int | None = None,
     num_warps: int | None = None,
     group_starts: torch.Tensor | None = None,
+    sr_seed: int | None = None,
 ) -> None:
     """Plain-torch :func:`adamw_step` (same arguments, same in-place effect, no host sync).
 
@@ -757,10 +816,10 @@ def adamw_step_ref(
         weight_decay=weight_decay, step=step, clip_coef=clip_coef, grad_scale=grad_scale,
         found_inf=found_inf, shadow=shadow, state_bits=state_bits, exp_avg_scale=exp_avg_scale,
         exp_avg_sq_scale=exp_avg_sq_scale, qblock=qblock, block=None,
-        master_dtypes=(torch.float32, torch.float64), group_starts=group_starts,
+        master_dtypes=(torch.float32, torch.float64), group_starts=group_starts, sr_seed=sr_seed,
     )  # fmt: skip
     n = master.numel()
-    compute = master.dtype
+    compute = torch.float32 if master.dtype == torch.bfloat16 else master.dtype
 
     def as_tensor(value, default: float) -> torch.Tensor:
         if value is None:
@@ -791,7 +850,7 @@ def adamw_step_ref(
     m = m + (1.0 - beta1) * (g - m)
     v = beta2 * v + (1.0 - beta2) * g * g
     denom = v.sqrt() / bc2.sqrt() + eps
-    p = master * (1.0 - lr_t * wd_t) - (lr_t / bc1) * (m / denom)
+    p = master.to(compute) * (1.0 - lr_t * wd_t) - (lr_t / bc1) * (m / denom)
 
     keep = None if found_inf is None else found_inf != 0
 
@@ -799,6 +858,13 @@ def adamw_step_ref(
         new = new.to(dst.dtype)
         dst.copy_(new if keep is None else torch.where(keep, dst, new))
 
+    if master.dtype == torch.bfloat16:
+        # Other random bits than the kernel's Philox stream (same law): a torch generator seeded
+        # from (sr_seed, step). Reading the step count syncs: the reference is for tests.
+        gen = torch.Generator(device=master.device)
+        gen.manual_seed(sr_seed + int(step.item()) * SR_STEP_STRIDE)
+        bits = torch.randint(0, 1 << 16, (n,), generator=gen, device=master.device)
+        p = stochastic_round_bf16_ref(p, bits.to(torch.int32))
     write(master, p)
     if shadow is not None:
         write(shadow, p)
@@ -813,3 +879,10 @@ def adamw_step_ref(
         write(exp_avg_scale, m_absmax)
         write(exp_avg_sq_scale, v_absmax)
     _advance_step(step, found_inf)
+
+
+def stochastic_round_bf16_ref(x: torch.Tensor, random16: torch.Tensor) -> torch.Tensor:
+    """float32 ``x`` rounded to bfloat16 with the kernel's rule, given int32 ``random16`` in
+    ``[0, 2^16)`` per element: add the random bits below bf16's mantissa, then truncate."""
+    bits = (x.to(torch.float32).contiguous().view(torch.int32) + random16) & -65536
+    return bits.view(torch.float32).to(torch.bfloat16)

@@ -274,7 +274,7 @@ def test_construction_errors(device):
     with pytest.raises(ValueError, match="mix"):
         FusedAdamW(mixed.parameters())
     with pytest.raises(ValueError, match="master_weights"):
-        FusedAdamW(make_mlp(device).to(torch.bfloat16).parameters(), master_weights=False)
+        FusedAdamW(make_mlp(device).to(torch.float16).parameters(), master_weights=False)
     with pytest.raises(ValueError, match="master_weights=True needs"):
         FusedAdamW(make_mlp(device).parameters(), master_weights=True)
     with pytest.raises(ValueError, match="state_bits"):
