@@ -408,7 +408,8 @@ class FusedAdamW(torch.optim.Optimizer):
                 accumulator; default: the parameters' ``.grad``.
             found_inf: float32 [1] device flag (nonzero skips the step). Default: computed from
                 the gradient norm when ``check_finite`` is on.
-            grad_sumsq: float32 [1] sum of squares of ``grad`` if already computed (e.g. by the
+            grad_sumsq: float32 or float64 [1] sum of squares of ``grad`` if already computed
+                (float64 when gradients may pass ~1.8e19, whose fp32 squares overflow; e.g. by the
                 accumulation pass); saves the norm pass used for clipping and the finite check.
             grad_scale: multiply the gradient by this (float or float32 [1] tensor), e.g. 1/N
                 or an unscale factor; the clipping norm is of the scaled gradient.
@@ -430,7 +431,8 @@ class FusedAdamW(torch.optim.Optimizer):
         clip = None
         if max_norm is not None or (found_inf is None and self.check_finite):
             if grad_sumsq is not None:
-                norm = grad_sumsq.to(torch.float32).reshape(1).sqrt()
+                # The root in the sums' own dtype: a float64 sum of 1e20-sized squares is finite.
+                norm = grad_sumsq.reshape(1).sqrt().to(torch.float32)
             else:
                 # Overflow-safe: a plain fp32 sum of squares reads finite gradients above
                 # ~1.8e19 as inf and would skip their step.

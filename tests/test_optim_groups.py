@@ -323,3 +323,42 @@ def test_1e20_gradients_step_like_float64_adamw(clip, device):
     assert opt.flat_state["step"].item() == 1, "a finite step was skipped"
     assert torch.isfinite(opt.last_grad_norm).all()
     assert_close("param", p.detach().double().cpu(), q.detach(), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["flat", "per-tensor"])
+def test_accumulate_float64_sums_do_not_overflow(mode, device):
+    from hybrid_triton.kernels._segments import Segments
+    from hybrid_triton.kernels.accumulate import accumulate_grads, accumulate_grads_ref
+
+    seg = Segments.from_numels([5000, 3, 1237], align=64)
+    grad = torch.randn(seg.total, device=device) * 1e20
+    want = grad.double().square()
+    for fn in (accumulate_grads, accumulate_grads_ref):
+        acc = torch.zeros(seg.total, device=device)
+        total = torch.zeros(1, dtype=torch.float64, device=device)
+        sums = torch.zeros(len(seg), dtype=torch.float64, device=device)
+        flag = torch.zeros(1, device=device)
+        if mode == "flat":
+            fn(acc, grad, first=True, segments=seg, seg_sumsq=sums, total_sumsq=total,
+               found_inf=flag)  # fmt: skip
+        else:
+            for i, (off, n) in enumerate(zip(seg.offsets, seg.numels)):
+                fn(acc[off : off + n], grad[off : off + n], first=True, seg_sumsq=sums,
+                   total_sumsq=total, segment_index=i, found_inf=flag)  # fmt: skip
+        per_seg = torch.stack([want[o : o + n].sum() for o, n in zip(seg.offsets, seg.numels)])
+        assert_close(f"{fn.__name__} seg_sumsq", sums, per_seg, atol=0.0, rtol=1e-6)
+        assert_close(f"{fn.__name__} total_sumsq", total, per_seg.sum().reshape(1), atol=0.0,
+                     rtol=1e-6)  # fmt: skip
+        assert flag.item() == 0.0, "finite 1e20 gradients flagged as non-finite"
+    with pytest.raises(ValueError, match="one dtype"):
+        accumulate_grads(acc, grad, segments=seg, seg_sumsq=sums.float(), total_sumsq=total)
+
+
+def test_step_with_float64_sumsq_of_1e20_gradients(device):
+    p = nn.Parameter(torch.randn(300, device=device))
+    opt = FusedAdamW([p], lr=1e-2, max_grad_norm=1.0, **FAST)
+    grad = torch.randn(opt.arena_group.numel, device=device) * 1e20
+    sumsq = grad.double().square().sum().reshape(1)
+    opt.step(grad=grad, grad_sumsq=sumsq)
+    assert opt.flat_state["step"].item() == 1
+    assert_close("norm", opt.last_grad_norm.double(), sumsq.sqrt(), atol=0.0, rtol=1e-6)
