@@ -3,7 +3,9 @@
 Cases (``cases(quick)``), each for ``state_bits`` 32 and 8:
 
 - one big tensor (2^28 elements);
-- GPT-2 small's 148 parameter tensors (124M elements). Ours is one launch over a flat arena
+- GPT-2 small's 148 parameter tensors (124M elements), with one parameter group and with the
+  Hugging Face decay / no-decay split (two groups: ours looks the group's lr and weight decay
+  up in a device table, still one launch). Ours is one launch over a flat arena
   (segments 64-aligned); ``torch_fused`` is ``torch.optim.AdamW(fused=True)`` over the 148
   tensors followed by ``torch._foreach_copy_`` of the weights into bf16 copies (what a
   mixed-precision loop with fp32 master weights does), ``torch_foreach`` the same with
@@ -79,14 +81,25 @@ def _arena_numel(shapes) -> int:
 class _Flat:
     """Flat master/grad/state/shadow buffers for ``n`` elements (what FusedAdamW holds)."""
 
-    def __init__(self, n: int, state_bits: int, device: str, **tuning) -> None:
+    def __init__(
+        self, n: int, state_bits: int, device: str, group_starts: list[int] | None = None, **tuning
+    ) -> None:
         self.state_bits, self.tuning = state_bits, tuning
         self.master = torch.randn(n, device=device) * 0.02
         self.grad = torch.randn(n, device=device) * 1e-3
         self.shadow = self.master.to(torch.bfloat16)
         self.step = torch.zeros(1, device=device)
-        self.lr = torch.full((1,), HP["lr"], device=device)
         self.state = new_state(n, state_bits, device)
+        # Parameter groups (FusedAdamW's decay / no-decay split): a device table of group
+        # starts, learning rates and weight decays that the one launch looks up.
+        groups = len(group_starts) if group_starts else 1
+        self.lr = torch.full((groups,), HP["lr"], device=device)
+        self.group_kw = {}
+        if group_starts:
+            wd = torch.full((groups,), HP["weight_decay"], device=device)
+            wd[1:] = 0.0
+            starts = torch.tensor(group_starts, dtype=torch.int64, device=device)
+            self.group_kw = {"group_starts": starts, "weight_decay": wd}
 
     def kwargs(self, **over):
         st = self.state
@@ -101,6 +114,7 @@ class _Flat:
             "state_bits": self.state_bits,
             "exp_avg_scale": st["exp_avg_scale"],
             "exp_avg_sq_scale": st["exp_avg_sq_scale"],
+            **self.group_kw,
         }
         kw.update(over)
         return kw
@@ -168,13 +182,21 @@ def _torch_optimizer_with_copy(params, kind: str):
     return run
 
 
-def _case(label: str, shapes, state_bits: int, quick: bool) -> KernelCase:
+def _decay_split(shapes) -> list[int]:
+    """Group starts of the Hugging Face decay / no-decay split of an arena packed group by
+    group: the >= 2-D tensors first (decay), then biases and norms."""
+    decay = [s for s in shapes if len(s) >= 2]
+    return [0, _arena_numel(decay)] if decay and len(decay) < len(shapes) else [0]
+
+
+def _case(label: str, shapes, state_bits: int, quick: bool, groups: int = 1) -> KernelCase:
     flat_n = _arena_numel(shapes)
     param_n = sum(_numel(s) for s in shapes)
+    starts = _decay_split(shapes) if groups == 2 else None
 
     def setup() -> CaseRun:  # `quick` only sizes the shapes, chosen by cases()
         dev = _device()
-        ours = _Flat(flat_n, state_bits, dev)
+        ours = _Flat(flat_n, state_bits, dev, group_starts=starts)
         providers = {"hybrid_triton": ours.run}
         params = [torch.nn.Parameter(torch.randn(s, device=dev) * 0.02) for s in shapes]
         for p in params:
@@ -184,14 +206,21 @@ def _case(label: str, shapes, state_bits: int, quick: bool) -> KernelCase:
             providers["torch_foreach"] = _torch_optimizer_with_copy(params, "foreach")
         return CaseRun(providers=providers, check=ours.check)
 
+    name = f"adamw_step state_bits={state_bits} + bf16 shadow"
     return KernelCase(
         family="adamw",
-        name=f"adamw_step state_bits={state_bits} + bf16 shadow",
+        name=name if groups == 1 else f"{name}, 2 param groups (decay / no-decay)",
         size_label=label,
         numel=param_n,
         bytes_moved=int(param_n * bytes_per_element(state_bits)),
         setup=setup,
-        config={"state_bits": state_bits, "shadow": "bf16", "grad": "fp32", "arena_numel": flat_n},
+        config={
+            "state_bits": state_bits,
+            "shadow": "bf16",
+            "grad": "fp32",
+            "arena_numel": flat_n,
+            "param_groups": len(starts) if starts else 1,
+        },
     )
 
 
@@ -206,6 +235,8 @@ def cases(quick: bool) -> list[KernelCase]:
     for bits in (32, 8):
         out.append(_case("2^14" if quick else "2^28", big, bits, quick))
         out.append(_case(small_label, small, bits, quick))
+        # Same arena, two parameter groups: the cost of the per-group table lookup.
+        out.append(_case(small_label, small, bits, quick, groups=2))
     return out
 
 

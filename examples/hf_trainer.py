@@ -1,25 +1,28 @@
-"""The toolkit's fused AdamW inside a Hugging Face ``transformers.Trainer``.
+"""The toolkit's fused AdamW inside a Hugging Face ``transformers.Trainer``, on a Hugging Face
+model, with the Trainer's decay / no-decay parameter groups.
 
-``Trainer`` accepts any ``torch.optim.Optimizer`` through ``optimizers=(optimizer, scheduler)``.
-``FusedAdamW`` is one: here it keeps 8-bit moments (about 2 bytes of state per parameter
-instead of 8) and clips on the device. The model is a tiny ``nn.Module`` whose ``forward``
-returns ``{"loss", "logits"}``, which is all ``Trainer`` needs; a Hugging Face model
-(``AutoModelForCausalLM.from_config(...)``) plugs in the same way.
+``Trainer`` accepts any ``torch.optim.Optimizer`` through ``optimizers=(optimizer, scheduler)``;
+with ``scheduler=None`` it builds its own learning-rate schedule on the optimizer's groups.
+``FusedAdamW`` takes the groups ``Trainer`` itself would build (weights decay; biases and norms
+do not), keeps 8-bit moments (about 2 bytes of state per parameter instead of 8), clips on the
+device, and updates every group in one launch. The model is a tiny GPT-2 built from a config
+(nothing is downloaded); any ``AutoModelForCausalLM.from_config(...)`` plugs in the same way.
 
 Three things to get right (each is commented below):
 
-1. Put the model on the device ``Trainer`` will use *before* ``FlatArena.from_module``: a
-   later ``.to(device)`` replaces the parameters and breaks their link to the flat buffer.
+1. Put the model on the device ``Trainer`` will use *before* building the optimizer: the
+   optimizer packs the parameters into one flat buffer, and a later ``.to(device)`` would
+   replace them (``step`` then refuses to run, with a message saying so).
 2. Let the optimizer clip on the device (``FusedAdamW(max_grad_norm=...)``) and turn
-   ``Trainer``'s own clipping off (``max_grad_norm=0``), so the gradient is not clipped twice
-   (``Trainer`` may still compute a norm for its logs).
+   ``Trainer``'s own clipping off (``max_grad_norm=0``), so the gradient is not clipped twice.
 3. Do not call ``opt.attach_flat_grads()`` here: ``Trainer`` zeroes gradients through
    ``model.zero_grad()``, which sets ``p.grad = None`` and detaches the flat views;
    ``FusedAdamW`` then gathers each ``p.grad`` itself (one copy per tensor).
 
 Run: ``python examples/hf_trainer.py`` (needs ``pip install transformers accelerate``; they
-are not dependencies of hybrid_triton). ``tests/test_examples.py`` runs it when they are
-installed and skips it otherwise.
+are not dependencies of hybrid_triton). ``--loop`` trains the same model and optimizer in a
+plain loop with a per-group ``LambdaLR`` instead (needs ``transformers`` only).
+``tests/test_examples.py`` runs the Trainer when both are installed, the loop otherwise.
 """
 
 from __future__ import annotations
@@ -30,85 +33,128 @@ import tempfile
 import torch
 from torch import nn
 
-
-class TinyRegressor(nn.Module):
-    """``forward(x, labels=None) -> {"loss", "logits"}``, the contract ``Trainer`` expects."""
-
-    def __init__(self, width: int = 64) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(16, width), nn.GELU(), nn.Linear(width, 4))
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
-        logits = self.net(x)
-        out = {"logits": logits}
-        if labels is not None:
-            out["loss"] = nn.functional.mse_loss(logits.float(), labels)
-        return out
+VOCAB, SEQ = 64, 32
 
 
-class RegressionData(torch.utils.data.Dataset):
-    """y = tanh(x @ w) + noise, as dict rows ``{"x", "labels"}`` (Trainer's default collator
-    stacks them)."""
+def tiny_gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    def __init__(self, n: int = 512, seed: int = 0) -> None:
+    cfg = GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=SEQ,
+        bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    return GPT2LMHeadModel(cfg)
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """The groups ``Trainer.create_optimizer`` builds: weight decay on every parameter except
+    biases and normalization weights."""
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    decay = set(get_parameter_names(model, [nn.LayerNorm], ["bias", "layernorm", "rmsnorm"]))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [
+        {"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
+        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+    ]
+
+
+class CountingData(torch.utils.data.Dataset):
+    """Token rows that count up modulo the vocabulary from a random start: learnable in a few
+    steps, as dict rows ``{"input_ids", "labels"}`` (the model shifts the labels itself)."""
+
+    def __init__(self, n: int = 256, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, 16, generator=g)
-        w = torch.randn(16, 4, generator=g) / 4
-        self.y = torch.tanh(self.x @ w) + 0.01 * torch.randn(n, 4, generator=g)
+        start = torch.randint(0, VOCAB, (n, 1), generator=g)
+        self.ids = (start + torch.arange(SEQ)) % VOCAB
 
     def __len__(self) -> int:
-        return len(self.x)
+        return len(self.ids)
 
     def __getitem__(self, i: int) -> dict:
-        return {"x": self.x[i], "labels": self.y[i]}
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, data: RegressionData, device: torch.device) -> float:
-    return model(data.x.to(device), data.y.to(device))["loss"].item()
+def mean_loss(model: nn.Module, data: CountingData, device: torch.device) -> float:
+    ids = data.ids.to(device)
+    return model(input_ids=ids, labels=ids).loss.item()
 
 
-def train(steps: int = 30, batch: int = 32, output_dir: str | None = None) -> tuple[float, float]:
-    """Fine-tune ``TinyRegressor`` with ``Trainer`` and ``FusedAdamW``; returns the mean loss
-    over the data set before and after."""
-    from transformers import Trainer, TrainingArguments
-
-    from hybrid_triton import FlatArena
-    from hybrid_triton.optim import FusedAdamW
+def build(device: torch.device, lr: float):
+    from hybrid_triton import FusedAdamW
 
     torch.manual_seed(0)
+    model = tiny_gpt2().to(device)  # (1) on the training device before packing
+    opt = FusedAdamW(
+        decay_groups(model, weight_decay=0.01),
+        lr=lr,
+        state_bits=8,
+        max_grad_norm=1.0,  # (2) clipped on the device
+        module=model,  # lets step() notice parameters replaced on the module later
+    )
+    return model, opt
+
+
+def train_with_trainer(steps: int, batch: int, lr: float) -> tuple[float, float, object]:
+    from transformers import Trainer, TrainingArguments
+
     args = TrainingArguments(
-        output_dir=output_dir or tempfile.mkdtemp(prefix="hf_trainer_example_"),
+        output_dir=tempfile.mkdtemp(prefix="hf_trainer_example_"),
         per_device_train_batch_size=batch,
         max_steps=steps,
-        learning_rate=3e-3,  # the optimizer below carries its own lr; kept equal for clarity
+        learning_rate=lr,  # the optimizer carries its own lr; kept equal for clarity
+        warmup_steps=2,
         max_grad_norm=0.0,  # (2) FusedAdamW clips, on the device
         logging_steps=10,
         save_strategy="no",
         report_to="none",
-        remove_unused_columns=False,  # keep the "x" column for forward(x, labels)
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
     )
-    data = RegressionData()
-    model = TinyRegressor().to(args.device)  # (1) on Trainer's device before packing
-    arena = FlatArena.from_module(model)
-    opt = FusedAdamW(arena, lr=3e-3, weight_decay=0.01, state_bits=8, max_grad_norm=1.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    data = CountingData()
+    model, opt = build(args.device, lr)
     before = mean_loss(model, data, args.device)
-    trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, sched))
+    # scheduler None: Trainer builds its linear warm-up / decay schedule on our groups.
+    trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None))
     trainer.train()
-    after = mean_loss(model, data, args.device)
-    print(f"optimizer state: {opt.state_bytes() / arena.param_numel:.2f} bytes per parameter")
-    return before, after
+    return before, mean_loss(model, data, args.device), opt
+
+
+def train_in_a_loop(steps: int, batch: int, lr: float) -> tuple[float, float, object]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = CountingData()
+    model, opt = build(device, lr)
+    # One schedule per group, as Trainer's LambdaLR-based schedules do.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: min(1.0, (s + 1) / 2)] * 2)
+    before = mean_loss(model, data, device)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        ids = data.ids[torch.randint(0, len(data), (batch,), generator=g)].to(device)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    return before, mean_loss(model, data, device), opt
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--loop", action="store_true", help="a plain loop instead of Trainer")
     args = parser.parse_args(argv)
-    before, after = train(args.steps)
-    print(f"hf trainer: loss {before:.4f} -> {after:.4f} in {args.steps} steps")
+    run = train_in_a_loop if args.loop else train_with_trainer
+    before, after, opt = run(args.steps, args.batch, args.lr)
+    groups = ", ".join(
+        f"{len(g['params'])} tensors with weight_decay={g['weight_decay']}"
+        for g in opt.param_groups
+    )
+    print(f"param groups: {groups}")
+    print(f"optimizer state: {opt.state_bytes() / opt.arena_group.param_numel:.2f} B/parameter")
+    print(f"hf {'loop' if args.loop else 'trainer'}: loss {before:.4f} -> {after:.4f} in "
+          f"{args.steps} steps")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ OPS: dict[str, str] = {
     "unscale": "unscale",
     "accumulate_grads": "accumulate",
     "adamw_step": "adamw",
+    "grad_norm": "grad_norm",
     "update_loss_scale": "loss_scale",
     "quantize_blockwise": "quantize",
     "dequantize_blockwise": "quantize",

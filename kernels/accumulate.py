@@ -9,7 +9,8 @@ Math (elementwise over the covered elements, ``grad`` fp32/bf16/fp16, ``acc`` fp
     acc = acc + v      otherwise             # one fp32 rounding; no fma contraction, so the result
                                              # is bit-exact to the torch reference on the GPU
     found_inf = 1.0    if any grad is inf or NaN
-    sumsq[s] = sum of acc**2 over segment s, after the update (fp32, block-wise partial sums)
+    sumsq[s] = sum of acc**2 over segment s, after the update (block-wise partial sums, in the
+               sums' dtype: fp32, or fp64 so that gradients past ~1.8e19 do not overflow)
 
 The sums of squares are of the accumulator **after** the update, not of the value added: after
 the last micro-batch they are the squared norms of the accumulated gradient, which is what
@@ -65,6 +66,7 @@ def _fold_block(
     FIRST: tl.constexpr,
     HAS_INV: tl.constexpr,
     MASKED: tl.constexpr,
+    SUMSQ_FP64: tl.constexpr = False,
 ):
     if MASKED:
         mask = offs < end
@@ -86,7 +88,12 @@ def _fold_block(
         tl.store(acc_ptr + offs, new, mask=mask)
     else:
         tl.store(acc_ptr + offs, new)
-    sumsq = tl.sum(new * new, axis=0)
+    if SUMSQ_FP64:
+        # fp32 squares overflow past |acc| ~ 1.8e19 and would read a finite gradient as inf.
+        new64 = new.to(tl.float64)
+        sumsq = tl.sum(new64 * new64, axis=0)
+    else:
+        sumsq = tl.sum(new * new, axis=0)
     bad = tl.max((~(tl.abs(g) <= 3.4028234663852886e38)).to(tl.int32), axis=0) > 0
     return sumsq, bad
 
@@ -114,6 +121,7 @@ def _accumulate_kernel(
     CHECK_FINITE: tl.constexpr,
     SEG_SUMSQ: tl.constexpr,
     TOTAL_SUMSQ: tl.constexpr,
+    SUMSQ_FP64: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     if USE_TABLE:
@@ -142,9 +150,13 @@ def _accumulate_kernel(
         alpha = alpha_value
     # Full blocks take the unmasked (vectorized) path; only a segment's tail is masked.
     if end - start >= BLOCK:
-        sumsq, bad = _fold_block(acc_ptr, grad_ptr, offs, end, inv, alpha, FIRST, HAS_INV, False)
+        sumsq, bad = _fold_block(
+            acc_ptr, grad_ptr, offs, end, inv, alpha, FIRST, HAS_INV, False, SUMSQ_FP64
+        )
     else:
-        sumsq, bad = _fold_block(acc_ptr, grad_ptr, offs, end, inv, alpha, FIRST, HAS_INV, True)
+        sumsq, bad = _fold_block(
+            acc_ptr, grad_ptr, offs, end, inv, alpha, FIRST, HAS_INV, True, SUMSQ_FP64
+        )
     if CHECK_FINITE:
         tl.store(flag_ptr, 1.0, mask=bad)
     if SEG_SUMSQ:
@@ -164,9 +176,15 @@ def _check(
         check_scalar_tensor(op, "inv_scale", inv_scale, acc.device)
     if found_inf is not None:
         check_flag(op, "found_inf", found_inf, acc.device)
+    sumsq_dtypes = (torch.float32, torch.float64)
     if total_sumsq is not None:
         check_tensor(
-            op, "total_sumsq", total_sumsq, dtypes=(torch.float32,), device=acc.device, numel=1
+            op, "total_sumsq", total_sumsq, dtypes=sumsq_dtypes, device=acc.device, numel=1
+        )
+    if seg_sumsq is not None and total_sumsq is not None and seg_sumsq.dtype != total_sumsq.dtype:
+        raise KernelInputError(
+            f"{op}: seg_sumsq ({seg_sumsq.dtype}) and total_sumsq ({total_sumsq.dtype}) must "
+            "have one dtype"
         )
     if segments is not None and segment_index is not None:
         raise KernelInputError(
@@ -186,13 +204,13 @@ def _check(
                 )
         if seg_sumsq is not None:
             check_tensor(
-                op, "seg_sumsq", seg_sumsq, dtypes=(torch.float32,), device=acc.device,
+                op, "seg_sumsq", seg_sumsq, dtypes=sumsq_dtypes, device=acc.device,
                 numel=len(segments),
             )  # fmt: skip
     elif segment_index is not None:
         if seg_sumsq is None:
             raise KernelInputError(f"{op}: segment_index needs seg_sumsq (the slot it writes)")
-        check_tensor(op, "seg_sumsq", seg_sumsq, dtypes=(torch.float32,), device=acc.device)
+        check_tensor(op, "seg_sumsq", seg_sumsq, dtypes=sumsq_dtypes, device=acc.device)
         if isinstance(segment_index, bool) or not isinstance(segment_index, int):
             raise KernelInputError(
                 f"{op}: segment_index must be a Python int, got {type(segment_index).__name__}"
@@ -233,10 +251,12 @@ def accumulate_grads(
         inv_scale: optional inverse loss scale (float or float32 ``[1]`` tensor).
         found_inf: optional float32 ``[1]`` flag, set to 1.0 when any ``grad`` is non-finite.
         segments: flat mode: the layout of ``acc``/``grad`` (e.g. ``ArenaGroup.segments``).
-        seg_sumsq: float32 ``[num_segments]``: sums of squares of ``acc`` after the update,
-            per segment (overwritten in flat mode, added to in per-tensor mode).
-        total_sumsq: float32 ``[1]``: the same summed over everything covered (overwritten in
-            flat mode, added to otherwise).
+        seg_sumsq: float32 or float64 ``[num_segments]``: sums of squares of ``acc`` after the
+            update, per segment (overwritten in flat mode, added to in per-tensor mode).
+        total_sumsq: float32 or float64 ``[1]``: the same summed over everything covered
+            (overwritten in flat mode, added to otherwise). float64 buffers (both of one dtype)
+            square and sum in float64: an fp32 sum of squares overflows once ``|acc|`` passes
+            about 1.8e19, so a finite gradient would read as non-finite.
         segment_index: per-tensor mode: the slot of ``seg_sumsq`` this tensor adds to.
 
     Returns:
@@ -295,6 +315,7 @@ def accumulate_grads(
         CHECK_FINITE=found_inf is not None,
         SEG_SUMSQ=seg_slot is not None,
         TOTAL_SUMSQ=total_sumsq is not None,
+        SUMSQ_FP64=any(t is not None and t.dtype == torch.float64 for t in (seg_slot, total_sumsq)),
         num_warps=NUM_WARPS,
         # Separate multiply and add roundings, as torch does them: bit-exact to the reference.
         enable_fp_fusion=False,
@@ -327,11 +348,11 @@ def accumulate_grads_ref(
     new = v if first else flat_acc + v
     if segments is None:
         flat_acc.copy_(new)
-        sq = flat_acc.to(torch.float64).square().sum().to(torch.float32)
+        sq = flat_acc.to(torch.float64).square().sum()
         if seg_sumsq is not None and segment_index is not None:
-            seg_sumsq[segment_index : segment_index + 1].add_(sq)
+            seg_sumsq[segment_index : segment_index + 1].add_(sq.to(seg_sumsq.dtype))
         if total_sumsq is not None:
-            total_sumsq.add_(sq)
+            total_sumsq.add_(sq.to(total_sumsq.dtype))
         return acc
     for off, numel in zip(segments.offsets, segments.numels):
         flat_acc[off : off + numel].copy_(new[off : off + numel])
@@ -340,7 +361,7 @@ def accumulate_grads_ref(
         for i, (off, numel) in enumerate(zip(segments.offsets, segments.numels)):
             sums[i] = flat_acc[off : off + numel].to(torch.float64).square().sum()
         if seg_sumsq is not None:
-            seg_sumsq.copy_(sums.to(torch.float32))
+            seg_sumsq.copy_(sums.to(seg_sumsq.dtype))
         if total_sumsq is not None:
-            total_sumsq.copy_(sums.sum().to(torch.float32).reshape(1))
+            total_sumsq.copy_(sums.sum().to(total_sumsq.dtype).reshape(1))
     return acc

@@ -64,6 +64,9 @@ from ._dispatch import use_triton
 
 OP = "adamw_step"
 STATE_BITS = (32, 16, 8, 4)
+# Seeds of successive steps: seed + step * SR_STEP_STRIDE (a prime, so nearby seeds and steps
+# do not reuse a Philox stream within any realistic run).
+SR_STEP_STRIDE = 1_000_003
 DEFAULT_QBLOCK = {8: 256, 4: 128}
 
 # (exponent bits, mantissa bits) of the magnitude codes, per state_bits: (exp_avg, exp_avg_sq).
@@ -164,6 +167,49 @@ def _step_constants(step_ptr, lr, log2_beta1, log2_beta2):
 
 
 @triton.jit
+def _group_hparams(
+    offs, step_ptr, lr_ptr, lr_value, wd_ptr, wd_value, starts_ptr, log2_beta1, log2_beta2,
+    LR_PTR: tl.constexpr, WD_PTR: tl.constexpr, NUM_GROUPS: tl.constexpr,
+):  # fmt: skip
+    """(lr, weight_decay, step_size, inv_sqrt_bc2) for the elements ``offs``: scalars with one
+    group; with several, each element takes the values of the last group starting at or before
+    it (a few scalar loads and compares a program: no bytes per element)."""
+    lr = _load_scalar(lr_ptr, lr_value, LR_PTR)
+    wd = _load_scalar(wd_ptr, wd_value, WD_PTR)
+    step_size, inv_sqrt_bc2 = _step_constants(step_ptr, lr, log2_beta1, log2_beta2)
+    for gi in tl.static_range(1, NUM_GROUPS):
+        in_group = offs >= tl.load(starts_ptr + gi)
+        lr_g = tl.load(lr_ptr + gi).to(tl.float32)
+        step_size_g, _ = _step_constants(step_ptr, lr_g, log2_beta1, log2_beta2)
+        lr = tl.where(in_group, lr_g, lr)
+        step_size = tl.where(in_group, step_size_g, step_size)
+        if WD_PTR:
+            wd = tl.where(in_group, tl.load(wd_ptr + gi).to(tl.float32), wd)
+    return lr, wd, step_size, inv_sqrt_bc2
+
+
+@triton.jit
+def _sr_seed(step_ptr, seed_value, STOCHASTIC: tl.constexpr):
+    # A new Philox stream per step: deterministic given (seed, step count), read on the device.
+    if STOCHASTIC:
+        return seed_value + tl.load(step_ptr).to(tl.int64) * SR_STEP_STRIDE
+    return seed_value
+
+
+@triton.jit
+def _store_param(ptr, offs, p, mask, seed, STOCHASTIC: tl.constexpr):
+    """Store fp32 ``p`` in ``ptr``'s dtype; bf16 stochastically rounded when STOCHASTIC: add 16
+    random bits below bf16's mantissa, then truncate, so the value rounds up with probability
+    equal to its distance from the lower neighbour (unbiased; sign-magnitude bits make it
+    symmetric for negative values)."""
+    if STOCHASTIC:
+        r = (tl.randint(seed, offs.to(tl.uint32)) & 0xFFFF).to(tl.int32)
+        bits = (p.to(tl.int32, bitcast=True) + r) & -65536
+        p = bits.to(tl.float32, bitcast=True)
+    tl.store(ptr + offs, p.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _adamw_kernel(
     master_ptr,
     grad_ptr,
@@ -175,6 +221,8 @@ def _adamw_kernel(
     lr_ptr,
     clip_ptr,
     gscale_ptr,
+    wd_ptr,
+    starts_ptr,
     n,
     lr_value,
     clip_value,
@@ -185,11 +233,15 @@ def _adamw_kernel(
     log2_beta2,
     eps,
     weight_decay,
+    seed_value,
     LR_PTR: tl.constexpr,
     CLIP_PTR: tl.constexpr,
     GSCALE_PTR: tl.constexpr,
+    WD_PTR: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     HAS_SHADOW: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """fp32 or bf16 moments: one program updates BLOCK consecutive elements."""
@@ -199,18 +251,21 @@ def _adamw_kernel(
         # A set flag masks every load and store: the step is a no-op that moves no data.
         n = tl.where(tl.load(found_inf_ptr) == 0, n, 0)
     mask = offs < n
-    lr = _load_scalar(lr_ptr, lr_value, LR_PTR)
     gmul = _load_scalar(clip_ptr, clip_value, CLIP_PTR) * _load_scalar(
         gscale_ptr, gscale_value, GSCALE_PTR
     )
-    step_size, inv_sqrt_bc2 = _step_constants(step_ptr, lr, log2_beta1, log2_beta2)
+    lr, wd, step_size, inv_sqrt_bc2 = _group_hparams(
+        offs, step_ptr, lr_ptr, lr_value, wd_ptr, weight_decay, starts_ptr, log2_beta1,
+        log2_beta2, LR_PTR, WD_PTR, NUM_GROUPS,
+    )  # fmt: skip
 
-    p = tl.load(master_ptr + offs, mask=mask, other=0.0)
+    p = tl.load(master_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) * gmul
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    p, m, v = _adamw_math(p, g, m, v, beta1, beta2, lr, weight_decay, step_size, inv_sqrt_bc2, eps)
-    tl.store(master_ptr + offs, p, mask=mask)
+    p, m, v = _adamw_math(p, g, m, v, beta1, beta2, lr, wd, step_size, inv_sqrt_bc2, eps)
+    seed = _sr_seed(step_ptr, seed_value, STOCHASTIC)
+    _store_param(master_ptr, offs, p, mask, seed, STOCHASTIC)
     tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
     tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
     if HAS_SHADOW:
@@ -234,12 +289,14 @@ def _half_block_step(
     step_size,
     inv_sqrt_bc2,
     eps,
+    seed,
     HAS_SHADOW: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
 ):
-    p = tl.load(master_ptr + offs, mask=mask, other=0.0)
+    p = tl.load(master_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) * gmul
     p, m, v = _adamw_math(p, g, m, v, beta1, beta2, lr, weight_decay, step_size, inv_sqrt_bc2, eps)
-    tl.store(master_ptr + offs, p, mask=mask)
+    _store_param(master_ptr, offs, p, mask, seed, STOCHASTIC)
     if HAS_SHADOW:
         tl.store(shadow_ptr + offs, p.to(shadow_ptr.dtype.element_ty), mask=mask)
     # Elements past n read zeros and stay zero, so they never raise a block's absmax.
@@ -260,6 +317,8 @@ def _adamw_quantized_kernel(
     lr_ptr,
     clip_ptr,
     gscale_ptr,
+    wd_ptr,
+    starts_ptr,
     n,
     lr_value,
     clip_value,
@@ -270,11 +329,15 @@ def _adamw_quantized_kernel(
     log2_beta2,
     eps,
     weight_decay,
+    seed_value,
     LR_PTR: tl.constexpr,
     CLIP_PTR: tl.constexpr,
     GSCALE_PTR: tl.constexpr,
+    WD_PTR: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     HAS_SHADOW: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
     BITS: tl.constexpr,
     QBLOCK: tl.constexpr,
     ROWS: tl.constexpr,
@@ -302,11 +365,17 @@ def _adamw_quantized_kernel(
     lo_ok = lo < n
     hi_ok = hi < n
 
-    lr = _load_scalar(lr_ptr, lr_value, LR_PTR)
     gmul = _load_scalar(clip_ptr, clip_value, CLIP_PTR) * _load_scalar(
         gscale_ptr, gscale_value, GSCALE_PTR
     )
-    step_size, inv_sqrt_bc2 = _step_constants(step_ptr, lr, log2_beta1, log2_beta2)
+    lr_lo, wd_lo, ss_lo, inv_sqrt_bc2 = _group_hparams(
+        lo, step_ptr, lr_ptr, lr_value, wd_ptr, weight_decay, starts_ptr, log2_beta1,
+        log2_beta2, LR_PTR, WD_PTR, NUM_GROUPS,
+    )  # fmt: skip
+    lr_hi, wd_hi, ss_hi, _ = _group_hparams(
+        hi, step_ptr, lr_ptr, lr_value, wd_ptr, weight_decay, starts_ptr, log2_beta1,
+        log2_beta2, LR_PTR, WD_PTR, NUM_GROUPS,
+    )  # fmt: skip
 
     m_unit = (tl.load(m_absmax_ptr + rows, mask=row_ok, other=0.0) / M_VMAX)[:, None]
     v_unit = (tl.load(v_absmax_ptr + rows, mask=row_ok, other=0.0) / V_VMAX)[:, None]
@@ -335,13 +404,14 @@ def _adamw_quantized_kernel(
     v_lo = _decode_magnitude(vc_lo, V_EXP, V_MAN) * v_unit
     v_hi = _decode_magnitude(vc_hi, V_EXP, V_MAN) * v_unit
 
+    seed = _sr_seed(step_ptr, seed_value, STOCHASTIC)
     m_lo, v_lo = _half_block_step(
-        master_ptr, grad_ptr, shadow_ptr, lo, lo_ok, m_lo, v_lo, gmul, beta1, beta2, lr,
-        weight_decay, step_size, inv_sqrt_bc2, eps, HAS_SHADOW,
+        master_ptr, grad_ptr, shadow_ptr, lo, lo_ok, m_lo, v_lo, gmul, beta1, beta2, lr_lo,
+        wd_lo, ss_lo, inv_sqrt_bc2, eps, seed, HAS_SHADOW, STOCHASTIC,
     )  # fmt: skip
     m_hi, v_hi = _half_block_step(
-        master_ptr, grad_ptr, shadow_ptr, hi, hi_ok, m_hi, v_hi, gmul, beta1, beta2, lr,
-        weight_decay, step_size, inv_sqrt_bc2, eps, HAS_SHADOW,
+        master_ptr, grad_ptr, shadow_ptr, hi, hi_ok, m_hi, v_hi, gmul, beta1, beta2, lr_hi,
+        wd_hi, ss_hi, inv_sqrt_bc2, eps, seed, HAS_SHADOW, STOCHASTIC,
     )  # fmt: skip
 
     m_absmax = tl.maximum(tl.max(tl.abs(m_lo), axis=1), tl.max(tl.abs(m_hi), axis=1))
@@ -415,9 +485,10 @@ def new_state(
 def _check(
     master, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, step, clip_coef,
     grad_scale, found_inf, shadow, state_bits, exp_avg_scale, exp_avg_sq_scale, qblock, block,
-    master_dtypes=(torch.float32,),
+    master_dtypes=(torch.float32,), group_starts=None, sr_seed=None,
 ) -> int:  # fmt: skip
-    check_tensor(OP, "master", master, dtypes=master_dtypes)
+    check_tensor(OP, "master", master, dtypes=(*master_dtypes, torch.bfloat16))
+    _check_stochastic(master, shadow, sr_seed)
     if master.dim() != 1:
         raise KernelInputError(
             f"{OP}: master must be a flat 1-D buffer (an arena's), got shape {tuple(master.shape)}"
@@ -448,7 +519,7 @@ def _check(
     check_flag(OP, "step", step, dev)
     if found_inf is not None:
         check_flag(OP, "found_inf", found_inf, dev)
-    check_scalar_tensor(OP, "lr", lr, dev)
+    _check_groups(lr, weight_decay, group_starts, dev)
     for name, value in (("clip_coef", clip_coef), ("grad_scale", grad_scale)):
         if value is not None:
             check_scalar_tensor(OP, name, value, dev)
@@ -457,11 +528,53 @@ def _check(
             raise KernelInputError(f"{OP}: {name} must be in [0, 1), got {beta}")
     if not float(eps) > 0.0:
         raise KernelInputError(f"{OP}: eps must be > 0, got {eps}")
-    if not float(weight_decay) >= 0.0:
+    if not isinstance(weight_decay, torch.Tensor) and not float(weight_decay) >= 0.0:
         raise KernelInputError(f"{OP}: weight_decay must be >= 0, got {weight_decay}")
     if block is not None and (block < 16 or block & (block - 1)):
         raise KernelInputError(f"{OP}: block must be a power of two >= 16, got {block}")
     return n
+
+
+def _check_stochastic(master, shadow, sr_seed) -> None:
+    if master.dtype == torch.bfloat16:
+        if isinstance(sr_seed, bool) or not isinstance(sr_seed, int) or sr_seed < 0:
+            raise KernelInputError(
+                f"{OP}: bf16 master weights are updated with stochastic rounding and need "
+                f"sr_seed, an int >= 0 (got {sr_seed!r})"
+            )
+        if sr_seed >= 2**62:
+            raise KernelInputError(f"{OP}: sr_seed must be < 2**62, got {sr_seed}")
+        if shadow is not None:
+            raise KernelInputError(f"{OP}: bf16 master weights take no shadow")
+    elif sr_seed is not None:
+        raise KernelInputError(
+            f"{OP}: sr_seed is for bf16 master weights (stochastic rounding); master is "
+            f"{master.dtype}"
+        )
+
+
+def _check_groups(lr, weight_decay, group_starts, dev) -> None:
+    # Per-group values live on the device (read by the kernel, never synced); their ranges are
+    # the caller's to keep (FusedAdamW checks them on the host before filling the tensors).
+    if group_starts is None:
+        check_scalar_tensor(OP, "lr", lr, dev)
+        if isinstance(weight_decay, torch.Tensor):
+            check_tensor(OP, "weight_decay", weight_decay, dtypes=(torch.float32,), device=dev,
+                         numel=1)  # fmt: skip
+        return
+    check_tensor(OP, "group_starts", group_starts, dtypes=(torch.int64,), device=dev)
+    if group_starts.dim() != 1 or group_starts.numel() < 1:
+        raise KernelInputError(
+            f"{OP}: group_starts must be int64 [groups] (first element 0), got shape "
+            f"{tuple(group_starts.shape)}"
+        )
+    groups = group_starts.numel()
+    if not isinstance(lr, torch.Tensor):
+        raise KernelInputError(f"{OP}: with group_starts, lr must be a float32 [{groups}] tensor")
+    check_tensor(OP, "lr", lr, dtypes=(torch.float32,), device=dev, numel=groups)
+    if isinstance(weight_decay, torch.Tensor):
+        check_tensor(OP, "weight_decay", weight_decay, dtypes=(torch.float32,), device=dev,
+                     numel=groups)  # fmt: skip
 
 
 def _scalar_arg(value, default: float, dummy: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
@@ -487,7 +600,7 @@ def adamw_step(
     beta1: float = 0.9,
     beta2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    weight_decay: float | torch.Tensor = 0.0,
     step: torch.Tensor,
     clip_coef: float | torch.Tensor | None = None,
     grad_scale: float | torch.Tensor | None = None,
@@ -499,11 +612,13 @@ def adamw_step(
     qblock: int | None = None,
     block: int | None = None,
     num_warps: int | None = None,
+    group_starts: torch.Tensor | None = None,
+    sr_seed: int | None = None,
 ) -> None:
     """One AdamW step over flat buffers, in place (see the module docstring for the math).
 
     Args:
-        master: float32 ``[n]`` master weights, updated in place.
+        master: float32 ``[n]`` master weights (or bfloat16 with ``sr_seed``), in place.
         grad: float32/bfloat16/float16 ``[n]`` gradient (read only).
         exp_avg, exp_avg_sq: moment buffers laid out as ``state_shapes(n, state_bits, qblock)``
             (``new_state`` allocates them).
@@ -516,6 +631,15 @@ def adamw_step(
         exp_avg_scale, exp_avg_sq_scale: float32 per-block absmax, for state_bits 8 and 4.
         qblock: quantization block (default 256 for 8 bits, 128 for 4 bits).
         block, num_warps: elements per program and warps (tuning; defaults chosen per mode).
+        group_starts: optional int64 ``[G]`` device tensor, the first element of each parameter
+            group (ascending, ``group_starts[0] == 0``, each group a contiguous range). Then
+            ``lr`` is a float32 ``[G]`` tensor and ``weight_decay`` a float or a float32 ``[G]``
+            tensor: element ``i`` uses the values of the last group starting at or before ``i``.
+            Still one launch. ``weight_decay`` may also be a float32 ``[1]`` tensor without groups.
+        sr_seed: with a bfloat16 ``master`` (bf16 weights, no fp32 copy), required: the update is
+            computed in fp32 and rounded to bf16 stochastically with Philox bits drawn from
+            ``(sr_seed + step * SR_STEP_STRIDE, element index)``, so a run is reproducible
+            given the seed and each step draws new bits. Not allowed otherwise.
 
     Raises :class:`KernelInputError` before anything is launched when an operand breaks this
     contract. Never synchronizes with the host.
@@ -525,6 +649,7 @@ def adamw_step(
         weight_decay=weight_decay, step=step, clip_coef=clip_coef, grad_scale=grad_scale,
         found_inf=found_inf, shadow=shadow, state_bits=state_bits, exp_avg_scale=exp_avg_scale,
         exp_avg_sq_scale=exp_avg_sq_scale, qblock=qblock, block=block,
+        group_starts=group_starts, sr_seed=sr_seed,
     )  # fmt: skip
     if not use_triton(master):
         adamw_step_ref(
@@ -532,18 +657,22 @@ def adamw_step(
             weight_decay=weight_decay, step=step, clip_coef=clip_coef, grad_scale=grad_scale,
             found_inf=found_inf, shadow=shadow, state_bits=state_bits,
             exp_avg_scale=exp_avg_scale, exp_avg_sq_scale=exp_avg_sq_scale, qblock=qblock,
+            group_starts=group_starts, sr_seed=sr_seed,
         )  # fmt: skip
         return
     if n > 0:
         lr_ptr, lr_value, lr_from_ptr = _scalar_arg(lr, 0.0, step)
         clip_ptr, clip_value, clip_from_ptr = _scalar_arg(clip_coef, 1.0, step)
         gscale_ptr, gscale_value, gscale_from_ptr = _scalar_arg(grad_scale, 1.0, step)
+        wd_ptr, wd_value, wd_from_ptr = _scalar_arg(weight_decay, 0.0, step)
         common = (
             step,
             found_inf if found_inf is not None else step,
             lr_ptr,
             clip_ptr,
             gscale_ptr,
+            wd_ptr,
+            group_starts if group_starts is not None else step,
             n,
             lr_value,
             clip_value,
@@ -553,14 +682,18 @@ def adamw_step(
             math.log2(beta1) if beta1 > 0 else -math.inf,
             math.log2(beta2) if beta2 > 0 else -math.inf,
             float(eps),
-            float(weight_decay),
+            wd_value,
+            sr_seed or 0,
         )
         flags = {
             "LR_PTR": lr_from_ptr,
             "CLIP_PTR": clip_from_ptr,
             "GSCALE_PTR": gscale_from_ptr,
+            "WD_PTR": wd_from_ptr,
+            "NUM_GROUPS": 1 if group_starts is None else group_starts.numel(),
             "HAS_FOUND_INF": found_inf is not None,
             "HAS_SHADOW": shadow is not None,
+            "STOCHASTIC": master.dtype == torch.bfloat16,
         }
         shadow_arg = shadow if shadow is not None else master
         if state_bits in (32, 16):
@@ -658,7 +791,7 @@ def adamw_step_ref(
     beta1: float = 0.9,
     beta2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    weight_decay: float | torch.Tensor = 0.0,
     step: torch.Tensor,
     clip_coef: float | torch.Tensor | None = None,
     grad_scale: float | torch.Tensor | None = None,
@@ -670,6 +803,8 @@ def adamw_step_ref(
     qblock: int | None = None,
     block: int | None = None,
     num_warps: int | None = None,
+    group_starts: torch.Tensor | None = None,
+    sr_seed: int | None = None,
 ) -> None:
     """Plain-torch :func:`adamw_step` (same arguments, same in-place effect, no host sync).
 
@@ -681,10 +816,10 @@ def adamw_step_ref(
         weight_decay=weight_decay, step=step, clip_coef=clip_coef, grad_scale=grad_scale,
         found_inf=found_inf, shadow=shadow, state_bits=state_bits, exp_avg_scale=exp_avg_scale,
         exp_avg_sq_scale=exp_avg_sq_scale, qblock=qblock, block=None,
-        master_dtypes=(torch.float32, torch.float64),
+        master_dtypes=(torch.float32, torch.float64), group_starts=group_starts, sr_seed=sr_seed,
     )  # fmt: skip
     n = master.numel()
-    compute = master.dtype
+    compute = torch.float32 if master.dtype == torch.bfloat16 else master.dtype
 
     def as_tensor(value, default: float) -> torch.Tensor:
         if value is None:
@@ -705,11 +840,17 @@ def adamw_step_ref(
     t = step.to(torch.float64) + 1.0
     bc1 = (1.0 - torch.pow(torch.tensor(float(beta1), dtype=torch.float64), t)).to(compute)
     bc2 = (1.0 - torch.pow(torch.tensor(float(beta2), dtype=torch.float64), t)).to(compute)
-    lr_t = as_tensor(lr, 0.0)
+    lr_t, wd_t = as_tensor(lr, 0.0), as_tensor(weight_decay, 0.0)
+    if group_starts is not None:
+        # Each element's group: the last start at or before it (bucketize: no host sync).
+        idx = torch.arange(n, device=master.device)
+        which = torch.bucketize(idx, group_starts, right=True) - 1
+        lr_t = lr_t.reshape(-1)[which]
+        wd_t = wd_t.reshape(-1)[which] if wd_t.numel() > 1 else wd_t
     m = m + (1.0 - beta1) * (g - m)
     v = beta2 * v + (1.0 - beta2) * g * g
     denom = v.sqrt() / bc2.sqrt() + eps
-    p = master * (1.0 - lr_t * weight_decay) - (lr_t / bc1) * (m / denom)
+    p = master.to(compute) * (1.0 - lr_t * wd_t) - (lr_t / bc1) * (m / denom)
 
     keep = None if found_inf is None else found_inf != 0
 
@@ -717,6 +858,13 @@ def adamw_step_ref(
         new = new.to(dst.dtype)
         dst.copy_(new if keep is None else torch.where(keep, dst, new))
 
+    if master.dtype == torch.bfloat16:
+        # Other random bits than the kernel's Philox stream (same law): a torch generator seeded
+        # from (sr_seed, step). Reading the step count syncs: the reference is for tests.
+        gen = torch.Generator(device=master.device)
+        gen.manual_seed(sr_seed + int(step.item()) * SR_STEP_STRIDE)
+        bits = torch.randint(0, 1 << 16, (n,), generator=gen, device=master.device)
+        p = stochastic_round_bf16_ref(p, bits.to(torch.int32))
     write(master, p)
     if shadow is not None:
         write(shadow, p)
@@ -731,3 +879,10 @@ def adamw_step_ref(
         write(exp_avg_scale, m_absmax)
         write(exp_avg_sq_scale, v_absmax)
     _advance_step(step, found_inf)
+
+
+def stochastic_round_bf16_ref(x: torch.Tensor, random16: torch.Tensor) -> torch.Tensor:
+    """float32 ``x`` rounded to bfloat16 with the kernel's rule, given int32 ``random16`` in
+    ``[0, 2^16)`` per element: add the random bits below bf16's mantissa, then truncate."""
+    bits = (x.to(torch.float32).contiguous().view(torch.int32) + random16) & -65536
+    return bits.view(torch.float32).to(torch.bfloat16)

@@ -24,6 +24,23 @@ def test_import_touches_no_device_and_compiles_nothing():
     assert out.stdout.strip() == "ok"
 
 
+def test_top_level_names_are_lazy():
+    code = (
+        "import sys, torch\n"
+        "import hybrid_triton\n"
+        "from hybrid_triton import FusedAdamW, FlatArena, TrainerConfig, DynamicLossScaler\n"
+        "assert 'triton' not in sys.modules, 'triton was imported by a top-level name'\n"
+        "assert 'hybrid_triton.trainer' not in sys.modules, 'the trainer was imported eagerly'\n"
+        "from hybrid_triton import GradAccumulator, HybridTrainer, StateOffloader\n"
+        "assert all(getattr(hybrid_triton, n) is not None for n in hybrid_triton.__all__)\n"
+        "assert not torch.cuda.is_initialized(), 'CUDA was initialized by import'\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
 @pytest.mark.parametrize(
     ("forced", "interp", "device_type", "expected"),
     [

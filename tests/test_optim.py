@@ -274,13 +274,25 @@ def test_construction_errors(device):
     with pytest.raises(ValueError, match="mix"):
         FusedAdamW(mixed.parameters())
     with pytest.raises(ValueError, match="master_weights"):
-        FusedAdamW(make_mlp(device).to(torch.bfloat16).parameters(), master_weights=False)
+        FusedAdamW(make_mlp(device).to(torch.float16).parameters(), master_weights=False)
     with pytest.raises(ValueError, match="master_weights=True needs"):
         FusedAdamW(make_mlp(device).parameters(), master_weights=True)
     with pytest.raises(ValueError, match="state_bits"):
         FusedAdamW(make_mlp(device).parameters(), state_bits=3)
-    with pytest.raises(ValueError, match="one parameter group"):
-        FusedAdamW([{"params": list(make_mlp(device).parameters())}])
+    model = make_mlp(device)
+    before = [p.data_ptr() for p in model.parameters()]
+    w, b = (
+        [p for p in model.parameters() if p.dim() > 1],
+        [p for p in model.parameters() if p.dim() == 1],
+    )
+    with pytest.raises(ValueError, match="betas"):
+        FusedAdamW([{"params": w}, {"params": b, "betas": (0.8, 0.9)}])
+    with pytest.raises(ValueError, match="more than one group"):
+        FusedAdamW([{"params": w}, {"params": w}])
+    with pytest.raises(ValueError, match="lr must be finite"):
+        FusedAdamW([{"params": w, "lr": float("nan")}])
+    # Refused before packing: the parameters are still where they were.
+    assert [p.data_ptr() for p in model.parameters()] == before
 
 
 def test_plain_params_are_packed(device):
