@@ -27,6 +27,9 @@ _LAZY = {
     "DistributedFusedAdamW": "hybrid_triton.distributed",
     "DistributedHybridTrainer": "hybrid_triton.distributed",
     "KernelInputError": "hybrid_triton.kernels._checks",
+    "prepare": "hybrid_triton.preparation",
+    "PreparedModel": "hybrid_triton.preparation",
+    "PrepareError": "hybrid_triton.preparation",
 }
 
 __all__ = ["__version__", *sorted(_LAZY)]

@@ -357,6 +357,12 @@ class FusedAdamW(torch.optim.Optimizer):
     def flat_grad(self) -> torch.Tensor | None:
         return self._flat_grad
 
+    def master_views(self) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+        """Each parameter with its fp32 master weights (a view shaped like it), e.g. to start
+        the masters from fp32 values the bf16 parameters only approximate."""
+        g = self.arena_group
+        return list(zip(g.params, g.views(self.master)))
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """With attached flat grads, zero the buffer in place (the views stay attached)."""
         if self._flat_grad is not None:

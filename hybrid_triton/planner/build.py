@@ -27,12 +27,16 @@ def _low_precision(s: TrainSetup) -> bool:
 
 def uses_fused_adamw(s: TrainSetup) -> bool:
     """The toolkit's FusedAdamW is the only optimizer here that keeps fp32 master weights
-    for bf16/fp16 parameters or stores moments in 16/8/4 bits beside fp32 parameters (plain
-    PyTorch's optimizers keep their state in the parameters' dtype)."""
+    for bf16/fp16 parameters, stores moments in 16/8/4 bits beside fp32 parameters, or
+    updates bf16 parameters without a master copy by stochastic rounding from flat
+    gradients or with other than bf16 moments (plain PyTorch's optimizers keep their state
+    in the parameters' dtype and round to nearest)."""
     if s.optimizer != "adamw":
         return False
     if s.master_weights or s.trainer:
         return True
+    if s.param_dtype == "bf16":
+        return s.grad_mode != "full" or s.state_bits != 16
     return not _low_precision(s) and s.state_bits != 32
 
 
@@ -53,20 +57,20 @@ NOT_BUILDABLE: tuple[Rule, ...] = (
     Rule(
         "low-precision parameters without a master copy, state not in their dtype",
         lambda s: (
-            _low_precision(s)
+            s.param_dtype == "fp16"
             and not s.master_weights
             and s.optimizer != "none"
             and s.state_bits != 16
         ),
-        "bf16/fp16 parameters without fp32 master weights: plain PyTorch's optimizers keep "
-        "their state in the parameters' dtype (state_bits=16), and FusedAdamW needs master "
-        "weights for low-precision parameters",
+        "fp16 parameters without fp32 master weights: plain PyTorch's optimizers keep "
+        "their state in the parameters' dtype (state_bits=16), and FusedAdamW's stochastic "
+        "rounding without a master copy is for bf16 parameters only",
     ),
     Rule(
         "low-precision parameters without a master copy, flat or hook-folded gradients",
-        lambda s: _low_precision(s) and not s.master_weights and s.grad_mode != "full",
+        lambda s: s.param_dtype == "fp16" and not s.master_weights and s.grad_mode != "full",
         "flat or hook-folded gradients feed FusedAdamW, which needs fp32 master weights for "
-        "bf16/fp16 parameters; without a master copy the gradients are plain .grad tensors",
+        "fp16 parameters (stochastic rounding without a master copy is for bf16 only)",
     ),
     Rule(
         "FusedAdamW gathering per-parameter gradients",
@@ -122,6 +126,11 @@ def _precision_steps(s: TrainSetup) -> list[str]:
     cast = f"`model.to({_TORCH_DTYPE[s.param_dtype]})` after moving it to the GPU"
     if s.master_weights:
         return [f"{cast}: the parameters become shadows of FusedAdamW's fp32 master weights"]
+    if uses_fused_adamw(s):
+        return [
+            f"{cast}; no master copy: FusedAdamW(..., master_weights=False) rounds each "
+            "update to bf16 stochastically (unbiased)"
+        ]
     return [f"{cast}; no master copy (updates below the dtype's resolution are lost)"]
 
 
@@ -132,10 +141,11 @@ def _optimizer_steps(s: TrainSetup) -> list[str]:
         return ["`opt = torch.optim.SGD(model.parameters(), lr=..., momentum=0.9)`"]
     if not uses_fused_adamw(s):
         return ["`opt = torch.optim.AdamW(model.parameters(), lr=..., fused=True)`"]
+    master = "" if s.master_weights or s.trainer else ", master_weights=False"
     lines = [
         "`from hybrid_triton import FlatArena`; `from hybrid_triton.optim import FusedAdamW`",
         "`arena = FlatArena.from_module(model)` (after the move to the GPU and the cast)",
-        f"`opt = FusedAdamW(arena, lr=..., state_bits={s.state_bits}, max_grad_norm=1.0)`",
+        f"`opt = FusedAdamW(arena, lr=..., state_bits={s.state_bits}{master}, max_grad_norm=1.0)`",
     ]
     if s.trainer:
         lines.append(
@@ -189,6 +199,14 @@ def build_steps(spec: ModelSpec, setup: TrainSetup) -> list[str]:
         lines.append(
             "`export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` before the process "
             "starts (the plan assumes PyTorch's expandable segments)"
+        )
+    if uses_fused_adamw(s) and not s.trainer and s.param_dtype == "bf16":
+        lines.append(
+            "in one call (Hugging Face models, the project's GPT-2, or any module with "
+            "plan=False): `prepared = hybrid_triton.prepare(model, gpu=..., batch_size="
+            f"{s.micro_batch}, seq_len={s.seq_len}"
+            + ("" if s.master_weights else ", master_weights=False")
+            + ")`; or step by step:"
         )
     lines += _precision_steps(s)
     lines += _checkpoint_steps(s, spec)
