@@ -277,7 +277,8 @@ class StreamingAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """Clip, skip if non-finite, and stream the update; returns ``closure()`` if given.
+        """Clip, skip if non-finite, and stream the update (closures are refused: gradients
+        leave during backward, so backward must have run before ``step``).
 
         Raises RuntimeError when paused or before ``num_micro_batches`` backward passes."""
         if closure is not None:

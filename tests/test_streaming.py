@@ -264,3 +264,25 @@ def test_cuda_no_gradient_stays_on_the_device():
     assert all(p.grad is None for p in model.parameters())
     eng.step()
     eng.remove()
+
+
+@pytest.mark.parametrize("bits", [32, 8, 4])
+def test_planner_counts_match_the_engine(bits):
+    from hybrid_triton.planner.streaming import streaming_cost
+
+    model = nn.Linear(100, 30).to(torch.bfloat16)
+    eng = StreamingAdamW(model.parameters(), state_bits=bits, chunk_numel=1024)
+    x = torch.randn(2, 100, dtype=torch.bfloat16)
+    model(x).sum().backward()
+    eng.step()
+    n = eng.arena_group.numel
+    cost = streaming_cost(
+        n, state_bits=bits, chunk_numel=eng.chunk_numel, compute_seconds_per_micro_batch=1.0,
+        h2d_bytes_per_second=1e9, d2h_bytes_per_second=1e9, num_micro_batches=2,
+    )  # fmt: skip
+    assert cost.host_bytes == sum(eng.host_bytes().values())
+    assert cost.device_bytes == 2 * n + eng.device_bytes()
+    assert cost.d2h_bytes_per_step == 2 * 2 * n + eng.host_bytes()["master"] + sum(
+        v for k, v in eng.host_bytes().items() if k.startswith("exp_avg")
+    )
+    assert 0 < cost.gpu_busy_share < 1
