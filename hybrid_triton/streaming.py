@@ -200,6 +200,9 @@ class StreamingAdamW(torch.optim.Optimizer):
         self._acc_free: torch.cuda.Event | None = None
         self._host_ready: torch.cuda.Event | None = None
         self._sumsq_lock = threading.Lock()
+        self._chunk_events: list = []  # per chunk: its new weights are written
+        self._generation = 0  # updates published so far
+        self._module_hooks: list = []
         self.last_grad_norm: float | None = None
         self.last_step_skipped = False
         owner = weakref.ref(self)
@@ -352,6 +355,7 @@ class StreamingAdamW(torch.optim.Optimizer):
             step = torch.zeros(1, dtype=torch.float32, device=dev)
         flat = self.arena_group.flat
         updated = loaded = None
+        done = []
         for i, (a, b) in enumerate(self._chunks()):
             buf = sets[i % 2]
             st.wait(st.h2d, buf["freed"])
@@ -370,13 +374,14 @@ class StreamingAdamW(torch.optim.Optimizer):
                     exp_avg_sq_scale=d.get("exp_avg_sq_scale"), **kw,
                 )  # fmt: skip
             updated = st.record(st.update)
+            done.append(updated)
             st.wait(st.d2h, updated)
             with st.on(st.d2h):
                 for dst, src in views:
                     if dst is not views[1][0]:  # the gradient does not go back
                         src.copy_(dst, non_blocking=True)
             buf["freed"] = st.record(st.d2h)
-        st.wait(st.compute(), updated)  # the next forward reads the new weights
+        self._publish(done)
         self._acc_free = loaded  # the next window's first fold overwrites what h2d read
         self._host_ready = buf["freed"] if st.cuda else None
 
@@ -386,6 +391,7 @@ class StreamingAdamW(torch.optim.Optimizer):
         kw = self._kernel_args(hp, torch.device("cpu"), clip)
         step = torch.zeros(1, dtype=torch.float32)
         flat = self.arena_group.flat
+        st.wait(st.h2d, st.record(st.compute()))  # backward has finished reading the weights
         copied = None
         for a, b in self._chunks():
             views = dict(host.chunk(a, b, self.state_bits, self.qblock))
@@ -401,7 +407,7 @@ class StreamingAdamW(torch.optim.Optimizer):
                     flat[a:b].copy_(shadow, non_blocking=True)
         if st.cuda:
             copied = st.record(st.h2d)
-            st.wait(st.compute(), copied)
+            self._publish([copied] * self.num_chunks)
             st.wait(st.d2h, copied)  # the next gradients land in the staging we just read
         self._acc_free = None
 
@@ -419,6 +425,54 @@ class StreamingAdamW(torch.optim.Optimizer):
                 }
                 self._dev_sets.append(buf)
         return self._dev_sets
+
+    # ------------------------------------------------------------------------------------------
+    # the next forward: wait for the whole update, or per module as its chunks land
+    # ------------------------------------------------------------------------------------------
+
+    def _publish(self, chunk_events: list) -> None:
+        """Make the new weights visible to the compute stream: at once (default), or per
+        module when :meth:`overlap_next_forward` is installed."""
+        self._chunk_events = chunk_events
+        self._generation += 1
+        if not self._module_hooks and chunk_events:
+            self._streams.wait(self._streams.compute(), chunk_events[-1])
+
+    def wait_for_update(self) -> None:
+        """Make the current stream wait (on the device, no host sync) for the whole last
+        update. Only needed with :meth:`overlap_next_forward`, before reading the weights
+        outside a module's forward."""
+        if self._chunk_events:
+            self._streams.wait(self._streams.compute(), self._chunk_events[-1])
+
+    def overlap_next_forward(self, module: nn.Module) -> None:
+        """Let the next forward start while the update still streams: each submodule that
+        owns arena parameters waits, in a forward pre-hook, only for the chunks that hold
+        them (the ``update`` stream is in order, so the last of them). The arena is in
+        registration order, which is forward order for the usual stacks of blocks, so the
+        first blocks compute while the last chunks are still in flight. Code that reads the
+        weights outside a forward must call :meth:`wait_for_update` first."""
+        starts = {id(p): seg for p, seg in zip(self.arena_group.params, self.arena_group.table)}
+        for sub in module.modules():
+            last = [
+                (starts[id(p)].end - 1) // self.chunk_numel
+                for p in sub.parameters(recurse=False)
+                if id(p) in starts and starts[id(p)].numel > 0
+            ]
+            if last:
+                hook = _make_forward_wait(weakref.ref(self), max(last))
+                self._module_hooks.append(sub.register_forward_pre_hook(hook))
+        if not self._module_hooks:
+            raise ValueError(
+                "StreamingAdamW.overlap_next_forward: the module owns none of this optimizer's "
+                "parameters"
+            )
+
+    def _forward_wait(self, chunk: int, waited: dict) -> None:
+        if waited.get("generation") == self._generation or not self._chunk_events:
+            return
+        waited["generation"] = self._generation
+        self._streams.wait(self._streams.compute(), self._chunk_events[chunk])
 
     # ------------------------------------------------------------------------------------------
     # pause / resume, synchronization
@@ -465,9 +519,10 @@ class StreamingAdamW(torch.optim.Optimizer):
     def remove(self) -> None:
         """Remove the hooks and stop the worker (the parameters get ordinary ``.grad`` again)."""
         self.synchronize()
-        for h in self._handles:
+        self.wait_for_update()
+        for h in self._handles + self._module_hooks:
             h.remove()
-        self._handles = []
+        self._handles, self._module_hooks = [], []
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
@@ -668,6 +723,17 @@ def _make_hook(owner: weakref.ref, si: int):
         engine = owner()
         if engine is not None:
             engine._on_grad(si, param)
+
+    return hook
+
+
+def _make_forward_wait(owner: weakref.ref, chunk: int):
+    waited: dict = {}  # per module: the update it already waited for
+
+    def hook(module, args) -> None:
+        engine = owner()
+        if engine is not None:
+            engine._forward_wait(chunk, waited)
 
     return hook
 

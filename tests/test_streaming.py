@@ -78,6 +78,7 @@ def test_matches_fused_adamw_bit_for_bit(bits, update):
     pair = make_pair("cpu", bits, micro, max_norm=MAX_NORM, update=update, chunk_numel=1024)
     model, eng, _, opt, _ = pair
     assert eng.num_chunks > 2
+    eng.overlap_next_forward(model)  # per-module waits (no-ops on the CPU) change no math
     run_steps(*pair, "cpu", steps, micro, poison_step=1)
     eng.synchronize()
     assert eng.step_count == steps - 1 == int(opt.flat_state["step"])
@@ -164,6 +165,12 @@ def test_bad_options(kwargs, match):
         StreamingAdamW(model.parameters(), **kwargs)
 
 
+def test_overlap_needs_a_module_with_these_parameters():
+    eng = StreamingAdamW(nn.Linear(4, 4).to(torch.bfloat16).parameters())
+    with pytest.raises(ValueError, match="owns none"):
+        eng.overlap_next_forward(nn.Linear(4, 4))
+
+
 def test_fp32_weights_rejected():
     with pytest.raises(ValueError, match="bf16 or fp16"):
         StreamingAdamW(nn.Linear(4, 4).parameters())
@@ -235,10 +242,12 @@ def test_host_bytes_report_every_buffer():
 def test_cuda_stream_matches_fused_adamw(bits):
     micro, steps = 3, 4
     pair = make_pair("cuda", bits, micro, max_norm=MAX_NORM, chunk_numel=1 << 12)
-    _, eng, _, opt, _ = pair
+    model, eng, _, opt, _ = pair
+    eng.overlap_next_forward(model)  # forwards wait per module on the update stream's events
     assert eng.master.is_pinned() and eng.host_buffers()["acc"].is_pinned()
     run_steps(*pair, "cuda", steps, micro, poison_step=2)
     eng.synchronize()
+    eng.wait_for_update()
     assert torch.equal(eng.master, opt.master.cpu())
     assert torch.equal(eng.arena_group.flat, opt.arena_group.flat)
     eng.remove()
