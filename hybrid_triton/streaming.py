@@ -195,6 +195,8 @@ class StreamingAdamW(torch.optim.Optimizer):
         self._paused = False
         self._dev_sets: list[dict[str, Any]] | None = None
         self._window = _Window(self.num_micro_batches, len(group.table))
+        # One thread: folds run in submission order, so waiting for each segment's latest
+        # fold (``_drain``) waits for all of them.
         self._worker = ThreadPoolExecutor(1) if self._streams.cuda else None
         self._folds: list[Future | None] = [None] * len(group.table)
         self._acc_free: torch.cuda.Event | None = None

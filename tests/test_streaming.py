@@ -6,6 +6,8 @@ skipped non-finite step; on a CPU-only machine both run on the CPU through the i
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -169,6 +171,16 @@ def test_overlap_needs_a_module_with_these_parameters():
     eng = StreamingAdamW(nn.Linear(4, 4).to(torch.bfloat16).parameters())
     with pytest.raises(ValueError, match="owns none"):
         eng.overlap_next_forward(nn.Linear(4, 4))
+
+
+def test_import_is_free():
+    code = (
+        "import sys, torch\n"
+        "import hybrid_triton.streaming, hybrid_triton.planner.streaming\n"
+        "assert 'triton' not in sys.modules, 'triton was imported eagerly'\n"
+        "assert not torch.cuda.is_initialized()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_fp32_weights_rejected():
