@@ -53,6 +53,8 @@ def make_pair(device, bits, micro, max_norm, **kw):
 
 def run_steps(model, eng, ref, opt, acc, device, steps, micro, poison_step=None, clipped=True):
     for step in range(steps):
+        for o in (eng, opt):  # a schedule: both read param_groups[0]["lr"] at every step
+            o.param_groups[0]["lr"] = HP["lr"] * (1.0 - 0.2 * step)
         for k in range(micro):
             idx = torch.randint(0, CFG.vocab_size, (2, CFG.block_size), device=device)
             tgt = torch.randint(0, CFG.vocab_size, (2, CFG.block_size), device=device)
@@ -90,6 +92,25 @@ def test_matches_fused_adamw_bit_for_bit(bits, update):
         if k not in ("step", "master"):
             assert torch.equal(v, opt.flat_state[k]), k
     assert all(p.grad is None for p in model.parameters()), "gradients stayed on the params"
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_last_chunk_ends_inside_a_quantization_block(bits):
+    # 2112 elements: two full chunks of 1024 and one of 64, less than a 128/256 block.
+    p = nn.Parameter(torch.randn(33, 64, dtype=torch.bfloat16))
+    q = nn.Parameter(p.detach().clone())
+    eng = StreamingAdamW([p], **HP, state_bits=bits, chunk_numel=1024)
+    opt = FusedAdamW([q], **HP, state_bits=bits)
+    assert eng.num_chunks == 3
+    for _ in range(3):
+        w = torch.randn(33, 64)
+        (p.float() * w).sum().backward()
+        (q.float() * w).sum().backward()
+        eng.step()
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(eng.master, opt.master)
+    assert torch.equal(p, q)
 
 
 def test_norm_definition():
