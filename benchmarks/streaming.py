@@ -7,9 +7,12 @@ block) trains on random tokens at sequence 2048 under ``set_per_process_memory_f
 
 - ``stream_device``: :class:`hybrid_triton.streaming.StreamingAdamW`, ``update="device"``;
 - ``stream_host``: the same with ``update="host"``;
-- ``torchao``: torchao's ``CPUOffloadOptimizer`` (``torch.optim.AdamW``, fused, gradients
-  offloaded), a ``skipped`` row when torchao does not import. It keeps the optimizer state
-  in the parameters' dtype (bf16 here, no fp32 master weights): a cheaper job than ours.
+- ``torchao``: torchao's ``CPUOffloadOptimizer`` (``torch.optim.AdamW``, fused), a
+  ``skipped`` row when torchao does not import. Its CPU copy of the parameters and its state
+  are in the parameters' dtype (bf16 here, no fp32 master weights): a cheaper job than ours.
+  Its ``offload_gradients`` is documented as incompatible with gradient accumulation, so with
+  several micro-batches it keeps the full bf16 gradients on the GPU; ``--micro-batches 1``
+  compares both with gradients offloaded.
 
 Recorded per run (``results.csv``, the bench harness's long format): peak allocated and
 reserved device memory, the median step time and tokens/s over the timed steps, the host
@@ -108,9 +111,11 @@ def make_optimizer(provider: str, model: torch.nn.Module, setup: Setup):
     if provider == "torchao":
         from torchao.optim import CPUOffloadOptimizer
 
+        # torchao documents offload_gradients as incompatible with gradient accumulation:
+        # with several micro-batches its full bf16 gradients stay on the GPU.
         opt = CPUOffloadOptimizer(
-            model.parameters(), torch.optim.AdamW, offload_gradients=True, fused=True, lr=1e-5,
-            weight_decay=0.1,
+            model.parameters(), torch.optim.AdamW, offload_gradients=setup.micro_batches == 1,
+            fused=True, lr=1e-5, weight_decay=0.1,
         )  # fmt: skip
 
         def step() -> None:
@@ -212,9 +217,18 @@ def _record(rec: Recorder, case: str, provider: str, values: dict, config: dict)
     rec.status(case, provider, STATUS_OK, config=config)
 
 
-def _in_subprocess(provider: str, cap: float, quick: bool) -> tuple[str, dict | str]:
+def make_setup(quick: bool, micro_batches: int | None = None) -> Setup:
+    setup = QUICK if quick else FULL
+    if micro_batches is not None:
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+        setup = dataclasses.replace(setup, micro_batches=micro_batches)
+    return setup
+
+
+def _in_subprocess(provider: str, cap: float, quick: bool, micro: int) -> tuple[str, dict | str]:
     cmd = [sys.executable, __file__, "--one", provider, "--cap", str(cap)]
-    cmd += ["--quick"] if quick else []
+    cmd += ["--micro-batches", str(micro)] + (["--quick"] if quick else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     if out.returncode == 0 and lines:
@@ -225,8 +239,14 @@ def _in_subprocess(provider: str, cap: float, quick: bool) -> tuple[str, dict | 
     return kind, text
 
 
-def run(out: str | os.PathLike, quick: bool, caps: list[float], providers: list[str]) -> Path:
-    setup = QUICK if quick else FULL
+def run(
+    out: str | os.PathLike,
+    quick: bool,
+    caps: list[float],
+    providers: list[str],
+    micro_batches: int | None = None,
+) -> Path:
+    setup = make_setup(quick, micro_batches)
     machine = machine_info()
     rec = Recorder(SUITE, machine)
     on_gpu = torch.cuda.is_available()
@@ -240,7 +260,8 @@ def run(out: str | os.PathLike, quick: bool, caps: list[float], providers: list[
                 continue
             _record(rec, case, provider, run_one(provider, None, setup), config)
             continue
-        status, result = _in_subprocess(provider, cap, quick)  # one process per comparison
+        # One process per comparison: caps, allocator state and host memory start fresh.
+        status, result = _in_subprocess(provider, cap, quick, setup.micro_batches)
         if status == STATUS_OK:
             _record(rec, case, provider, result, config)
         else:
@@ -260,11 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model, CPU-friendly")
     parser.add_argument("--caps", default="16,24", help="GiB caps, comma-separated")
     parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--micro-batches", type=int, help="default 8 (2 with --quick)")
     parser.add_argument("--one", choices=PROVIDERS, help=argparse.SUPPRESS)
     parser.add_argument("--cap", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:  # a child process: one provider under one cap
-        result = run_one(args.one, args.cap, QUICK if args.quick else FULL)
+        result = run_one(args.one, args.cap, make_setup(args.quick, args.micro_batches))
         print("RESULT " + json.dumps(result))
         return 0
     providers = [p for p in args.providers.split(",") if p]
@@ -272,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown provider(s) {unknown}; expected some of {list(PROVIDERS)}")
     caps = [float(c) for c in args.caps.split(",") if c]
-    print(run(args.out, args.quick, caps, providers))
+    print(run(args.out, args.quick, caps, providers, args.micro_batches))
     return 0
 
 
