@@ -173,6 +173,7 @@ class StreamingAdamW(torch.optim.Optimizer):
             update, chunk_numel,
         )  # fmt: skip
         group = _to_group(params)
+        _check_no_grads(group, "__init__")
         defaults = {
             "lr": lr,
             "betas": tuple(betas),
@@ -493,7 +494,11 @@ class StreamingAdamW(torch.optim.Optimizer):
         self._dev_sets = None
 
     def resume(self) -> None:
-        """Restart the stream; the next backward is the first micro-batch of a window."""
+        """Restart the stream; the next backward is the first micro-batch of a window.
+
+        Raises if a parameter still holds a ``.grad`` from the paused phase: autograd would add
+        the next gradient to it and the stale part would be streamed as new."""
+        _check_no_grads(self.arena_group, "resume")
         self._paused = False
 
     @property
@@ -727,6 +732,15 @@ def _make_hook(owner: weakref.ref, si: int):
             engine._on_grad(si, param)
 
     return hook
+
+
+def _check_no_grads(group: ArenaGroup, where: str) -> None:
+    held = [seg.name for p, seg in zip(group.params, group.table) if p.grad is not None]
+    if held:
+        raise RuntimeError(
+            f"StreamingAdamW.{where}: {len(held)} parameter(s) hold a .grad (first: {held[0]!r}); "
+            "the next backward would add to it. Call model.zero_grad(set_to_none=True) first"
+        )
 
 
 def _make_forward_wait(owner: weakref.ref, chunk: int):

@@ -204,6 +204,13 @@ def test_import_is_free():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_stale_gradients_rejected():
+    model = nn.Linear(4, 2).to(torch.bfloat16)
+    model(torch.randn(3, 4, dtype=torch.bfloat16)).sum().backward()
+    with pytest.raises(RuntimeError, match=r"hold a \.grad"):
+        StreamingAdamW(model.parameters())
+
+
 def test_fp32_weights_rejected():
     with pytest.raises(ValueError, match="bf16 or fp16"):
         StreamingAdamW(nn.Linear(4, 4).parameters())
@@ -239,6 +246,9 @@ def test_pause_passes_gradients_through_and_resume_restarts():
     assert model.weight.grad is not None  # passed through, untouched
     with pytest.raises(RuntimeError, match="paused"):
         eng.step()
+    with pytest.raises(RuntimeError, match=r"hold a \.grad"):
+        eng.resume()  # the paused phase's gradient would be added to the next one
+    assert eng.paused
     model.zero_grad()
     eng.resume()
     model(x).sum().backward()
