@@ -170,7 +170,7 @@ class StreamingAdamW(torch.optim.Optimizer):
         adamw = _adamw()
         _check_options(
             adamw, lr, betas, eps, weight_decay, num_micro_batches, state_bits, max_grad_norm,
-            update, chunk_numel,
+            update, chunk_numel, qblock,
         )  # fmt: skip
         group = _to_group(params)
         _check_no_grads(group, "__init__")
@@ -300,6 +300,8 @@ class StreamingAdamW(torch.optim.Optimizer):
                 "micro-batches have run backward; step after the last one"
             )
         self._drain()
+        if self.update == "device":
+            self._device_sets()  # allocated before the window is consumed: an OOM loses nothing
         sumsq = self._host.sumsq
         self._host.sumsq = 0.0
         self._window.reset()
@@ -764,7 +766,7 @@ def _sumsq64(x: torch.Tensor) -> float:
 
 def _check_options(
     adamw, lr, betas, eps, weight_decay, num_micro_batches, state_bits, max_grad_norm, update,
-    chunk_numel,
+    chunk_numel, qblock,
 ) -> None:  # fmt: skip
     name = "StreamingAdamW"
     if state_bits not in adamw.STATE_BITS:
@@ -783,6 +785,11 @@ def _check_options(
         raise ValueError(f"{name}: update must be one of {_UPDATES}, got {update!r}")
     if isinstance(chunk_numel, bool) or int(chunk_numel) < 1:
         raise ValueError(f"{name}: chunk_numel must be >= 1, got {chunk_numel}")
+    if qblock is not None:
+        if state_bits not in (8, 4):
+            raise ValueError(f"{name}: qblock applies to 8/4-bit state, not {state_bits}-bit")
+        if qblock < 16 or qblock & (qblock - 1):
+            raise ValueError(f"{name}: qblock must be a power of two >= 16, got {qblock}")
 
 
 def _to_group(params) -> ArenaGroup:

@@ -179,8 +179,10 @@ def test_bad_state_dict_changes_nothing():
         ({"max_grad_norm": 0.0}, "max_grad_norm"),
         ({"chunk_numel": 0}, "chunk_numel"),
         ({"betas": (0.9, 1.0)}, "betas"),
+        ({"state_bits": 8, "qblock": 100}, "power of two"),
+        ({"state_bits": 32, "qblock": 128}, "qblock applies"),
     ],
-    ids=["bits", "update", "micro", "clip", "chunk", "betas"],
+    ids=["bits", "update", "micro", "clip", "chunk", "betas", "qblock", "qblock-unused"],
 )
 def test_bad_options(kwargs, match):
     model = nn.Linear(4, 4).to(torch.bfloat16)
