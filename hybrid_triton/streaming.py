@@ -98,6 +98,7 @@ class _Streams:
     """The side streams and events on CUDA; no-ops on the CPU (copies are then synchronous)."""
 
     def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.d2h = torch.cuda.Stream(device)
@@ -107,7 +108,7 @@ class _Streams:
             self.d2h = self.h2d = self.update = None
 
     def compute(self):
-        return torch.cuda.current_stream() if self.cuda else None
+        return torch.cuda.current_stream(self.device) if self.cuda else None
 
     def record(self, stream) -> torch.cuda.Event | None:
         if not self.cuda:
