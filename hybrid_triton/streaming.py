@@ -48,7 +48,10 @@ host worker (thread)    that copy's event (``Event.synchronize`` in the worker, 
                         weights it overwrites) and the ``h2d`` event of chunk i
 ``d2h`` chunk i         the ``update`` event of chunk i
 compute stream          the last ``update`` (or host-path ``h2d``) event, before the next
-                        forward reads the weights
+                        forward reads the weights; with ``overlap_next_forward``, each
+                        module's forward pre-hook waits only for the chunk holding its
+                        last parameter
+``d2h`` (host path)     the last host-path ``h2d`` event (the staging it read is reused)
 ======================  =====================================================================
 
 ``pause()`` / ``resume()``: Predict phases need neither gradients nor moments. While paused,
