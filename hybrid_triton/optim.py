@@ -283,7 +283,7 @@ class FusedAdamW(torch.optim.Optimizer):
         self._build_group_tables()
         self._flat_grad: torch.Tensor | None = None
         self.last_grad_norm: torch.Tensor | None = None
-        # Where each parameter must live: checked at every step (see _check_params).
+        # Where each parameter must live: checked at every step (see check_params).
         self._record_packing()
 
     def _build_group_tables(self) -> None:
@@ -311,8 +311,8 @@ class FusedAdamW(torch.optim.Optimizer):
 
     @property
     def lr_tensor(self) -> torch.Tensor:
-        """float32 ``[groups]`` device tensor of the learning rates the next step uses
-        (refreshed from ``param_groups`` at each step; read it, do not write it)."""
+        """float32 ``[groups]`` device tensor of the learning rates: those of the last step,
+        refreshed from ``param_groups`` at the start of each step (read it, do not write it)."""
         return self._lr
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -9,6 +9,16 @@ the same math as ``torch.optim.AdamW``). With ``t`` the step count after this st
     p  = p * (1 - lr * weight_decay) - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
     shadow = p.to(shadow.dtype)                             (optional bf16/fp16 model weights)
 
+Parameter groups (``group_starts``, int64 ``[G]``): each group is a contiguous range of the flat
+buffers with its own ``lr`` and ``weight_decay`` (float32 ``[G]`` device tables); every program
+looks its elements' values up in the tables, so the step is still one launch with no extra
+bytes per element.
+
+bf16 weights without a master copy (``master`` bfloat16, ``sr_seed`` given): the update is
+computed in fp32 and stored with stochastic rounding (16 Philox bits added below bf16's
+mantissa, then truncated: unbiased), the bits drawn from ``(sr_seed + t * SR_STEP_STRIDE,
+element index)`` with ``t`` read from the device step count: reproducible given the seed.
+
 Sync-free: ``lr``, ``clip_coef`` and ``grad_scale`` may be one-element float32 device tensors
 (read by the kernel), ``step`` is a float32 [1] device tensor holding the number of steps
 taken so far, and ``found_inf`` a float32 [1] flag: when it is nonzero the kernel writes
