@@ -119,10 +119,12 @@ class GradAccumulator:
         self._views = [
             [acc[s.offset : s.end] for s in g.table] for g, acc in zip(groups, self.accumulators)
         ]
+        # Sums of squares in float64: a gradient of 1e20 squares to 1e40, past fp32's range
+        # (the step would then read an infinite norm as a non-finite gradient).
         self.seg_sumsq = [
-            torch.zeros(len(g.table), dtype=torch.float32, device=self.device) for g in groups
+            torch.zeros(len(g.table), dtype=torch.float64, device=self.device) for g in groups
         ]
-        self.total_sumsq = torch.zeros(1, dtype=torch.float32, device=self.device)
+        self.total_sumsq = torch.zeros(1, dtype=torch.float64, device=self.device)
         self._completed = 0  # backward passes finished in the current window
         self._windows = 0  # windows completed since creation
         self._in_backward = False
@@ -205,7 +207,7 @@ class GradAccumulator:
                 if first:
                     view.zero_()
                 if self.track_norms:
-                    sq = view.to(torch.float64).square().sum().to(torch.float32)
+                    sq = view.to(torch.float64).square().sum()
                     self.seg_sumsq[gi][si : si + 1].copy_(sq)
                     self.total_sumsq.add_(sq)
         self._completed += 1
@@ -318,7 +320,7 @@ class FlatGradBuffer:
         if found_inf is None:
             found_inf = torch.zeros(1, dtype=torch.float32, device=self.device)
         self.found_inf = found_inf
-        self.total_sumsq = torch.zeros(1, dtype=torch.float32, device=self.device)
+        self.total_sumsq = torch.zeros(1, dtype=torch.float64, device=self.device)
         self._completed = 0
         self._windows = 0
 
@@ -358,10 +360,11 @@ class FlatGradBuffer:
                     "gradient buffer (was model.zero_grad() or a hook replacing .grad used?); "
                     "use TrainerConfig(grad_path='hooks') for such models"
                 )
-        # Chunked so that any fp32 temporary of the reduction stays small for large models.
+        # Chunked so that any temporary of the reduction stays small for large models; in
+        # float64 so that large finite gradients (1e20) do not square to inf.
         self.total_sumsq.zero_()
         for chunk in self.accumulator.split(2**25):
-            self.total_sumsq.add_(torch.linalg.vector_norm(chunk, dtype=torch.float32).square())
+            self.total_sumsq.add_(torch.linalg.vector_norm(chunk, dtype=torch.float64).square())
         bad = (~torch.isfinite(self.total_sumsq)).to(torch.float32)
         torch.maximum(self.found_inf, bad, out=self.found_inf)
         self._completed = 1

@@ -78,10 +78,11 @@ def rank(group: dist.ProcessGroup | None = None) -> int:
     return dist.get_rank(group)
 
 
-def _check_flag(op: str, t: torch.Tensor, name: str) -> None:
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.numel() != 1:
+def _check_flag(op: str, t: torch.Tensor, name: str, dtypes=(torch.float32,)) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype not in dtypes or t.numel() != 1:
         got = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t)
-        raise TypeError(f"{op}: {name} must be a float32 tensor of one element, got {got}")
+        want = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{op}: {name} must be a {want} tensor of one element, got {got}")
     if not t.is_contiguous():
         raise TypeError(f"{op}: {name} must be contiguous (it is reduced in place)")
 
@@ -101,9 +102,10 @@ def all_reduce_flag(
 
 
 def all_reduce_sumsq(sumsq: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Sum a float32 ``[1]`` sum of squares over ranks, in place (sharded gradients: the local
-    sums add up to the global one, so clipping uses the global norm). Returns it."""
-    _check_flag("all_reduce_sumsq", sumsq, "sumsq")
+    """Sum a float32 or float64 ``[1]`` sum of squares over ranks, in place (sharded
+    gradients: the local sums add up to the global one, so clipping uses the global norm).
+    Returns it."""
+    _check_flag("all_reduce_sumsq", sumsq, "sumsq", (torch.float32, torch.float64))
     if world_size(group) > 1:
         dist.all_reduce(sumsq, op=dist.ReduceOp.SUM, group=group)
     return sumsq
@@ -169,10 +171,14 @@ def sync_gradients(
     n = world_size(group)
     if n > 1:
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=group)
+    # the sums in one dtype: the caller's, else float64 (large finite gradients square past
+    # fp32's range)
+    given = seg_sumsq if seg_sumsq is not None else total_sumsq
+    dtype = given.dtype if given is not None else torch.float64
     if seg_sumsq is None:
-        seg_sumsq = torch.zeros(len(segments), dtype=torch.float32, device=grad.device)
+        seg_sumsq = torch.zeros(len(segments), dtype=dtype, device=grad.device)
     if total_sumsq is None:
-        total_sumsq = torch.zeros(1, dtype=torch.float32, device=grad.device)
+        total_sumsq = torch.zeros(1, dtype=dtype, device=grad.device)
     accumulate_grads(
         grad,
         grad,
@@ -200,7 +206,7 @@ def sync_accumulator(accum: GradAccumulator, group: dist.ProcessGroup | None = N
         )
     accum.total_sumsq.zero_()
     for g, acc, seg in zip(accum.groups, accum.accumulators, accum.seg_sumsq):
-        part = torch.zeros(1, dtype=torch.float32, device=acc.device)
+        part = torch.zeros(1, dtype=accum.total_sumsq.dtype, device=acc.device)
         flag = accum.found_inf if isinstance(accum.found_inf, torch.Tensor) else None
         sync_gradients(acc, g.segments, group=group, found_inf=flag, seg_sumsq=seg,
                        total_sumsq=part)  # fmt: skip

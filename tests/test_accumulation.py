@@ -209,3 +209,28 @@ def test_a_dropped_model_and_accumulator_are_collected():
     del model, accum
     gc.collect()
     assert all(r() is None for r in refs), "a dropped model/accumulator is still alive"
+
+
+def test_huge_finite_gradients_keep_a_finite_norm_and_are_clipped_not_skipped():
+    """Gradients of 1e20 square to 1e40, past fp32's range: the sums are float64, so the
+    step clips them instead of reading an infinite norm."""
+    from hybrid_triton.optim import FusedAdamW
+
+    model = torch.nn.Linear(7, 5)
+    ref = torch.nn.Linear(7, 5)
+    ref.load_state_dict(model.state_dict())
+    arena = FlatArena.from_module(model)
+    accum = GradAccumulator(arena, num_micro_batches=1, module=model)
+    opt = FusedAdamW(arena, lr=1e-2, weight_decay=0.0, max_grad_norm=1.0)
+    x = torch.randn(3, 7)
+    (model(x).sum() * 1e20).backward()
+    (ref(x).sum() * 1e20).backward()
+    grads = torch.cat([p.grad.reshape(-1).double() for p in ref.parameters()])
+    assert torch.isfinite(accum.total_sumsq).all()
+    torch.testing.assert_close(
+        accum.total_sumsq.double(), grads.square().sum().reshape(1), rtol=1e-5, atol=0
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(grad=accum.accumulator, grad_sumsq=accum.total_sumsq)
+    moved = [(p - b).abs().max().item() for p, b in zip(model.parameters(), before)]
+    assert all(m > 0 for m in moved)  # the step was taken, not skipped
