@@ -18,7 +18,8 @@ Strategies (``OFFLOAD_STRATEGIES``):
   nonzero entry stays nonzero, ``sqrt(v)`` keeps a bounded relative error; the cubic
   ``int8_dynamic`` code zeroes entries below about 5e-7 of their block's maximum, and a zeroed
   ``v`` makes the first update after the restore hundreds of times the learning rate), the
-  others with ``quantize_blockwise`` (``int8_dynamic`` by default); the codes and scales stay on the device; the restore dequantizes them. Tensors
+  others with ``quantize_blockwise`` (``int8_dynamic`` by default); the codes and scales stay
+  on the device; the restore dequantizes them. Tensors
   that are not floating point (already-quantized 8/4-bit states) and the per-block scales of
   such states (names ending in ``scale``) stay as they are.
 - ``drop``: freed without a copy; the restore refills them with zeros (the optimizer forgets
@@ -479,7 +480,8 @@ class StateOffloader:
             try:
                 payload[name] = _payload_from_state(p, t)
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                raise OffloadError(f"offload state: payload {name!r} is malformed ({exc})") from None
+                msg = f"offload state: payload {name!r} is malformed ({exc})"
+                raise OffloadError(msg) from None
         return stats, payload
 
 
