@@ -36,9 +36,9 @@ TMP_SUFFIX = ".tmp"
 STALE_SECONDS = 3600.0
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RuntimeError, ValueError):
     """A checkpoint file is missing, corrupted, truncated, of another version, or does not
-    match the trainer it is loaded into."""
+    match the trainer it is loaded into. A ``ValueError`` too: the file's contents are bad."""
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> str:

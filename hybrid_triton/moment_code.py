@@ -70,8 +70,8 @@ def encode(t: torch.Tensor, block: int) -> LogCoded:
         st = (hi_c - lo_c) / LEVELS
         safe = torch.where(st > 0, st, torch.ones_like(st))
         q = torch.round((lg - lo_c[:, None]) / safe[:, None]).clamp_(0, LEVELS) + 1
-        codes[b0 * block : b1 * block] = torch.where(nz, q, torch.zeros_like(q)).view(-1).to(
-            torch.uint8
+        codes[b0 * block : b1 * block] = (
+            torch.where(nz, q, torch.zeros_like(q)).view(-1).to(torch.uint8)
         )
         lo[b0:b1] = lo_c
         step[b0:b1] = st

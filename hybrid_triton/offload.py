@@ -381,6 +381,13 @@ class StateOffloader:
         if not self._offloaded or self.strategy == "keep":
             yield
             return
+        if self._restoring:
+            # The restore has begun: the tensors have their storage back and are being
+            # refilled; freeing them after the block would lose the restored state.
+            if self._stream is not None:
+                torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
+            yield
+            return
         for name in self._payload:
             t = self._tensors[name]
             t.untyped_storage().resize_(t.numel() * t.element_size())
@@ -429,7 +436,9 @@ class StateOffloader:
         """Restore the offloader's state; when it was offloaded, free ``tensors`` again and
         keep the saved payload for the coming restore. Everything is checked first: a bad
         state raises :class:`OffloadError` and changes nothing."""
-        stats, payload = self._check_state(state, tensors)
+        stats, payload = self.check_state(state, tensors)
+        if state["offloaded"]:
+            self._check(tensors)  # whole, distinct buffers (they are about to be freed)
         self.stats = stats
         self._offloaded = self._restoring = False
         self._payload = {}
@@ -447,10 +456,11 @@ class StateOffloader:
             t.untyped_storage().resize_(0)
         self._offloaded = True
 
-    def _check_state(
+    def check_state(
         self, state: Any, tensors: dict[str, torch.Tensor]
     ) -> tuple[OffloadStats, dict[str, Any]]:
-        """The stats and the payloads (on the tensors' device) of a valid ``state``."""
+        """The stats and the payloads (on the tensors' device) of a valid ``state``; raises
+        :class:`OffloadError` for one that :meth:`load_state_dict` could not apply whole."""
         if not isinstance(state, dict) or not {"strategy", "offloaded", "payload", "stats"} <= set(
             state
         ):
@@ -471,7 +481,6 @@ class StateOffloader:
             raise OffloadError("offload state: offloaded must be a bool and payload a dict")
         if not state["offloaded"]:
             return stats, {}
-        self._check(tensors)
         payload = {}
         for name, p in state["payload"].items():
             t = tensors.get(name)
