@@ -145,10 +145,25 @@ class DivergenceMonitor:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Everything is checked before anything changes (a bad state raises ValueError)."""
+        try:
+            history = [float(x) for x in state["history"]]
+            streak, counts = state["consecutive_warnings"], dict(state["counts"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(
+                "DivergenceMonitor state: expected history (numbers), consecutive_warnings "
+                f"and counts ({type(exc).__name__}: {exc})"
+            ) from None
+        if not all(math.isfinite(x) for x in history):
+            raise ValueError("DivergenceMonitor state: the history holds non-finite losses")
+        if isinstance(streak, bool) or not isinstance(streak, int) or streak < 0:
+            raise ValueError(f"DivergenceMonitor state: consecutive_warnings is {streak!r}")
+        if set(counts) != set(self.counts):
+            raise ValueError(f"DivergenceMonitor state: counts has {sorted(counts)}")
         self.history.clear()
-        self.history.extend(float(x) for x in state["history"])
-        self.consecutive_warnings = int(state["consecutive_warnings"])
-        self.counts = dict(state["counts"])
+        self.history.extend(history)
+        self.consecutive_warnings = streak
+        self.counts = counts
 
 
 class OutlierFilter:

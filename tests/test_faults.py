@@ -14,10 +14,12 @@ from collections import deque
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_trainer import CYCLE, _run_into_predict, batches, lm_loss, make_trainer
 
 from hybrid_triton.checkpoint import load_checkpoint, save_checkpoint
-from hybrid_triton.divergence import OutlierFilter
+from hybrid_triton.divergence import DivergenceMonitor, OutlierFilter
 from hybrid_triton.scheduler import Phase
 
 
@@ -349,3 +351,62 @@ def test_reused_metrics_path_starts_fresh_and_resume_continues(corpus, tmp_path)
     resumed.close()
     rows = [json.loads(x) for x in path.read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
+
+
+# --------------------------------------------------------- property-based state loads
+_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=3),
+    st.lists(st.floats(allow_nan=True), max_size=3),
+    st.builds(lambda n: torch.full((n,), math.nan), st.integers(0, 4)),
+)
+
+
+def _mutated(state, key, value):
+    bad = dict(state)
+    if value is _DROP:
+        bad.pop(key)
+    else:
+        bad[key] = value
+    return bad
+
+
+_DROP = object()
+
+
+def _components():
+    from hybrid_triton.residuals import Corrector
+
+    corr = Corrector(3, "cpu", 0.9, 0.5)
+    corr.observe_loss(2.0, 1.9)
+    mon = DivergenceMonitor(0.1, 0.5, 3.0, 8, 3)
+    for x in (2.0, 2.1, 1.9):
+        mon.observe(x)
+    filt = OutlierFilter()
+    for x in (2.0, 2.1, 1.9):
+        filt.accept(x)
+    return {"corrector": corr, "divergence": mon, "outliers": filt}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    which=st.sampled_from(["corrector", "divergence", "outliers"]),
+    key_index=st.integers(0, 10),
+    value=st.one_of(_values, st.just(_DROP)),
+)
+def test_component_loads_refuse_bad_values_and_change_nothing(which, key_index, value):
+    part = _components()[which]
+    state = part.state_dict()
+    key = sorted(state)[key_index % len(state)]
+    bad = _mutated(state, key, value)
+    before = fingerprint(part)
+    try:
+        part.load_state_dict(bad)
+    except ValueError:
+        assert fingerprint(part) == before
+    else:  # accepted: then it was a valid value, and the object holds it
+        after = part.state_dict()
+        assert set(after) == set(state)
