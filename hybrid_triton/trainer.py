@@ -89,6 +89,8 @@ def _structure_problem(saved: Any, mine: Any, shapes: bool, where: str = "") -> 
     if isinstance(mine, dict):
         if not isinstance(saved, dict):
             return f"{where or 'it'} is {type(saved).__name__}, expected a dict"
+        if not mine or not all(isinstance(k, str) for k in (*mine, *saved)):
+            return None  # open-ended, e.g. a torch optimizer's per-parameter state
         if set(saved) != set(mine):
             missing, extra = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
             return f"{where or 'top level'}: missing {missing[:5]}, unexpected {extra[:5]}"
