@@ -36,6 +36,8 @@ Recipe-run options (``--option KEY=VALUE``; docs/gpt2.md has the GPU commands):
 - ``lr``, ``max_train_s``, ``steps``: override the size's.
 - ``<recipe>.<option>``: a recipe option, e.g. ``toolkit_memory.state_bits=4`` (values are
   parsed as int, float, true/false or text).
+- ``trainer_outlier_every``: N > 0 makes every N-th batch of the trainer runs an outlier
+  batch (random targets, ``outlier_batch``); compare with the same run without it.
 
 Each recipe run also records the planner's estimate of its step (provider ``planner``;
 before the run, so an out-of-memory run has it too), the peak while building and while
@@ -762,6 +764,11 @@ def run_trainer_config(
         case += " " + ",".join(f"{k}={v}" for k, v in overrides.items())
     if seed:
         case += f" seed{seed}"
+    outlier_every = ctx.option("trainer_outlier_every", 0)
+    if outlier_every < 0:
+        raise ValueError(f"--option trainer_outlier_every={outlier_every}: expected >= 0")
+    if outlier_every:
+        case += f" outliers/{outlier_every}"
     config = {"runner": "HybridTrainer", "preset": preset, "model": size.model,
               "micro_batch": size.micro_batch, "seq_len": size.seq_len, "steps": size.steps,
               "state_bits": state_bits, "params": "bf16 + fp32 master", "fused_loss": True,
@@ -769,6 +776,8 @@ def run_trainer_config(
               "checkpoint_blocks": blocks, "seed": seed}  # fmt: skip
     if overrides:
         config["overrides"] = overrides
+    if outlier_every:
+        config["outlier_every"] = outlier_every
     try:
         from hybrid_triton.data import TokenStream
         from hybrid_triton.recipes import OptimConfig, evaluate
@@ -823,11 +832,14 @@ def run_trainer_config(
         for i in range(size.steps):
             # Set before the step: a Predict phase freezes the rate of its entry step.
             trainer.optimizer.param_groups[0]["lr"] = optim.lr_at(i, size.steps)
+            batch = train.batch(i)
+            if outlier_every and i % outlier_every == outlier_every - 1:
+                batch = outlier_batch(batch, base_cfg.vocab_size, seed * 1_000_003 + i)
             if probe is None:  # CUDA: the trainer's own per-phase peak counters
-                trainer.step(train.batch(i))
+                trainer.step(batch)
             else:
                 with probe.phase("step", resident=()):
-                    out = trainer.step(train.batch(i))
+                    out = trainer.step(batch)
                 phase = str(out["phase"])
                 cpu_peaks[phase] = max(
                     cpu_peaks.get(phase, 0), probe.results.pop("step").peak_allocated
@@ -1127,6 +1139,16 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     if not seeds or any(s < 0 for s in seeds):
         raise ValueError(f"--option seeds={text!r}: expected integers >= 0")
     return seeds
+
+
+def outlier_batch(batch, vocab_size: int, seed: int):
+    """An injected outlier batch (``--option trainer_outlier_every=N``): the same inputs with
+    uniformly random targets, so its loss is about ``ln(vocab_size)`` and its gradient large,
+    as a corrupted shard of data would be. Seeded: the same batch in every run."""
+    x, y = batch
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    noise = torch.randint(0, vocab_size, tuple(y.shape), generator=gen).to(y.device, y.dtype)
+    return x, noise
 
 
 def run(ctx: SuiteContext) -> None:

@@ -23,18 +23,22 @@ import hashlib
 import io
 import json
 import os
-import tempfile
+import secrets
+import time
 from typing import Any
 
 import torch
 
 MAGIC = b"HYBRID_TRITON_CHECKPOINT\n"
 CHECKPOINT_VERSION = 1
+TMP_PREFIX = ".ckpt-"
+TMP_SUFFIX = ".tmp"
+STALE_SECONDS = 3600.0
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RuntimeError, ValueError):
     """A checkpoint file is missing, corrupted, truncated, of another version, or does not
-    match the trainer it is loaded into."""
+    match the trainer it is loaded into. A ``ValueError`` too: the file's contents are bad."""
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> str:
@@ -52,9 +56,12 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> str:
     }
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=directory)
+    _remove_stale_temporaries(directory)
+    tmp = os.path.join(directory, f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}{TMP_SUFFIX}")
     try:
-        with os.fdopen(fd, "wb") as fh:
+        # open() with O_EXCL rather than mkstemp: the file gets the usual umask-respecting
+        # mode (mkstemp makes it 0600, which hides checkpoints from the owner's group).
+        with open(tmp, "xb") as fh:
             fh.write(MAGIC)
             fh.write(json.dumps(header, sort_keys=True).encode() + b"\n")
             fh.write(payload)
@@ -74,6 +81,42 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> str:
     except OSError:
         pass
     return digest
+
+
+def _remove_stale_temporaries(directory: str) -> None:
+    """Remove temporary files a killed save left behind (only our own name pattern; one
+    that another process is writing right now is younger than ``STALE_SECONDS``)."""
+    now = time.time()
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(TMP_PREFIX) and name.endswith(TMP_SUFFIX)):
+            continue
+        full = os.path.join(directory, name)
+        try:
+            if now - os.stat(full).st_mtime >= STALE_SECONDS or _writer_is_gone(name):
+                os.unlink(full)
+        except OSError:
+            pass
+
+
+def _writer_is_gone(name: str) -> bool:
+    """Whether the process that named this temporary file (its pid is in the name) is dead;
+    names without a pid (older saves) count as gone."""
+    pid = name[len(TMP_PREFIX) :].split("-", 1)[0]
+    if not pid.isdigit():
+        return True
+    if int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
@@ -111,7 +154,16 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no such checkpoint file")
     with open(path, "rb") as fh:
         header = _read_header(fh, path)
-        expected = int(header["payload_bytes"])
+        expected = header["payload_bytes"]
+        available = os.fstat(fh.fileno()).st_size - fh.tell()
+        # Bounded by the file's size before anything is read: a corrupted header must not
+        # ask for a negative or a huge read.
+        if type(expected) is not int or not 0 <= expected <= available:
+            raise CheckpointError(
+                f"{path}: the checkpoint header's payload_bytes is {expected!r}; expected a "
+                f"whole number from 0 to the {available} bytes left in the file (the file is "
+                "truncated or the header corrupted)"
+            )
         payload = fh.read(expected + 1)
     if len(payload) != expected:
         raise CheckpointError(

@@ -145,7 +145,87 @@ class DivergenceMonitor:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Everything is checked before anything changes (a bad state raises ValueError)."""
+        try:
+            history = [float(x) for x in state["history"]]
+            streak, counts = state["consecutive_warnings"], dict(state["counts"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(
+                "DivergenceMonitor state: expected history (numbers), consecutive_warnings "
+                f"and counts ({type(exc).__name__}: {exc})"
+            ) from None
+        if not all(math.isfinite(x) for x in history):
+            raise ValueError("DivergenceMonitor state: the history holds non-finite losses")
+        if isinstance(streak, bool) or not isinstance(streak, int) or streak < 0:
+            raise ValueError(f"DivergenceMonitor state: consecutive_warnings is {streak!r}")
+        if set(counts) != set(self.counts):
+            raise ValueError(f"DivergenceMonitor state: counts has {sorted(counts)}")
         self.history.clear()
-        self.history.extend(float(x) for x in state["history"])
-        self.consecutive_warnings = int(state["consecutive_warnings"])
-        self.counts = dict(state["counts"])
+        self.history.extend(history)
+        self.consecutive_warnings = streak
+        self.counts = counts
+
+
+class OutlierFilter:
+    """Keeps single outlier losses (one bad batch) out of the loss history and the trend.
+
+    A loss is an outlier when it lies more than ``k`` robust deviations (1.4826 * the median
+    absolute deviation, which one outlier cannot move) above the median of the last
+    ``window`` accepted losses. Only rises are filtered: a sudden drop is no danger to the
+    history. A run of ``persist`` outliers in a row is a real change of level, not a bad
+    batch: it is accepted from then on (and the divergence monitor judges it).
+    """
+
+    def __init__(self, window: int = 32, k: float = 8.0, min_history: int = 8, persist: int = 3):
+        self.history: deque[float] = deque(maxlen=int(window))
+        self.k = float(k)
+        self.min_history = int(min_history)
+        self.persist = int(persist)
+        self.streak = 0
+        self.rejected = 0
+
+    def limit(self) -> float:
+        """The loss above which :meth:`accept` would reject now (``inf``: none)."""
+        if len(self.history) < self.min_history or self.streak + 1 >= self.persist:
+            return math.inf
+        xs = sorted(self.history)
+        med = xs[len(xs) // 2]
+        mad = sorted(abs(x - med) for x in xs)[len(xs) // 2]
+        return med + self.k * max(1.4826 * mad, 1e-3 * abs(med), 1e-12)
+
+    def accept(self, loss: float) -> bool:
+        """Whether ``loss`` may enter the history (and remember it if so)."""
+        if not math.isfinite(loss):
+            return False
+        if loss > self.limit():
+            self.streak += 1
+            self.rejected += 1
+            return False
+        self.streak = 0
+        self.history.append(float(loss))
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history), "streak": self.streak, "rejected": self.rejected}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        history, streak, rejected = _check_filter_state(state)
+        self.history.clear()
+        self.history.extend(history)
+        self.streak, self.rejected = streak, rejected
+
+
+def _check_filter_state(state: Any) -> tuple[list[float], int, int]:
+    try:
+        history = [float(x) for x in state["history"]]
+        streak, rejected = state["streak"], state["rejected"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(
+            f"OutlierFilter state: expected history (numbers), streak and rejected ({exc})"
+        ) from None
+    if not all(math.isfinite(x) for x in history):
+        raise ValueError("OutlierFilter state: the history holds non-finite losses")
+    for name, v in (("streak", streak), ("rejected", rejected)):
+        if type(v) is not int or v < 0:
+            raise ValueError(f"OutlierFilter state: {name} must be an int >= 0, got {v!r}")
+    return history, streak, rejected

@@ -45,6 +45,10 @@ class MetricsCollector:
             "rollbacks": 0,
             "transitions": 0,
             "predict_steps_rolled_back": 0,
+            # Steps the device skipped (a non-finite loss or gradient: no optimizer step).
+            "skipped_steps": 0,
+            # Real losses kept out of the loss history as single outliers (trainer).
+            "outliers": 0,
         }
         # phase name -> {"allocated": max bytes, "reserved": max bytes} over all its phases
         self.phase_peaks: dict[str, dict[str, int]] = {}
@@ -54,6 +58,7 @@ class MetricsCollector:
         self.step_ms: dict[str, list[float]] = {}
         self.first_step_ms: dict[str, list[float]] = {}
         self._fh = None
+        self._resumed = False
         self._bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -103,7 +108,10 @@ class MetricsCollector:
         steps = self.counters["steps"]
         steps[phase] = steps.get(phase, 0) + 1
         loss = rec.get("loss")
-        if isinstance(loss, float):
+        gnorm = rec.get("grad_norm")
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (loss, gnorm)):
+            self.counters["skipped_steps"] += 1  # the device skipped its optimizer step
+        if isinstance(loss, float) and math.isfinite(loss):  # skipped steps are counted above
             self.losses.setdefault(phase, []).append(loss)
         ms = rec.get("step_ms")
         if isinstance(ms, float):
@@ -116,7 +124,10 @@ class MetricsCollector:
         if self.path is not None:
             if self._fh is None:
                 os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-                self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
+                # A fresh run starts the file anew (a reused path must not mix two runs); a
+                # resumed one (load_state_dict) continues it.
+                mode = "a" if self._resumed else "w"
+                self._fh = open(self.path, mode, encoding="utf-8")  # noqa: SIM115 (kept open)
             self._fh.write(json.dumps(_clean(rec), sort_keys=True) + "\n")
             self._fh.flush()
         if self._bar is not None:
@@ -175,10 +186,19 @@ class MetricsCollector:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.records = int(state["records"])
-        self.counters = state["counters"]
+        if not isinstance(state, dict) or not isinstance(state.get("counters"), dict):
+            raise ValueError("MetricsCollector state: expected a dict with a counters dict")
+        for key in ("records", "phase_peaks", "last_precision", "losses"):
+            if key not in state:
+                raise ValueError(f"MetricsCollector state: missing {key!r}")
+        records = int(state["records"])
+        losses = {k: list(v) for k, v in state["losses"].items()}
+        self._resumed = True
+        self.records = records
+        # Counters added since the checkpoint was written start at 0.
+        self.counters = {**dict.fromkeys(("skipped_steps", "outliers"), 0), **state["counters"]}
         self.phase_peaks = state["phase_peaks"]
         self.last_precision = state["last_precision"]
-        self.losses = {k: list(v) for k, v in state["losses"].items()}
+        self.losses = losses
         self.step_ms = {k: list(v) for k, v in state.get("step_ms", {}).items()}
         self.first_step_ms = {k: list(v) for k, v in state.get("first_step_ms", {}).items()}

@@ -13,9 +13,13 @@ Strategies (``OFFLOAD_STRATEGIES``):
 - ``cpu``: copied to pageable host memory, then freed on the device.
 - ``pinned``: copied to page-locked host memory (allocated once and reused), with
   ``non_blocking`` copies; the restore runs on a side CUDA stream.
-- ``compress``: float tensors are quantized on the device (``quantize_blockwise``, format
-  ``int8_dynamic`` by default: its cubic code keeps the small values of Adam's second moment)
-  and freed; the codes and scales stay on the device; the restore dequantizes them. Tensors
+- ``compress``: float tensors are quantized on the device and freed: the second moment
+  (``exp_avg_sq``) with the log-domain 8-bit code of :mod:`hybrid_triton.moment_code` (every
+  nonzero entry stays nonzero, ``sqrt(v)`` keeps a bounded relative error; the cubic
+  ``int8_dynamic`` code zeroes entries below about 5e-7 of their block's maximum, and a zeroed
+  ``v`` makes the first update after the restore hundreds of times the learning rate), the
+  others with ``quantize_blockwise`` (``int8_dynamic`` by default); the codes and scales stay
+  on the device; the restore dequantizes them. Tensors
   that are not floating point (already-quantized 8/4-bit states) and the per-block scales of
   such states (names ending in ``scale``) stay as they are.
 - ``drop``: freed without a copy; the restore refills them with zeros (the optimizer forgets
@@ -44,6 +48,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from hybrid_triton import moment_code
 
 OFFLOAD_STRATEGIES = ("keep", "cpu", "pinned", "compress", "drop")
 COMPRESS_FORMAT = "int8_dynamic"
@@ -158,6 +164,12 @@ class StateOffloader:
         their per-block scales (``*_scale``, 1/128-1/256 of the elements) must stay exact."""
         return t.is_floating_point() and not name.endswith("scale")
 
+    @staticmethod
+    def second_moment(name: str) -> bool:
+        """Adam's second moment: compressed with the log code of :mod:`moment_code`, which
+        keeps every nonzero entry nonzero (the 8-bit codes zero its small values)."""
+        return name == "exp_avg_sq" or name.endswith(".exp_avg_sq")
+
     # ----------------------------------------------------------------- offload
     def offload(
         self,
@@ -213,6 +225,10 @@ class StateOffloader:
                 host.copy_(t, non_blocking=host.is_pinned())
                 self._payload[name] = host
                 moved += _nbytes(t)
+            elif self.strategy == "compress" and self.second_moment(name):
+                q = moment_code.encode(t, self.quant_block)
+                self._payload[name] = q
+                compressed += q.nbytes
             elif self.strategy == "compress":
                 from hybrid_triton.kernels import quantize_blockwise
 
@@ -283,6 +299,8 @@ class StateOffloader:
                 t.zero_()
             elif isinstance(payload, torch.Tensor):
                 t.copy_(payload, non_blocking=payload.is_pinned())
+            elif isinstance(payload, moment_code.LogCoded):
+                moment_code.decode(payload, t)
             else:
                 from hybrid_triton.kernels import dequantize_blockwise
 
@@ -363,6 +381,13 @@ class StateOffloader:
         if not self._offloaded or self.strategy == "keep":
             yield
             return
+        if self._restoring:
+            # The restore has begun: the tensors have their storage back and are being
+            # refilled; freeing them after the block would lose the restored state.
+            if self._stream is not None:
+                torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
+            yield
+            return
         for name in self._payload:
             t = self._tensors[name]
             t.untyped_storage().resize_(t.numel() * t.element_size())
@@ -382,6 +407,15 @@ class StateOffloader:
                     payload[name] = None
                 elif isinstance(p, torch.Tensor):
                     payload[name] = {"host": p.detach().to("cpu", copy=True)}
+                elif isinstance(p, moment_code.LogCoded):
+                    payload[name] = {
+                        "log_codes": p.codes.cpu(),
+                        "lo": p.lo.cpu(),
+                        "step": p.step.cpu(),
+                        "block": p.block,
+                        "shape": list(p.shape),
+                        "dtype": str(p.dtype).replace("torch.", ""),
+                    }
                 else:
                     payload[name] = {
                         "data": p.data.cpu(),
@@ -400,41 +434,108 @@ class StateOffloader:
 
     def load_state_dict(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         """Restore the offloader's state; when it was offloaded, free ``tensors`` again and
-        keep the saved payload for the coming restore."""
-        if state["strategy"] != self.strategy:
-            raise OffloadError(
-                f"checkpoint offload strategy {state['strategy']!r} differs from this trainer's "
-                f"{self.strategy!r}"
-            )
-        self.stats = OffloadStats(**state["stats"])
+        keep the saved payload for the coming restore. Everything is checked first: a bad
+        state raises :class:`OffloadError` and changes nothing."""
+        stats, payload = self.check_state(state, tensors)
+        if state["offloaded"]:
+            self._check(tensors)  # whole, distinct buffers (they are about to be freed)
+        self.stats = stats
         self._offloaded = self._restoring = False
         self._payload = {}
         self._events = []
         if not state["offloaded"]:
             return
-        self._check(tensors)
         self._tensors = dict(tensors)
-        for name, p in state["payload"].items():
+        for name, p in payload.items():
             t = self._tensors[name]
-            if p is None:
-                self._payload[name] = None
-            elif "host" in p:
+            if isinstance(p, torch.Tensor):  # a host copy
                 host = self._host_buffer(name, t)
-                host.copy_(p["host"])
-                self._payload[name] = host
-            else:
-                from hybrid_triton.kernels.quantize import QuantizedTensor
-
-                self._payload[name] = QuantizedTensor(
-                    p["data"].to(t.device),
-                    p["scales"].to(t.device),
-                    p["fmt"],
-                    int(p["block"]),
-                    tuple(p["shape"]),
-                    getattr(torch, p["dtype"]),
-                )
+                host.copy_(p)
+                p = host
+            self._payload[name] = p
             t.untyped_storage().resize_(0)
         self._offloaded = True
+
+    def check_state(
+        self, state: Any, tensors: dict[str, torch.Tensor]
+    ) -> tuple[OffloadStats, dict[str, Any]]:
+        """The stats and the payloads (on the tensors' device) of a valid ``state``; raises
+        :class:`OffloadError` for one that :meth:`load_state_dict` could not apply whole."""
+        if not isinstance(state, dict) or not {"strategy", "offloaded", "payload", "stats"} <= set(
+            state
+        ):
+            raise OffloadError(
+                "offload state: expected a dict with strategy, offloaded, payload and stats, "
+                f"got {sorted(state) if isinstance(state, dict) else type(state).__name__}"
+            )
+        if state["strategy"] != self.strategy:
+            raise OffloadError(
+                f"checkpoint offload strategy {state['strategy']!r} differs from this trainer's "
+                f"{self.strategy!r}"
+            )
+        try:
+            stats = OffloadStats(**state["stats"])
+        except TypeError as exc:
+            raise OffloadError(f"offload state: bad stats ({exc})") from None
+        if not isinstance(state["offloaded"], bool) or not isinstance(state["payload"], dict):
+            raise OffloadError("offload state: offloaded must be a bool and payload a dict")
+        if not state["offloaded"]:
+            return stats, {}
+        payload = {}
+        for name, p in state["payload"].items():
+            t = tensors.get(name)
+            if t is None:
+                raise OffloadError(f"offload state: payload {name!r} has no tensor of that name")
+            try:
+                payload[name] = _payload_from_state(p, t)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                msg = f"offload state: payload {name!r} is malformed ({exc})"
+                raise OffloadError(msg) from None
+        return stats, payload
+
+
+def _payload_from_state(p: Any, t: torch.Tensor) -> Any:
+    """A saved payload of ``t`` as the offloader holds it, or an error if it does not fit."""
+    if p is None:
+        return None
+
+    def tensor(x: Any, what: str) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{what} is {type(x).__name__}, expected a tensor")
+        return x
+
+    def like(shape: Any, dtype: Any) -> tuple[tuple[int, ...], torch.dtype]:
+        shape = tuple(int(d) for d in shape)
+        dt = getattr(torch, str(dtype), None)
+        if shape != tuple(t.shape) or dt != t.dtype:
+            raise ValueError(f"saved as {shape} {dtype}, the tensor is {tuple(t.shape)} {t.dtype}")
+        return shape, dt
+
+    if "host" in p:
+        host = tensor(p["host"], "host")
+        like(host.shape, str(host.dtype).replace("torch.", ""))
+        return host
+    block = int(p["block"])
+    if block < 1:
+        raise ValueError(f"block {block}")
+    shape, dtype = like(p["shape"], p["dtype"])
+    blocks = max(1, -(-t.numel() // block))
+    if "log_codes" in p:
+        codes, lo, step = (tensor(p[k], k) for k in ("log_codes", "lo", "step"))
+        if codes.dtype != torch.uint8 or codes.numel() != blocks * block:
+            raise ValueError(f"log_codes are {codes.numel()} {codes.dtype}")
+        if lo.numel() != blocks or step.numel() != blocks:
+            raise ValueError(f"lo/step have {lo.numel()}/{step.numel()} blocks, expected {blocks}")
+        return moment_code.LogCoded(
+            codes.to(t.device), lo.to(t.device, torch.float32), step.to(t.device, torch.float32),
+            block, shape, dtype,
+        )  # fmt: skip
+    from hybrid_triton.kernels.quantize import QuantizedTensor
+
+    data, scales = tensor(p["data"], "data"), tensor(p["scales"], "scales")
+    return QuantizedTensor(
+        data.to(t.device), scales.to(t.device), str(p["fmt"]), block, shape, dtype
+    )
 
 
 @contextmanager

@@ -268,13 +268,31 @@ class Corrector:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["log_correction"].numel() != self.log_correction.numel():
+        """Everything is checked before anything changes (a bad state raises ValueError)."""
+        try:
+            tensors = [state[k] for k in ("log_correction", "last_fit")]
+            updates, count = state["updates"], state["loss_bias_count"]
+            bias = float(state["loss_bias"])
+        except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(
-                f"Corrector: checkpoint has {state['log_correction'].numel()} groups, this "
-                f"corrector {self.log_correction.numel()}"
-            )
-        self.log_correction.copy_(state["log_correction"])
-        self.last_fit.copy_(state["last_fit"])
-        self.updates = int(state["updates"])
-        self.loss_bias = float(state["loss_bias"])
-        self.loss_bias_count = int(state["loss_bias_count"])
+                "Corrector state: expected log_correction, last_fit (tensors), updates, "
+                f"loss_bias and loss_bias_count ({type(exc).__name__}: {exc})"
+            ) from None
+        for name, t, mine in zip(("log_correction", "last_fit"), tensors, (
+            self.log_correction, self.last_fit
+        )):  # fmt: skip
+            if not isinstance(t, torch.Tensor) or t.numel() != mine.numel():
+                got = t.numel() if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(
+                    f"Corrector: checkpoint {name} has {got} groups, this corrector {mine.numel()}"
+                )
+            if not torch.isfinite(t).all():
+                raise ValueError(f"Corrector: checkpoint {name} holds non-finite values")
+        for name, v in (("updates", updates), ("loss_bias_count", count)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"Corrector: {name} must be an int >= 0, got {v!r}")
+        if not math.isfinite(bias):
+            raise ValueError(f"Corrector: loss_bias must be finite, got {bias!r}")
+        self.log_correction.copy_(tensors[0].reshape(self.log_correction.shape))
+        self.last_fit.copy_(tensors[1].reshape(self.last_fit.shape))
+        self.updates, self.loss_bias, self.loss_bias_count = updates, bias, count

@@ -66,14 +66,50 @@ from torch import nn
 from hybrid_triton.accumulation import FlatGradBuffer, GradAccumulator
 from hybrid_triton.arena import ArenaGroup, FlatArena, trainable_parameters
 from hybrid_triton.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from hybrid_triton.divergence import DivergenceMonitor, Level
+from hybrid_triton.divergence import DivergenceMonitor, Level, OutlierFilter
 from hybrid_triton.metrics import MetricsCollector
-from hybrid_triton.offload import StateOffloader
+from hybrid_triton.offload import OffloadError, StateOffloader
 from hybrid_triton.optim import FusedAdamW
 from hybrid_triton.residuals import Corrector, ResidualStore
 from hybrid_triton.scheduler import PRESETS, Phase, PhaseController, PhasePlan, TrainerConfig
 
 TRAINER_FORMAT = "hybrid_triton.HybridTrainer/1"
+# What every trainer checkpoint holds (later additions such as "outliers" are optional).
+_STATE_KEYS = (
+    "format", "config", "model", "optimizer", "accum_freed", "offloader", "scaler",
+    "controller", "dynamics", "residuals", "corrector", "divergence", "metrics", "confidence",
+    "episode", "rolled_back_episode", "drop_reset", "snapshot", "prediction", "predict",
+    "pending", "rng",
+)  # fmt: skip
+
+
+def _structure_problem(saved: Any, mine: Any, shapes: bool, where: str = "") -> str | None:
+    """How ``saved`` differs in structure from ``mine`` (dict keys, tensor dtypes, and with
+    ``shapes`` tensor shapes), or None; values are not compared."""
+    if isinstance(mine, dict):
+        if not isinstance(saved, dict):
+            return f"{where or 'it'} is {type(saved).__name__}, expected a dict"
+        if not mine or not all(isinstance(k, str) for k in (*mine, *saved)):
+            return None  # open-ended, e.g. a torch optimizer's per-parameter state
+        if set(saved) != set(mine):
+            missing, extra = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
+            return f"{where or 'top level'}: missing {missing[:5]}, unexpected {extra[:5]}"
+        for k in mine:
+            problem = _structure_problem(saved[k], mine[k], shapes, f"{where}.{k}".lstrip("."))
+            if problem:
+                return problem
+        return None
+    if isinstance(mine, torch.Tensor):
+        if not isinstance(saved, torch.Tensor):
+            return f"{where} is {type(saved).__name__}, expected a tensor"
+        if saved.dtype != mine.dtype or (shapes and saved.shape != mine.shape):
+            return (
+                f"{where} is {tuple(saved.shape)} {saved.dtype}, expected "
+                f"{tuple(mine.shape)} {mine.dtype}"
+            )
+    return None
+
+
 SCALE_LIMIT = 4.0  # bound on the dynamics model's per-group step multipliers
 # The RSSM trains on one Full step in this many. An update (a 16-step BPTT unroll of small
 # batched ops, its backward and Adam) is launch-bound: about 70 ms on an H100, which doubled
@@ -567,6 +603,8 @@ class HybridTrainer:
             cfg.divergence_history,
             cfg.divergence_escalate_after,
         )
+        self.outliers = OutlierFilter(window=max(8, cfg.divergence_history))
+        self._own_dynamics = dynamics is None  # built from cfg.dynamics_model
         if dynamics is not None:
             self.dynamics = dynamics
         elif cfg.dynamics_model == "rssm":
@@ -723,6 +761,13 @@ class HybridTrainer:
         self.offloader.wait()
         self.master_offloader.wait()
         flag = acc.found_inf
+        # An outlier batch (a loss far above the recent median, see OutlierFilter) takes no
+        # optimizer step: its huge gradient would inflate Adam's second moment for hundreds
+        # of steps. Skipped on the device, like a non-finite gradient.
+        outlier_limit = self.outliers.limit()
+        if math.isfinite(outlier_limit):
+            guard = loss_sum > outlier_limit
+            flag = torch.maximum(flag, guard.to(torch.float32).reshape(1))
         if plan.phase is Phase.CORRECT:
             # Device-side guard: a Correct step whose loss is already past the divergence
             # monitor's critical limit is skipped on the device (weights and moments stay as
@@ -1130,22 +1175,34 @@ class HybridTrainer:
             if rec.episode != self._rolled_back_episode:
                 verdict = self.divergence.check(loss, predicted)
                 out["divergence"] = verdict.level.name.lower()
-                if predicted is not None:
-                    self.corrector.observe_loss(loss, predicted)
                 if verdict.level is Level.CRITICAL:
                     out["rollback"] = verdict.reason
                     self.rollback(verdict.reason)
-                    checked = True  # a rolled-back loss is no history
-                elif rec.phase != Phase.PREDICT.value:
-                    checked = False  # a real step that passed: it is history too
+                    checked = True  # a rolled-back loss is no history, and teaches nothing
+                else:
+                    if predicted is not None:
+                        self.corrector.observe_loss(loss, predicted)
+                    if rec.phase != Phase.PREDICT.value:
+                        checked = False  # a real step that passed: it is history too
         if not checked:
-            self.divergence.observe(loss)
-            self.dynamics.observe(loss, rec.phase)
-            if not getattr(self.dynamics, "device_side", False):
-                self.confidence = float(self.dynamics.confidence())
+            self._observe_real_loss(loss, rec.phase, out)
         if not math.isnan(conf):
             self.confidence = conf
         self.metrics.record(out)
+
+    def _observe_real_loss(self, loss: float, phase: str, out: dict[str, Any]) -> None:
+        """A real step's loss enters the divergence history and the dynamics model, unless it
+        is a single outlier (one bad batch), which would bias every later prediction."""
+        if not math.isfinite(loss):
+            return  # the step was skipped on the device
+        if not self.outliers.accept(loss):
+            out["outlier"] = True
+            self.metrics.counters["outliers"] += 1
+            return
+        self.divergence.observe(loss)
+        self.dynamics.observe(loss, phase)
+        if not getattr(self.dynamics, "device_side", False):
+            self.confidence = float(self.dynamics.confidence())
 
     def flush(self) -> None:
         """Read every pending device value now (a host sync: for the end of a run)."""
@@ -1258,6 +1315,7 @@ class HybridTrainer:
             "residuals": self.residuals.state_dict(),
             "corrector": self.corrector.state_dict(),
             "divergence": self.divergence.state_dict(),
+            "outliers": self.outliers.state_dict(),
             "metrics": self.metrics.state_dict(),
             "confidence": self.confidence,
             "episode": self.episode,
@@ -1282,10 +1340,17 @@ class HybridTrainer:
 
     def load(self, path) -> None:
         """Load a checkpoint written by :meth:`save`. Every check runs before anything of this
-        trainer changes; a bad file raises :class:`CheckpointError` and leaves it as it was."""
+        trainer changes; a bad file raises :class:`CheckpointError` (a ``ValueError``) and
+        leaves it as it was. Should applying still fail (a device error, a full host memory),
+        the trainer's own state taken just before is put back before the error propagates."""
         state = load_checkpoint(path)
         self._check_state(state, path)
-        self._apply_state(state)
+        backup = self.state_dict()
+        try:
+            self._apply_state(state)
+        except BaseException:
+            self._apply_state(backup)
+            raise
 
     def _check_state(self, state: dict[str, Any], path) -> None:
         if not isinstance(state, dict) or state.get("format") != TRAINER_FORMAT:
@@ -1294,6 +1359,22 @@ class HybridTrainer:
                 f"{state.get('format') if isinstance(state, dict) else None!r}, expected "
                 f"{TRAINER_FORMAT!r})"
             )
+        missing = [k for k in _STATE_KEYS if k not in state]
+        if missing:
+            raise CheckpointError(
+                f"{path}: the checkpoint lacks {missing}; a HybridTrainer checkpoint has "
+                f"{list(_STATE_KEYS)}"
+            )
+        try:
+            self._check_parts(state, path)
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise CheckpointError(
+                f"{path}: the checkpoint is malformed ({type(exc).__name__}: {exc})"
+            ) from None
+
+    def _check_parts(self, state: dict[str, Any], path) -> None:
         mine = self.model.state_dict()
         saved = state["model"]
         if set(mine) != set(saved):
@@ -1319,7 +1400,10 @@ class HybridTrainer:
                 f"{path}: the optimizer layout (state bits, segments) differs from this "
                 "trainer's optimizer"
             )
-        for key in ("offload", "micro_batches", "quant_block", "direction_format"):
+        keys = ("offload", "micro_batches", "quant_block", "direction_format")
+        if self._own_dynamics:
+            keys += ("dynamics_model",)
+        for key in keys:
             if state["config"].get(key) != getattr(self.cfg, key):
                 raise CheckpointError(
                     f"{path}: config field {key} is {state['config'].get(key)!r} in the "
@@ -1330,6 +1414,44 @@ class HybridTrainer:
             raise CheckpointError(f"{path}: loss scaler presence differs from this trainer's")
         if state["predict"] is not None and len(state["predict"]["direction"]) != self.num_groups:
             raise CheckpointError(f"{path}: segment groups differ from this trainer's")
+        self._check_components(state, path)
+
+    def _check_components(self, state: dict[str, Any], path) -> None:
+        """Each component's saved state has this trainer's structure (same keys, tensors of
+        the same shapes), so that none of their loads can fail halfway."""
+        exact = {"dynamics": self.dynamics, "corrector": self.corrector}
+        keyed = {"controller": self.controller, "divergence": self.divergence}
+        keyed["metrics"] = self.metrics
+        if self.scaler is not None:
+            exact["scaler"] = self.scaler
+        for name, part in {**exact, **keyed}.items():
+            mine = part.state_dict()
+            if name in keyed:  # their values are open-ended (counters, histories): keys only
+                mine = dict.fromkeys(mine)
+                saved = state[name]
+                saved = dict.fromkeys(saved) if isinstance(saved, dict) else saved
+            else:
+                saved = state[name]
+            problem = _structure_problem(saved, mine, shapes=True)
+            if problem:
+                raise CheckpointError(
+                    f"{path}: the {name} state does not fit this trainer's ({problem}); build "
+                    "the trainer with the checkpoint's config (TrainerConfig.from_dict("
+                    "state['config']))"
+                )
+        try:
+            self.offloader.check_state(state["offloader"], self.optimizer.state_tensors())
+        except OffloadError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+        snap = state["snapshot"]
+        if snap is not None and (
+            not isinstance(snap, torch.Tensor) or snap.shape != self.master.shape
+        ):
+            raise CheckpointError(f"{path}: the snapshot does not match the master weights")
+        if "outliers" in state:
+            OutlierFilter().load_state_dict(state["outliers"])
+        for r in state["pending"]:
+            r["step"], r["phase"], r["episode"], r["values"], r["info"]
 
     def _apply_state(self, state: dict[str, Any]) -> None:
         from hybrid_triton.kernels.quantize import QuantizedTensor
@@ -1353,6 +1475,8 @@ class HybridTrainer:
         self.residuals.load_state_dict(state["residuals"])
         self.corrector.load_state_dict(state["corrector"])
         self.divergence.load_state_dict(state["divergence"])
+        if "outliers" in state:  # older checkpoints have no outlier filter
+            self.outliers.load_state_dict(state["outliers"])
         self.metrics.load_state_dict(state["metrics"])
         self.confidence = float(state["confidence"])
         self.episode = int(state["episode"])

@@ -296,3 +296,24 @@ def test_recheck_trainer_peaks_on_the_h100_report():
     checked = table[~table["case"].str.contains(r"\[warmup\]")]
     assert len(checked) == 6
     assert (checked["error_pct"].abs() <= 5.0).all(), checked
+
+
+def test_trainer_with_injected_outlier_batches(training, machine, monkeypatch):
+    monkeypatch.setenv("HYBRID_TRITON_IMPL", "torch")
+    options = {
+        "trainer_presets": "aggressive",
+        "trainer_overrides": "dynamics_model:trend",
+        "trainer_outlier_every": "3",
+    }
+    df = _run(training, machine, options, pattern="hybrid_trainer").recorder.frame()
+    assert problems(df).empty, problems(df)["note"].tolist()
+    case = "gpt2-tiny hybrid_trainer aggressive 4x64x1 dynamics_model=trend outliers/3"
+    rows = df[df["case"] == case]
+    assert not rows.empty, sorted(set(df["case"]))
+    assert _config(rows.iloc[0])["outlier_every"] == 3
+    x = torch.zeros(2, 5, dtype=torch.long)
+    a = training.outlier_batch((x, x), 320, seed=7)
+    b = training.outlier_batch((x, x), 320, seed=7)
+    assert torch.equal(a[0], x) and torch.equal(a[1], b[1]) and a[1].max() > 0
+    with pytest.raises(ValueError, match="trainer_outlier_every"):
+        _run(training, machine, {**options, "trainer_outlier_every": "-1"}, "hybrid_trainer")

@@ -71,6 +71,14 @@ def main(argv: list[str] | None = None) -> int:
         out = suites_dir.parent / "reports"  # the checkout's reports/, wherever we run from
     else:
         out = Path("reports")
+    from hybrid_triton.bench.runner import ReportDirError, check_report_dir
+
+    try:  # before anything runs: a suite must not measure for nothing
+        for suite in SUITES if args.suite == "all" else (args.suite,):
+            check_report_dir(out / suite)
+    except ReportDirError as err:
+        print(f"hybrid-triton bench: {err}", file=sys.stderr)
+        return 2
     options = {}
     for item in args.option:
         key, sep, value = item.partition("=")
@@ -111,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 machine=machine,
                 options=options,
             )
-    except SuiteNotFoundError as err:
+    except (SuiteNotFoundError, ReportDirError) as err:
         print(f"hybrid-triton bench: {err}", file=sys.stderr)
         return 2
     return 0

@@ -21,10 +21,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import TypeVar
 
+import pandas as pd
 import torch
 
 from hybrid_triton.bench.report import problems, write_report
-from hybrid_triton.bench.results import MachineInfo, Recorder, machine_info
+from hybrid_triton.bench.results import COLUMNS, MachineInfo, Recorder, machine_info
 
 SUITES: tuple[str, ...] = ("kernels", "memory", "memory_hf", "training")
 SUITES_DIR_ENV = "HYBRID_TRITON_SUITES_DIR"
@@ -35,6 +36,52 @@ T = TypeVar("T")
 
 class SuiteNotFoundError(FileNotFoundError):
     """The suites folder or a suite module is missing."""
+
+
+class ReportDirError(OSError):
+    """The reports folder cannot be created or written."""
+
+
+def check_report_dir(out: str | os.PathLike) -> Path:
+    """Create ``out`` if needed and write (then remove) a probe file in it, so that a suite
+    never measures for an hour and then loses every row to a folder it cannot write."""
+    out = Path(out)
+    probe = out / f".write-probe-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(probe, "w") as fh:
+            fh.write("probe")
+        probe.unlink()
+    except OSError as err:
+        raise ReportDirError(
+            f"cannot write the reports folder {out}: {err.strerror or err}; pass --out with a "
+            "folder you can write"
+        ) from None
+    return out
+
+
+class StreamingRecorder(Recorder):
+    """A :class:`Recorder` that also appends each row to a CSV file as it is recorded, so a
+    crash or a kill keeps every measurement made so far."""
+
+    def __init__(self, suite: str, machine: MachineInfo, path: Path) -> None:
+        super().__init__(suite, machine)
+        self.path = path
+        pd.DataFrame(columns=list(COLUMNS)).to_csv(path, index=False)
+
+    def add(self, *args, **kwargs) -> None:
+        before = len(self.rows)
+        super().add(*args, **kwargs)
+        self._append(self.rows[before:])
+
+    def extend(self, rows: Iterable[dict]) -> None:
+        before = len(self.rows)
+        super().extend(rows)
+        self._append(self.rows[before:])
+
+    def _append(self, rows: list[dict]) -> None:
+        with open(self.path, "a", newline="") as fh:
+            pd.DataFrame(rows, columns=list(COLUMNS)).to_csv(fh, header=False, index=False)
 
 
 def default_suites_dir() -> Path | None:
@@ -214,8 +261,11 @@ def run_suite(
     under each cap (see ``benchmarks/memory.py``); the other suites ignore them (the CLI caps
     the whole process for them). ``options``: suite options (``--option KEY=VALUE``).
 
-    An exception inside the suite is recorded as an error row and the report of what was
-    measured is still written; KeyboardInterrupt propagates and writes nothing.
+    The reports folder is checked (created, a probe written) before the suite runs; every row
+    is appended to ``<out>/<suite>/partial_<time>_<pid>.csv`` as it is recorded (removed once
+    the report is written), so a crash or a kill keeps what was measured. An exception inside
+    the suite is recorded as an error row and the report of what was measured is still
+    written; KeyboardInterrupt propagates and writes no report (the partial rows stay).
     """
     folder = Path(suites_dir) if suites_dir else default_suites_dir()
     if folder is None or not folder.is_dir():
@@ -228,8 +278,10 @@ def run_suite(
     if not path.is_file():
         available = sorted(p.stem for p in folder.glob("*.py") if p.stem in SUITES)
         raise SuiteNotFoundError(f"no suite {suite!r} in {folder} (found: {available})")
+    suite_out = check_report_dir(Path(out) / suite)
     machine = machine or machine_info()
-    recorder = Recorder(suite, machine)
+    partial = suite_out / f"partial_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}.csv"
+    recorder = StreamingRecorder(suite, machine, partial)
     ctx = SuiteContext(
         suite=suite,
         recorder=recorder,
@@ -254,7 +306,14 @@ def run_suite(
     recorder.add(suite, "-", "suite_wall_time", "s", time.perf_counter() - start,
                  note="quick" if quick else "full")  # fmt: skip
     df = recorder.frame()
-    report_dir = write_report(df, out, suite)
+    try:
+        report_dir = write_report(df, out, suite)
+    except OSError as err:
+        raise ReportDirError(
+            f"cannot write the {suite} report under {out} ({err}); the measured rows are in "
+            f"{partial}"
+        ) from err
+    partial.unlink(missing_ok=True)  # the report holds them now
     print(f"\n== {suite} ({'quick' if quick else 'full'}) ==  {machine.line()}")
     summary = getattr(module, "summary", None)
     if summary is not None:
