@@ -178,6 +178,11 @@ def _chart_frame(machine) -> pd.DataFrame:
     rec.status("tiny fp32 b64 [Full]", "measured", "oom")
     rec.add("tiny fp32 b64 [Full]", "planner", "total", "GiB", 90.0)
     rec.add("gpt2-tiny bf16", "measured", "tokens_per_s", "tok/s", 1000.0)
+    rec.add("sizes/launch floor (empty kernel) [1]", "hybrid_triton", "time_ms", "ms", 0.005)
+    for n in (4095, 4096):
+        cfg = {"sweep": True, "kernel": "cast", "numel": n}
+        rec.add(f"sizes/cast [{n}]", "hybrid_triton", "pct_of_copy", "%", 90.0, config=cfg)
+        rec.add(f"sizes/cast [{n}]", "hybrid_triton", "time_ms", "ms", 0.007, config=cfg)
     return rec.frame()
 
 
