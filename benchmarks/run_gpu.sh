@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Run the GPU tests and the full-size benchmark suites on a CUDA machine, in one go.
 #
-#   bash benchmarks/run_gpu.sh [STAGE ...]     stages: tests sweep_quantize kernels memory memory_hf
-#                                               training optim
+#   bash benchmarks/run_gpu.sh [STAGE ...]     stages: tests sweep_quantize kernels sizes memory
+#                                               memory_hf training optim
+#
+# 'sizes' (not in the default list: it takes about as long as 'kernels') is the size sweep of
+# benchmarks/kernels_sizes.py, one process per kernel, merged into one report with sizes.png.
 #
 # Works offline: the project is installed editable without dependencies (torch, triton,
 # numpy, pandas, matplotlib must already be there). Reports land under reports/; when $OUT is
@@ -69,6 +72,19 @@ for stage in "${stages[@]}"; do
     sweep_quantize)
         run sweep_quantize "${SWEEP_TIMEOUT:-240}" python3 -m benchmarks.sweep_quantize \
             "$LOG/sweep_quantize.csv" ;;
+    sizes)
+        # One process per kernel of the sweep (each compiles torch.compile once per size).
+        parts=$(mktemp -d)
+        # SIZES_KERNELS (comma-separated case-name prefixes) picks a subset, so the sweep can
+        # be split across calls that each fit a time limit; the launch floor always runs.
+        IFS=, read -ra kernels <<<"launch floor,${SIZES_KERNELS:-cast_scale,unscale,quantize int8,quantize ternary,quantize int4,dequantize int8,dequantize_add}"
+        for kernel in "${kernels[@]}"; do
+            slug=${kernel// /_}
+            HYBRID_TRITON_PARTIAL_CSV="$parts/$slug.csv" run "sizes_$slug" \
+                "${SIZES_TIMEOUT:-240}" hybrid-triton bench kernels --no-progress \
+                --cases "sizes/$kernel*" --out "$parts/$slug" ${QUICK:+--quick}
+        done
+        merge_report kernels "$parts" ;;
     kernels)
         # One process per family, each under its own time limit, so a slow family cannot cost
         # the others their results; the rows are merged into one report at the end.
@@ -123,7 +139,7 @@ for stage in "${stages[@]}"; do
         merge_report memory_hf "$parts" ;;
     training) run training "${TRAINING_TIMEOUT:-300}" hybrid-triton bench training --no-progress ;;
     optim) run optim "${OPTIM_TIMEOUT:-300}" python3 benchmarks/optimizer_comparison.py --out reports/optim ;;
-    *) echo "unknown stage $stage (tests sweep_quantize kernels memory memory_hf training optim)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests sweep_quantize kernels sizes memory memory_hf training optim)"; exit 2 ;;
     esac
 done
 # Everything in two files: the lent machine returns at most 8 files from $OUT.

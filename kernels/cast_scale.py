@@ -31,6 +31,7 @@ from hybrid_triton.kernels._checks import (
     scalar_operand,
 )
 from hybrid_triton.kernels._dispatch import use_triton
+from hybrid_triton.kernels._launch import split_launch
 
 # Elements per program and warps per program for the elementwise kernels of this family
 # (a large block keeps enough bytes in flight per SM to reach the copy rate on an H100).
@@ -118,19 +119,23 @@ def cast_scale(
     if n == 0:
         return out
     scale_ptr, scale_value = scalar_operand(scale)
-    grid = (-(-n // BLOCK),)
-    _cast_scale_kernel[grid](
-        x,
-        out,
-        scale_ptr if scale_ptr is not None else x,
-        scale_value,
-        found_inf if found_inf is not None else x,
-        n,
-        BLOCK=BLOCK,
-        SCALE_IS_PTR=scale_ptr is not None,
-        CHECK_FINITE=found_inf is not None,
-        num_warps=NUM_WARPS,
-    )
+    x_flat, out_flat = x.view(-1), out.view(-1)
+
+    def launch(start: int, count: int, programs: int) -> None:
+        _cast_scale_kernel[(programs,)](
+            x_flat[start:],
+            out_flat[start:],
+            scale_ptr if scale_ptr is not None else x,
+            scale_value,
+            found_inf if found_inf is not None else x,
+            count,
+            BLOCK=BLOCK,
+            SCALE_IS_PTR=scale_ptr is not None,
+            CHECK_FINITE=found_inf is not None,
+            num_warps=NUM_WARPS,
+        )
+
+    split_launch(n, BLOCK, launch)
     return out
 
 

@@ -33,6 +33,7 @@ import triton.language as tl
 
 from ._checks import FLOAT_DTYPES, KernelInputError, check_scalar_tensor, check_tensor
 from ._dispatch import use_triton
+from ._launch import split_launch
 from .quantize import (
     DEFAULT_WARPS,
     FORMATS,
@@ -54,6 +55,7 @@ def _dequantize_add_kernel(
     alpha_value,
     numel,
     seed,
+    index_base,
     FMT: tl.constexpr,
     BLOCK: tl.constexpr,
     GROUPS: tl.constexpr,
@@ -80,7 +82,9 @@ def _dequantize_add_kernel(
         # Add 16 random bits below bf16's last mantissa bit, then truncate: rounds the
         # magnitude up with probability (distance to the lower neighbour) / ulp.
         bits = total.to(tl.uint32, bitcast=True)
-        noise = tl.randint(seed, offs) & 0xFFFF
+        # Keyed by the index in the whole tensor (index_base: where this launch's views
+        # begin), so a split launch draws the same bits.
+        noise = tl.randint(seed, index_base + offs) & 0xFFFF
         rounded = ((bits + noise) & 0xFFFF0000).to(tl.float32, bitcast=True)
         total = tl.where(total != total, total, rounded)  # NaN payloads may sit in low bits
     tl.store(target_ptr + offs, total.to(target_ptr.dtype.element_ty), mask=mask)
@@ -116,25 +120,31 @@ def dequantize_add(
         return target
     alpha_is_tensor = isinstance(alpha, torch.Tensor)
     groups, per_program = _launch_shape(q.block, tile)
-    _dequantize_add_kernel[(triton.cdiv(n, per_program),)](
-        target,
-        q.data,
-        q.scales,
-        alpha if alpha_is_tensor else q.scales,
-        0.0 if alpha_is_tensor else float(alpha),
-        n,
-        int(seed),
-        FMT=f.kernel_id,
-        BLOCK=q.block,
-        GROUPS=groups,
-        PER_BYTE=f.per_byte,
-        BITS=f.bits,
-        LEVELS=f.levels,
-        ALPHA_IS_TENSOR=alpha_is_tensor,
-        STOCHASTIC=bool(stochastic_rounding),
-        num_warps=num_warps or DEFAULT_WARPS,
-        enable_fp_fusion=False,  # t + alpha * v rounded twice, as the reference does
-    )
+    target_flat = target.view(-1)
+
+    def launch(start: int, count: int, programs: int) -> None:
+        _dequantize_add_kernel[(programs,)](
+            target_flat[start:],
+            q.data.view(-1)[start // f.per_byte :],
+            q.scales.view(-1)[start // q.block :],
+            alpha if alpha_is_tensor else q.scales,
+            0.0 if alpha_is_tensor else float(alpha),
+            count,
+            int(seed),
+            start,
+            FMT=f.kernel_id,
+            BLOCK=q.block,
+            GROUPS=groups,
+            PER_BYTE=f.per_byte,
+            BITS=f.bits,
+            LEVELS=f.levels,
+            ALPHA_IS_TENSOR=alpha_is_tensor,
+            STOCHASTIC=bool(stochastic_rounding),
+            num_warps=num_warps or DEFAULT_WARPS,
+            enable_fp_fusion=False,  # t + alpha * v rounded twice, as the reference does
+        )
+
+    split_launch(n, per_program, launch)
     return target
 
 

@@ -68,6 +68,7 @@ import triton.language as tl
 from ._alloc import empty
 from ._checks import FLOAT_DTYPES, KernelInputError, check_flag, check_tensor
 from ._dispatch import use_triton
+from ._launch import split_launch
 
 
 @dataclass(frozen=True)
@@ -245,6 +246,7 @@ def _quantize_blockwise_kernel(
     flag_ptr,
     numel,
     seed,
+    index_base,
     FMT: tl.constexpr,
     BLOCK: tl.constexpr,
     GROUPS: tl.constexpr,
@@ -301,7 +303,9 @@ def _quantize_blockwise_kernel(
     mag_s = mag * pre
     denom = tl.where(absmax > 0.0, absmax * pre, 1.0)
     if STOCHASTIC:
-        u = tl.rand(seed, start + offs)  # uniform [0, 1), Philox keyed by (seed, index)
+        # uniform [0, 1), Philox keyed by (seed, index in the whole tensor): index_base is
+        # where this launch's views begin, so a split launch draws the same numbers.
+        u = tl.rand(seed, index_base + start + offs)
 
     if FMT == 3:  # ternary
         if STOCHASTIC:
@@ -459,29 +463,37 @@ def quantize_blockwise(
         return out
     tuned_tile, tuned_warps, packed_3d = QUANTIZE_LAUNCH[(fmt, error is not None)]
     groups, per_program = _launch_shape(block, tile or tuned_tile)
-    grid = (triton.cdiv(n, per_program),)
-    _quantize_blockwise_kernel[grid](
-        x,
-        error if error is not None else x,
-        out.data,
-        out.scales,
-        found_inf if found_inf is not None else out.scales,
-        n,
-        seed,
-        FMT=f.kernel_id,
-        BLOCK=block,
-        GROUPS=groups,
-        PER_BYTE=f.per_byte,
-        BITS=f.bits,
-        LEVELS=f.levels,
-        HAS_ERROR=error is not None,
-        STOCHASTIC=bool(stochastic),
-        HAS_FLAG=found_inf is not None,
-        THREE_D=f.per_byte > 1 and packed_3d,
-        num_warps=num_warps or tuned_warps,
-        # No fma contraction: error = v - dequant(q) must equal what dequantize gives.
-        enable_fp_fusion=False,
-    )
+    x_flat = x.view(-1)
+    err_flat = error.view(-1) if error is not None else x_flat
+
+    def launch(start: int, count: int, programs: int) -> None:
+        _quantize_blockwise_kernel[(programs,)](
+            x_flat[start:],
+            err_flat[start:],
+            out.data.view(-1)[start // f.per_byte :],
+            out.scales.view(-1)[start // block :],
+            found_inf if found_inf is not None else out.scales,
+            count,
+            seed,
+            start,
+            FMT=f.kernel_id,
+            BLOCK=block,
+            GROUPS=groups,
+            PER_BYTE=f.per_byte,
+            BITS=f.bits,
+            LEVELS=f.levels,
+            HAS_ERROR=error is not None,
+            STOCHASTIC=bool(stochastic),
+            HAS_FLAG=found_inf is not None,
+            THREE_D=f.per_byte > 1 and packed_3d,
+            num_warps=num_warps or tuned_warps,
+            # No fma contraction: error = v - dequant(q) must equal what dequantize gives.
+            enable_fp_fusion=False,
+        )
+
+    # Every split point is a multiple of per_program, hence of the quantization block and
+    # of the codes per byte: no block or byte straddles the body and the tail.
+    split_launch(n, per_program, launch)
     return out
 
 
@@ -582,19 +594,24 @@ def dequantize_blockwise(
     if n == 0:
         return out
     groups, per_program = _launch_shape(q.block, tile)
-    _dequantize_blockwise_kernel[(triton.cdiv(n, per_program),)](
-        q.data,
-        q.scales,
-        out,
-        n,
-        FMT=f.kernel_id,
-        BLOCK=q.block,
-        GROUPS=groups,
-        PER_BYTE=f.per_byte,
-        BITS=f.bits,
-        LEVELS=f.levels,
-        num_warps=num_warps or DEFAULT_WARPS,
-    )
+    out_flat = out.view(-1)
+
+    def launch(start: int, count: int, programs: int) -> None:
+        _dequantize_blockwise_kernel[(programs,)](
+            q.data.view(-1)[start // f.per_byte :],
+            q.scales.view(-1)[start // q.block :],
+            out_flat[start:],
+            count,
+            FMT=f.kernel_id,
+            BLOCK=q.block,
+            GROUPS=groups,
+            PER_BYTE=f.per_byte,
+            BITS=f.bits,
+            LEVELS=f.levels,
+            num_warps=num_warps or DEFAULT_WARPS,
+        )
+
+    split_launch(n, per_program, launch)
     return out
 
 

@@ -28,6 +28,7 @@ from hybrid_triton.kernels._checks import (
     scalar_operand,
 )
 from hybrid_triton.kernels._dispatch import use_triton
+from hybrid_triton.kernels._launch import split_launch
 
 BLOCK = 4096
 NUM_WARPS = 8
@@ -101,18 +102,23 @@ def unscale(
     if n == 0:
         return out
     inv_ptr, inv_value = scalar_operand(inv_scale)
-    _unscale_kernel[(-(-n // BLOCK),)](
-        grad,
-        out,
-        inv_ptr if inv_ptr is not None else out,
-        inv_value,
-        found_inf if found_inf is not None else out,
-        n,
-        BLOCK=BLOCK,
-        INV_IS_PTR=inv_ptr is not None,
-        CHECK_FINITE=found_inf is not None,
-        num_warps=NUM_WARPS,
-    )
+    g_flat, out_flat = grad.view(-1), out.view(-1)
+
+    def launch(start: int, count: int, programs: int) -> None:
+        _unscale_kernel[(programs,)](
+            g_flat[start:],
+            out_flat[start:],
+            inv_ptr if inv_ptr is not None else out,
+            inv_value,
+            found_inf if found_inf is not None else out,
+            count,
+            BLOCK=BLOCK,
+            INV_IS_PTR=inv_ptr is not None,
+            CHECK_FINITE=found_inf is not None,
+            num_warps=NUM_WARPS,
+        )
+
+    split_launch(n, BLOCK, launch)
     return out
 
 

@@ -181,6 +181,11 @@ def _chart_frame(machine) -> pd.DataFrame:
     for case in ("llama fp32 1x64 [full]", "qwen2 bf16 1x64 [full]"):  # memory_hf rows
         rec.add(case, "measured", "peak_reserved", "GiB", 1.2)
         rec.add(case, "planner", "reserved", "GiB", 1.25)
+    rec.add("sizes/launch floor (empty kernel) [1]", "hybrid_triton", "time_ms", "ms", 0.005)
+    for n in (4095, 4096):
+        cfg = {"sweep": True, "kernel": "cast", "numel": n}
+        rec.add(f"sizes/cast [{n}]", "hybrid_triton", "pct_of_copy", "%", 90.0, config=cfg)
+        rec.add(f"sizes/cast [{n}]", "hybrid_triton", "time_ms", "ms", 0.007, config=cfg)
     return rec.frame()
 
 

@@ -386,6 +386,12 @@ def _chart_memory_by_model(df: pd.DataFrame, fig_title: str):
     return fig
 
 
+def _chart_sizes(df: pd.DataFrame, fig_title: str):
+    from hybrid_triton.bench.size_chart import chart_sizes
+
+    return chart_sizes(df, fig_title)
+
+
 CHARTS: dict[str, Callable] = {
     "memory_by_model.png": _chart_memory_by_model,
     "gbps.png": _chart_gbps,
@@ -394,6 +400,7 @@ CHARTS: dict[str, Callable] = {
     "memory.png": _chart_memory,
     "savings.png": _chart_savings,
     "training.png": _chart_training,
+    "sizes.png": _chart_sizes,
 }
 
 
