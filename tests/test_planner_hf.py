@@ -296,3 +296,10 @@ def test_fit_on_a_family_the_formulas_do_not_know_traces_everything():
     spec = spec_from_hf_config(_config("gemma", 2))
     result = fit(spec, 2, seq_len=64, max_micro_batch=4)
     assert result.fits and result.best.estimate.notes[0].startswith("traced")
+
+
+def test_the_formulas_attention_switch_is_said_not_silently_ignored():
+    spec = spec_from_hf_config(_config("llama", 2))
+    est = estimate(spec, _setup("bf16").replace(attention="math"))
+    assert any("formulas' switch" in note for note in est.notes)
+    assert "flash" in est.notes[0]  # what ran

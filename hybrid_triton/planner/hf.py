@@ -458,6 +458,11 @@ def estimate_hf(spec, setup: TrainSetup):
         f"kernels: {attention or 'none'}){how}; 'activations' holds everything made during "
         "the step that is alive at the peak, gradients included"
     ]
+    if setup.attention != "flash":
+        notes.append(
+            f"attention={setup.attention!r} is the formulas' switch: the trace runs the kernel "
+            "CUDA picks for these shapes and dtypes (listed above)"
+        )
     return Estimate(spec, setup, phases, CUDA_CONTEXT, notes)
 
 
